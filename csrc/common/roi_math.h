@@ -1,0 +1,243 @@
+// Device-agnostic per-element math of every roi-ops kernel.
+//
+// This header is the single definition of box mapping, sample positions,
+// bilinear taps, clamping and coverage (ROI_OPS_SPEC.md). The CPU kernels
+// (csrc/cpu) and the CUDA kernels (csrc/cuda) both call these functions, and
+// roi_ops/reference.py mirrors the same expression order, so float32
+// coordinate arithmetic agrees bit-for-bit and every floor/ceil/border test
+// falls identically on every backend.
+//
+// Every function is a plain inline function, __host__ __device__ when nvcc
+// compiles it. Nothing here touches at::Tensor.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace roi_ops {
+namespace math {
+
+// Adaptive ROI-Align grids wider than this many samples per bin are clamped:
+// only boxes over ~10^12 feature pixels wide are affected, and it keeps every
+// integer conversion below defined-behaviour limits.
+constexpr int64_t kMaxSamplesPerBin = int64_t(1) << 40;
+
+C10_HOST_DEVICE inline float floor_(float v) { return ::floorf(v); }
+C10_HOST_DEVICE inline double floor_(double v) { return ::floor(v); }
+C10_HOST_DEVICE inline float ceil_(float v) { return ::ceilf(v); }
+C10_HOST_DEVICE inline double ceil_(double v) { return ::ceil(v); }
+
+// Clamp to [lo, hi]; NaN maps to lo so that a later integer conversion is
+// always defined.
+template <typename T>
+C10_HOST_DEVICE inline T clamp_(T v, T lo, T hi) {
+  if (!(v >= lo)) return lo;
+  return v > hi ? hi : v;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline int64_t to_index_clamped(T v, int64_t lo, int64_t hi) {
+  return static_cast<int64_t>(clamp_(v, static_cast<T>(lo), static_cast<T>(hi)));
+}
+
+// One ROI mapped to the feature frame, where feature pixel (h, w) sits at the
+// point (h, w).
+template <typename T>
+struct RoiFrame {
+  T x0, y0;           // top-left corner
+  T width, height;    // extent; torchvision's max(., 1) rule applied when !aligned
+};
+
+// roi points at one row (batch_index, x1, y1, x2, y2).
+template <typename T>
+C10_HOST_DEVICE inline RoiFrame<T> map_roi(const T* roi, T spatial_scale,
+                                           bool aligned) {
+  const T offset = aligned ? T(0.5) : T(0);
+  RoiFrame<T> f;
+  f.x0 = roi[1] * spatial_scale - offset;
+  f.y0 = roi[2] * spatial_scale - offset;
+  const T x1 = roi[3] * spatial_scale - offset;
+  const T y1 = roi[4] * spatial_scale - offset;
+  f.width = x1 - f.x0;
+  f.height = y1 - f.y0;
+  if (!aligned) {
+    f.width = f.width > T(1) ? f.width : T(1);
+    f.height = f.height > T(1) ? f.height : T(1);
+  }
+  return f;
+}
+
+// A 1-D bilinear tap: weight w_lo on index lo and w_hi on index hi. A 2-D
+// bilinear weight is the product of the taps of its two axes, so every
+// kernel is separable. valid == false means "contributes nothing".
+template <typename T>
+struct Tap {
+  int64_t lo, hi;
+  T w_lo, w_hi;
+  bool valid;
+};
+
+// ---------------------------------------------------------------- ROI-Align
+
+// One axis of one ROI for ROI-Align: bins of size `bin`, `grid` samples per
+// bin (0 when the adaptive count is not positive: the bin then averages
+// nothing and is 0, as in torchvision).
+template <typename T>
+struct AlignAxis {
+  T start;
+  T bin;
+  int64_t grid;
+  int64_t size;  // feature-map extent along this axis
+};
+
+template <typename T>
+C10_HOST_DEVICE inline AlignAxis<T> align_axis(T start, T extent, int64_t pooled,
+                                               int64_t sampling_ratio,
+                                               int64_t size) {
+  AlignAxis<T> a;
+  a.start = start;
+  a.bin = extent / static_cast<T>(pooled);
+  if (sampling_ratio > 0) {
+    a.grid = sampling_ratio;
+  } else {
+    a.grid = to_index_clamped(ceil_(extent / static_cast<T>(pooled)), 0,
+                              kMaxSamplesPerBin);
+  }
+  a.size = size;
+  return a;
+}
+
+// Position of sample iy of bin p (torchvision's expression order).
+template <typename T>
+C10_HOST_DEVICE inline T align_sample(const AlignAxis<T>& a, int64_t p,
+                                      int64_t iy) {
+  return a.start + static_cast<T>(p) * a.bin +
+         static_cast<T>(static_cast<float>(iy) + 0.5f) * a.bin /
+             static_cast<T>(a.grid);
+}
+
+// torchvision's border rule: nothing outside [-1, size]; clamp to the edge
+// pixel inside it. NaN contributes nothing.
+template <typename T>
+C10_HOST_DEVICE inline Tap<T> align_tap(T y, int64_t size) {
+  Tap<T> t{0, 0, T(0), T(0), false};
+  if (!(y >= T(-1) && y <= static_cast<T>(size)) || size <= 0) return t;
+  if (y <= T(0)) y = T(0);
+  int64_t lo = static_cast<int64_t>(y);
+  int64_t hi;
+  if (lo >= size - 1) {
+    lo = hi = size - 1;
+    y = static_cast<T>(lo);
+  } else {
+    hi = lo + 1;
+  }
+  const T l = y - static_cast<T>(lo);
+  t.lo = lo;
+  t.hi = hi;
+  t.w_lo = T(1) - l;
+  t.w_hi = l;
+  t.valid = true;
+  return t;
+}
+
+// Conservative range [*first, *last) of sample indices iy of bin p whose
+// position can lie in [lo_bound, hi_bound]. Callers still apply the exact
+// test (align_tap), so rounding here only costs a wasted iteration; it lets
+// kernels skip the millions of off-map samples of a huge box instead of
+// looping over them.
+template <typename T>
+C10_HOST_DEVICE inline void align_sample_range(const AlignAxis<T>& a, int64_t p,
+                                               T lo_bound, T hi_bound,
+                                               int64_t* first, int64_t* last) {
+  *first = 0;
+  *last = a.grid;
+  if (a.grid <= 0) return;
+  const T step = a.bin / static_cast<T>(a.grid);
+  const T base = a.start + static_cast<T>(p) * a.bin;
+  if (!(step != T(0))) return;  // zero or NaN step: no narrowing possible
+  // sample iy sits at base + (iy + 0.5) * step
+  T u0 = (lo_bound - base) / step - T(0.5);
+  T u1 = (hi_bound - base) / step - T(0.5);
+  if (u0 > u1) {
+    const T tmp = u0;
+    u0 = u1;
+    u1 = tmp;
+  }
+  *first = to_index_clamped(floor_(u0) - T(1), 0, a.grid);
+  *last = to_index_clamped(ceil_(u1) + T(2), 0, a.grid);
+}
+
+// ---------------------------------------------------------------- ROI-Unpool
+
+// One axis of one ROI for ROI-Unpool: pixels [first, last) are covered
+// (half-open: start <= h < start + extent), cell centres of a `pooled`-cell
+// grid spread over the extent.
+template <typename T>
+struct UnpoolAxis {
+  T start;
+  T extent;
+  int64_t pooled;
+  int64_t first, last;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline UnpoolAxis<T> unpool_axis(T start, T extent,
+                                                 int64_t pooled, int64_t size) {
+  UnpoolAxis<T> a;
+  a.start = start;
+  a.extent = extent;
+  a.pooled = pooled;
+  a.first = a.last = 0;
+  if (!(extent > T(0)) || pooled <= 0 || size <= 0) return a;  // covers nothing
+  const T end = start + extent;
+  a.first = to_index_clamped(ceil_(start), 0, size);
+  a.last = to_index_clamped(ceil_(end), 0, size);
+  if (a.last < a.first) a.last = a.first;
+  return a;
+}
+
+// Tap of covered pixel h onto the grid cells (clamped bilinear: weights
+// always sum to one, so a constant grid pastes back as that constant).
+template <typename T>
+C10_HOST_DEVICE inline Tap<T> unpool_tap(const UnpoolAxis<T>& a, int64_t h) {
+  const T v = ((static_cast<T>(h) - a.start) * static_cast<T>(a.pooled)) /
+                  a.extent -
+              T(0.5);
+  const T vc = clamp_(v, T(0), static_cast<T>(a.pooled - 1));
+  Tap<T> t;
+  t.lo = static_cast<int64_t>(vc);
+  t.hi = t.lo + 1 < a.pooled ? t.lo + 1 : a.pooled - 1;
+  const T l = vc - static_cast<T>(t.lo);
+  t.w_lo = T(1) - l;
+  t.w_hi = l;
+  t.valid = true;
+  return t;
+}
+
+// Conservative range [*first, *last) of covered pixels whose tap can touch
+// grid cell i; used by gather-style backward kernels. Callers apply the exact
+// tap and keep only the pixels that really read cell i.
+template <typename T>
+C10_HOST_DEVICE inline void unpool_pixel_range(const UnpoolAxis<T>& a, int64_t i,
+                                               int64_t* first, int64_t* last) {
+  *first = a.first;
+  *last = a.last;
+  if (a.first >= a.last) return;
+  // pixel h reads cell i only if v(h) in (i - 1, i + 1); v grows with h.
+  const T scale = a.extent / static_cast<T>(a.pooled);
+  if (i > 0) {
+    const T h0 = a.start + (static_cast<T>(i) - T(0.5)) * scale;
+    const int64_t f = to_index_clamped(floor_(h0) - T(1), a.first, a.last);
+    *first = f;
+  }
+  if (i < a.pooled - 1) {
+    const T h1 = a.start + (static_cast<T>(i) + T(1.5)) * scale;
+    const int64_t l = to_index_clamped(ceil_(h1) + T(2), a.first, a.last);
+    *last = l;
+  }
+}
+
+}  // namespace math
+}  // namespace roi_ops

@@ -1,0 +1,325 @@
+// ROI-Align CPU kernels: forward and deterministic backward, contiguous and
+// channels_last, float16/bfloat16/float32/float64.
+//
+// Both directions run on the separable form of the op: out = My . X . Mx^T
+// per ROI and channel, with My/Mx the sparse 1-D tables of cpu_common.h.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <type_traits>
+
+#include "../common/host_checks.h"
+#include "cpu_common.h"
+
+namespace roi_ops {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChannelBlock = 64;  // channels per task in channels_last
+
+struct AlignShape {
+  int64_t num_rois, channels, height, width, pooled_h, pooled_w;
+};
+
+template <typename scalar_t, typename coord_t, typename acc_t>
+void align_forward_nchw(const scalar_t* input, const coord_t* rois,
+                        const AlignTable<acc_t>& ty, const AlignTable<acc_t>& tx,
+                        const AlignShape& s, scalar_t* output) {
+  const int64_t C = s.channels, H = s.height, W = s.width;
+  const int64_t PH = s.pooled_h, PW = s.pooled_w;
+  at::parallel_for(0, s.num_rois * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> rows_x;  // [row, pw]: columns already contracted
+    std::vector<acc_t> acc(PW);
+    for (int64_t kc = begin; kc < end; ++kc) {
+      const int64_t k = kc / C, c = kc % C;
+      const int64_t b = roi_batch_index(rois + 5 * k);
+      const scalar_t* plane = input + (b * C + c) * H * W;
+      scalar_t* out = output + kc * PH * PW;
+      int64_t lo, hi;
+      ty.span(k, &lo, &hi);
+      rows_x.assign((hi - lo) * PW, acc_t(0));
+      for (int64_t h = lo; h < hi; ++h) {
+        const scalar_t* row = plane + h * W;
+        acc_t* dst = rows_x.data() + (h - lo) * PW;
+        for (int64_t pw = 0; pw < PW; ++pw) {
+          const int64_t r = tx.row(k, pw);
+          const acc_t* w = tx.weights(r);
+          const scalar_t* src = row + tx.first[r];
+          acc_t sum = 0;
+          for (int64_t j = 0, n = tx.length(r); j < n; ++j) {
+            sum += w[j] * static_cast<acc_t>(src[j]);
+          }
+          dst[pw] = sum;
+        }
+      }
+      for (int64_t ph = 0; ph < PH; ++ph) {
+        const int64_t r = ty.row(k, ph);
+        const acc_t* w = ty.weights(r);
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t i = 0, n = ty.length(r); i < n; ++i) {
+          const acc_t* src = rows_x.data() + (ty.first[r] + i - lo) * PW;
+          const acc_t wi = w[i];
+          for (int64_t pw = 0; pw < PW; ++pw) acc[pw] += wi * src[pw];
+        }
+        for (int64_t pw = 0; pw < PW; ++pw) {
+          out[ph * PW + pw] = static_cast<scalar_t>(acc[pw]);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename coord_t, typename acc_t>
+void align_forward_nhwc(const scalar_t* input, const coord_t* rois,
+                        const AlignTable<acc_t>& ty, const AlignTable<acc_t>& tx,
+                        const AlignShape& s, scalar_t* output) {
+  const int64_t C = s.channels, H = s.height, W = s.width;
+  const int64_t PH = s.pooled_h, PW = s.pooled_w;
+  at::parallel_for(0, s.num_rois * PH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(C);
+    for (int64_t kp = begin; kp < end; ++kp) {
+      const int64_t k = kp / PH, ph = kp % PH;
+      const int64_t b = roi_batch_index(rois + 5 * k);
+      const scalar_t* image = input + b * H * W * C;
+      const int64_t ry = ty.row(k, ph);
+      const acc_t* wy = ty.weights(ry);
+      for (int64_t pw = 0; pw < PW; ++pw) {
+        const int64_t rx = tx.row(k, pw);
+        const acc_t* wx = tx.weights(rx);
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t i = 0, ni = ty.length(ry); i < ni; ++i) {
+          const scalar_t* row = image + ((ty.first[ry] + i) * W + tx.first[rx]) * C;
+          for (int64_t j = 0, nj = tx.length(rx); j < nj; ++j) {
+            const acc_t w = wy[i] * wx[j];
+            const scalar_t* src = row + j * C;
+            for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(src[c]);
+          }
+        }
+        scalar_t* out = output + ((k * PH + ph) * PW + pw) * C;
+        for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(acc[c]);
+      }
+    }
+  });
+}
+
+// Backward: each task owns one image plane (b, c) and visits that image's
+// ROIs in ascending order, so every gradient element is summed in a fixed
+// order whatever the thread count.
+template <typename scalar_t, typename coord_t, typename acc_t>
+void align_backward_nchw(const scalar_t* grad, const RoisByImage& groups,
+                         const AlignTable<acc_t>& ty, const AlignTable<acc_t>& tx,
+                         const AlignShape& s, int64_t batch_size,
+                         scalar_t* grad_input) {
+  const int64_t C = s.channels, H = s.height, W = s.width;
+  const int64_t PH = s.pooled_h, PW = s.pooled_w;
+  at::parallel_for(0, batch_size * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> plane_acc;
+    std::vector<acc_t> rows_g;  // [row, pw]: gradient contracted over ph
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t b = bc / C, c = bc % C;
+      scalar_t* out = grad_input + bc * H * W;
+      acc_t* plane;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        plane = out;
+        std::fill(plane, plane + H * W, acc_t(0));
+      } else {
+        plane_acc.assign(H * W, acc_t(0));
+        plane = plane_acc.data();
+      }
+      for (int64_t n = groups.begin[b]; n < groups.begin[b + 1]; ++n) {
+        const int64_t k = groups.order[n];
+        const scalar_t* g = grad + (k * C + c) * PH * PW;
+        int64_t lo, hi;
+        ty.span(k, &lo, &hi);
+        rows_g.assign((hi - lo) * PW, acc_t(0));
+        for (int64_t ph = 0; ph < PH; ++ph) {
+          const int64_t r = ty.row(k, ph);
+          const acc_t* w = ty.weights(r);
+          const scalar_t* gsrc = g + ph * PW;
+          for (int64_t i = 0, ni = ty.length(r); i < ni; ++i) {
+            acc_t* dst = rows_g.data() + (ty.first[r] + i - lo) * PW;
+            const acc_t wi = w[i];
+            for (int64_t pw = 0; pw < PW; ++pw) {
+              dst[pw] += wi * static_cast<acc_t>(gsrc[pw]);
+            }
+          }
+        }
+        for (int64_t h = lo; h < hi; ++h) {
+          const acc_t* src = rows_g.data() + (h - lo) * PW;
+          acc_t* row = plane + h * W;
+          for (int64_t pw = 0; pw < PW; ++pw) {
+            const int64_t r = tx.row(k, pw);
+            const acc_t* w = tx.weights(r);
+            acc_t* dst = row + tx.first[r];
+            const acc_t v = src[pw];
+            for (int64_t j = 0, nj = tx.length(r); j < nj; ++j) dst[j] += w[j] * v;
+          }
+        }
+      }
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+        for (int64_t i = 0; i < H * W; ++i) out[i] = static_cast<scalar_t>(plane[i]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename coord_t, typename acc_t>
+void align_backward_nhwc(const scalar_t* grad, const RoisByImage& groups,
+                         const AlignTable<acc_t>& ty, const AlignTable<acc_t>& tx,
+                         const AlignShape& s, int64_t batch_size,
+                         scalar_t* grad_input) {
+  const int64_t C = s.channels, H = s.height, W = s.width;
+  const int64_t PH = s.pooled_h, PW = s.pooled_w;
+  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, batch_size * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> image_acc;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks;
+      const int64_t c0 = (task % blocks) * kChannelBlock;
+      const int64_t nc = std::min(kChannelBlock, C - c0);
+      // [H, W, nc] accumulator for this image's channel block
+      image_acc.assign(H * W * nc, acc_t(0));
+      for (int64_t n = groups.begin[b]; n < groups.begin[b + 1]; ++n) {
+        const int64_t k = groups.order[n];
+        for (int64_t ph = 0; ph < PH; ++ph) {
+          const int64_t ry = ty.row(k, ph);
+          const acc_t* wy = ty.weights(ry);
+          for (int64_t pw = 0; pw < PW; ++pw) {
+            const int64_t rx = tx.row(k, pw);
+            const acc_t* wx = tx.weights(rx);
+            const scalar_t* g = grad + ((k * PH + ph) * PW + pw) * C + c0;
+            for (int64_t i = 0, ni = ty.length(ry); i < ni; ++i) {
+              acc_t* row = image_acc.data() + ((ty.first[ry] + i) * W + tx.first[rx]) * nc;
+              for (int64_t j = 0, nj = tx.length(rx); j < nj; ++j) {
+                const acc_t w = wy[i] * wx[j];
+                acc_t* dst = row + j * nc;
+                for (int64_t c = 0; c < nc; ++c) dst[c] += w * static_cast<acc_t>(g[c]);
+              }
+            }
+          }
+        }
+      }
+      scalar_t* out = grad_input + b * H * W * C + c0;
+      for (int64_t p = 0; p < H * W; ++p) {
+        for (int64_t c = 0; c < nc; ++c) {
+          out[p * C + c] = static_cast<scalar_t>(image_acc[p * nc + c]);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois,
+                                 double spatial_scale, int64_t pooled_height,
+                                 int64_t pooled_width, int64_t sampling_ratio,
+                                 bool aligned) {
+  constexpr const char* op = "roi_align";
+  check_input_and_rois(op, input, "input", 4, rois);
+  check_positive(op, "pooled_height", pooled_height);
+  check_positive(op, "pooled_width", pooled_width);
+  check_roi_values(op, rois, input.size(0));
+
+  const bool channels_last = use_channels_last(input);
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast
+                                    : at::MemoryFormat::Contiguous;
+  const int64_t K = rois.size(0), C = input.size(1);
+  const AlignShape s{K, C, input.size(2), input.size(3), pooled_height, pooled_width};
+  if (K == 0 || C == 0 || s.height == 0 || s.width == 0) {
+    return at::zeros({K, C, pooled_height, pooled_width}, input.options().memory_format(format));
+  }
+  at::Tensor output =
+      at::empty({K, C, pooled_height, pooled_width}, input.options(), format);
+  const at::Tensor x = input.contiguous(format);
+  const at::Tensor r = rois.to(coord_type_for(input, rois)).contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_forward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        dispatch_coord_type(r.scalar_type(), [&](auto coord_tag) {
+          using coord_t = decltype(coord_tag);
+          const coord_t* rp = r.const_data_ptr<coord_t>();
+          const coord_t scale = static_cast<coord_t>(spatial_scale);
+          const auto ty = build_align_table<coord_t, acc_t>(
+              rp, K, scale, aligned, sampling_ratio, pooled_height, s.height, true);
+          const auto tx = build_align_table<coord_t, acc_t>(
+              rp, K, scale, aligned, sampling_ratio, pooled_width, s.width, false);
+          if (channels_last) {
+            align_forward_nhwc<scalar_t, coord_t, acc_t>(
+                x.const_data_ptr<scalar_t>(), rp, ty, tx, s,
+                output.mutable_data_ptr<scalar_t>());
+          } else {
+            align_forward_nchw<scalar_t, coord_t, acc_t>(
+                x.const_data_ptr<scalar_t>(), rp, ty, tx, s,
+                output.mutable_data_ptr<scalar_t>());
+          }
+        });
+      });
+  return output;
+}
+
+at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
+                                  double spatial_scale, int64_t pooled_height,
+                                  int64_t pooled_width, int64_t batch_size,
+                                  int64_t channels, int64_t height, int64_t width,
+                                  int64_t sampling_ratio, bool aligned) {
+  constexpr const char* op = "_roi_align_backward";
+  check_input_and_rois(op, grad, "grad", 4, rois);
+  const int64_t K = rois.size(0);
+  TORCH_CHECK_VALUE(grad.size(0) == K && grad.size(1) == channels &&
+                        grad.size(2) == pooled_height && grad.size(3) == pooled_width,
+                    op, ": grad must be Tensor[", K, ", ", channels, ", ",
+                    pooled_height, ", ", pooled_width, "], got Tensor", grad.sizes());
+  TORCH_CHECK_VALUE(batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0,
+                    op, ": input sizes must be non-negative");
+  check_roi_values(op, rois, batch_size);
+
+  const bool channels_last = use_channels_last(grad);
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast
+                                    : at::MemoryFormat::Contiguous;
+  if (K == 0 || channels == 0 || height == 0 || width == 0 || batch_size == 0) {
+    return at::zeros({batch_size, channels, height, width}, grad.options().memory_format(format));
+  }
+  at::Tensor grad_input =
+      at::empty({batch_size, channels, height, width}, grad.options(), format);
+  const at::Tensor g = grad.contiguous(format);
+  const at::Tensor r = rois.to(coord_type_for(grad, rois)).contiguous();
+  const AlignShape s{K, channels, height, width, pooled_height, pooled_width};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        dispatch_coord_type(r.scalar_type(), [&](auto coord_tag) {
+          using coord_t = decltype(coord_tag);
+          const coord_t* rp = r.const_data_ptr<coord_t>();
+          const coord_t scale = static_cast<coord_t>(spatial_scale);
+          const auto ty = build_align_table<coord_t, acc_t>(
+              rp, K, scale, aligned, sampling_ratio, pooled_height, height, true);
+          const auto tx = build_align_table<coord_t, acc_t>(
+              rp, K, scale, aligned, sampling_ratio, pooled_width, width, false);
+          const RoisByImage groups = group_rois_by_image(rp, K, batch_size);
+          if (channels_last) {
+            align_backward_nhwc<scalar_t, coord_t, acc_t>(
+                g.const_data_ptr<scalar_t>(), groups, ty, tx, s, batch_size,
+                grad_input.mutable_data_ptr<scalar_t>());
+          } else {
+            align_backward_nchw<scalar_t, coord_t, acc_t>(
+                g.const_data_ptr<scalar_t>(), groups, ty, tx, s, batch_size,
+                grad_input.mutable_data_ptr<scalar_t>());
+          }
+        });
+      });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(roi_ops, CPU, m) {
+  m.impl("roi_align", TORCH_FN(roi_align_forward_cpu));
+  m.impl("_roi_align_backward", TORCH_FN(roi_align_backward_cpu));
+}
+
+}  // namespace cpu
+}  // namespace roi_ops

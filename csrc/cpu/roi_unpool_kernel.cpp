@@ -1,0 +1,342 @@
+// ROI-Unpool CPU kernels: forward and deterministic backward, contiguous and
+// channels_last, float16/bfloat16/float32/float64.
+//
+// Each output map is written exactly once (zeros outside the covered
+// rectangle), so there is no separate memset pass and the page faults of a
+// fresh output are spread over the threads.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "../common/host_checks.h"
+#include "cpu_common.h"
+
+namespace roi_ops {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChannelBlock = 64;  // channels per task in channels_last
+
+struct UnpoolShape {
+  int64_t num_rois, channels, height, width, pooled_h, pooled_w;
+};
+
+// Coverage and taps of one ROI, cached per task (recomputed only when the
+// task moves on to another ROI).
+template <typename coord_t, typename acc_t>
+struct UnpoolRoi {
+  int64_t k = -1;
+  math::UnpoolAxis<coord_t> ay, ax;
+  std::vector<math::Tap<acc_t>> ty, tx;  // indexed by h - ay.first, w - ax.first
+
+  void load(const coord_t* rois, int64_t roi, coord_t scale, bool aligned,
+            const UnpoolShape& s) {
+    if (k == roi) return;
+    k = roi;
+    const math::RoiFrame<coord_t> f = math::map_roi(rois + 5 * roi, scale, aligned);
+    ay = math::unpool_axis(f.y0, f.height, s.pooled_h, s.height);
+    ax = math::unpool_axis(f.x0, f.width, s.pooled_w, s.width);
+    fill(ay, &ty);
+    fill(ax, &tx);
+  }
+
+ private:
+  static void fill(const math::UnpoolAxis<coord_t>& a,
+                   std::vector<math::Tap<acc_t>>* taps) {
+    taps->resize(a.last - a.first);
+    for (int64_t h = a.first; h < a.last; ++h) {
+      const math::Tap<coord_t> t = math::unpool_tap(a, h);
+      (*taps)[h - a.first] = math::Tap<acc_t>{t.lo, t.hi, static_cast<acc_t>(t.w_lo),
+                                              static_cast<acc_t>(t.w_hi), true};
+    }
+  }
+};
+
+template <typename scalar_t, typename coord_t, typename acc_t>
+void unpool_forward_nchw(const scalar_t* input, const coord_t* rois,
+                         coord_t scale, bool aligned, const UnpoolShape& s,
+                         scalar_t* output) {
+  const int64_t C = s.channels, H = s.height, W = s.width;
+  const int64_t PH = s.pooled_h, PW = s.pooled_w;
+  at::parallel_for(0, s.num_rois * C, 1, [&](int64_t begin, int64_t end) {
+    UnpoolRoi<coord_t, acc_t> roi;
+    std::vector<acc_t> cols;  // [PH, covered width]: grid interpolated along x
+    for (int64_t kc = begin; kc < end; ++kc) {
+      const int64_t k = kc / C;
+      roi.load(rois, k, scale, aligned, s);
+      const scalar_t* grid = input + kc * PH * PW;
+      scalar_t* out = output + kc * H * W;
+      const int64_t y0 = roi.ay.first, y1 = roi.ay.last;
+      const int64_t x0 = roi.ax.first, x1 = roi.ax.last;
+      const int64_t nx = x1 - x0;
+      if (y0 >= y1 || x0 >= x1) {
+        std::fill(out, out + H * W, scalar_t(0));
+        continue;
+      }
+      cols.resize(PH * nx);
+      for (int64_t i = 0; i < PH; ++i) {
+        const scalar_t* g = grid + i * PW;
+        acc_t* dst = cols.data() + i * nx;
+        for (int64_t w = 0; w < nx; ++w) {
+          const math::Tap<acc_t>& t = roi.tx[w];
+          dst[w] = t.w_lo * static_cast<acc_t>(g[t.lo]) +
+                   t.w_hi * static_cast<acc_t>(g[t.hi]);
+        }
+      }
+      std::fill(out, out + y0 * W, scalar_t(0));
+      for (int64_t h = y0; h < y1; ++h) {
+        scalar_t* row = out + h * W;
+        const math::Tap<acc_t>& t = roi.ty[h - y0];
+        const acc_t* a = cols.data() + t.lo * nx;
+        const acc_t* b = cols.data() + t.hi * nx;
+        std::fill(row, row + x0, scalar_t(0));
+        for (int64_t w = 0; w < nx; ++w) {
+          row[x0 + w] = static_cast<scalar_t>(t.w_lo * a[w] + t.w_hi * b[w]);
+        }
+        std::fill(row + x1, row + W, scalar_t(0));
+      }
+      std::fill(out + y1 * W, out + H * W, scalar_t(0));
+    }
+  });
+}
+
+template <typename scalar_t, typename coord_t, typename acc_t>
+void unpool_forward_nhwc(const scalar_t* input, const coord_t* rois,
+                         coord_t scale, bool aligned, const UnpoolShape& s,
+                         scalar_t* output) {
+  const int64_t C = s.channels, H = s.height, W = s.width;
+  const int64_t PH = s.pooled_h, PW = s.pooled_w;
+  at::parallel_for(0, s.num_rois * H, 1, [&](int64_t begin, int64_t end) {
+    UnpoolRoi<coord_t, acc_t> roi;
+    for (int64_t kh = begin; kh < end; ++kh) {
+      const int64_t k = kh / H, h = kh % H;
+      roi.load(rois, k, scale, aligned, s);
+      scalar_t* row = output + kh * W * C;
+      const int64_t x0 = roi.ax.first, x1 = roi.ax.last;
+      if (h < roi.ay.first || h >= roi.ay.last || x0 >= x1) {
+        std::fill(row, row + W * C, scalar_t(0));
+        continue;
+      }
+      const math::Tap<acc_t>& ty = roi.ty[h - roi.ay.first];
+      const scalar_t* grid = input + k * PH * PW * C;
+      const scalar_t* g_lo = grid + ty.lo * PW * C;
+      const scalar_t* g_hi = grid + ty.hi * PW * C;
+      std::fill(row, row + x0 * C, scalar_t(0));
+      for (int64_t w = x0; w < x1; ++w) {
+        const math::Tap<acc_t>& tx = roi.tx[w - x0];
+        const acc_t w00 = ty.w_lo * tx.w_lo, w01 = ty.w_lo * tx.w_hi;
+        const acc_t w10 = ty.w_hi * tx.w_lo, w11 = ty.w_hi * tx.w_hi;
+        const scalar_t* a = g_lo + tx.lo * C;
+        const scalar_t* b = g_lo + tx.hi * C;
+        const scalar_t* c_ = g_hi + tx.lo * C;
+        const scalar_t* d = g_hi + tx.hi * C;
+        scalar_t* dst = row + w * C;
+        for (int64_t c = 0; c < C; ++c) {
+          dst[c] = static_cast<scalar_t>(
+              w00 * static_cast<acc_t>(a[c]) + w01 * static_cast<acc_t>(b[c]) +
+              w10 * static_cast<acc_t>(c_[c]) + w11 * static_cast<acc_t>(d[c]));
+        }
+      }
+      std::fill(row + x1 * C, row + W * C, scalar_t(0));
+    }
+  });
+}
+
+// Backward: a task owns one ROI grid (k, c) and sums the covered pixels'
+// gradients into it in a fixed order (adjoint of the forward's two passes).
+template <typename scalar_t, typename coord_t, typename acc_t>
+void unpool_backward_nchw(const scalar_t* grad, const coord_t* rois,
+                          coord_t scale, bool aligned, const UnpoolShape& s,
+                          scalar_t* grad_input) {
+  const int64_t C = s.channels, H = s.height, W = s.width;
+  const int64_t PH = s.pooled_h, PW = s.pooled_w;
+  at::parallel_for(0, s.num_rois * C, 1, [&](int64_t begin, int64_t end) {
+    UnpoolRoi<coord_t, acc_t> roi;
+    std::vector<acc_t> cols;  // [PH, covered width]
+    std::vector<acc_t> cells;
+    for (int64_t kc = begin; kc < end; ++kc) {
+      roi.load(rois, kc / C, scale, aligned, s);
+      const scalar_t* g = grad + kc * H * W;
+      scalar_t* out = grad_input + kc * PH * PW;
+      const int64_t y0 = roi.ay.first, y1 = roi.ay.last;
+      const int64_t x0 = roi.ax.first, x1 = roi.ax.last;
+      const int64_t nx = x1 - x0;
+      cols.assign(PH * std::max<int64_t>(nx, 0), acc_t(0));
+      for (int64_t h = y0; h < y1 && nx > 0; ++h) {
+        const math::Tap<acc_t>& t = roi.ty[h - y0];
+        const scalar_t* src = g + h * W + x0;
+        acc_t* a = cols.data() + t.lo * nx;
+        acc_t* b = cols.data() + t.hi * nx;
+        for (int64_t w = 0; w < nx; ++w) {
+          const acc_t v = static_cast<acc_t>(src[w]);
+          a[w] += t.w_lo * v;
+          b[w] += t.w_hi * v;
+        }
+      }
+      cells.assign(PH * PW, acc_t(0));
+      for (int64_t i = 0; i < PH && nx > 0; ++i) {
+        const acc_t* src = cols.data() + i * nx;
+        acc_t* dst = cells.data() + i * PW;
+        for (int64_t w = 0; w < nx; ++w) {
+          const math::Tap<acc_t>& t = roi.tx[w];
+          dst[t.lo] += t.w_lo * src[w];
+          dst[t.hi] += t.w_hi * src[w];
+        }
+      }
+      for (int64_t i = 0; i < PH * PW; ++i) out[i] = static_cast<scalar_t>(cells[i]);
+    }
+  });
+}
+
+template <typename scalar_t, typename coord_t, typename acc_t>
+void unpool_backward_nhwc(const scalar_t* grad, const coord_t* rois,
+                          coord_t scale, bool aligned, const UnpoolShape& s,
+                          scalar_t* grad_input) {
+  const int64_t C = s.channels, H = s.height, W = s.width;
+  const int64_t PH = s.pooled_h, PW = s.pooled_w;
+  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, s.num_rois * blocks, 1, [&](int64_t begin, int64_t end) {
+    UnpoolRoi<coord_t, acc_t> roi;
+    std::vector<acc_t> cells;  // [PH, PW, nc]
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t k = task / blocks;
+      const int64_t c0 = (task % blocks) * kChannelBlock;
+      const int64_t nc = std::min(kChannelBlock, C - c0);
+      roi.load(rois, k, scale, aligned, s);
+      cells.assign(PH * PW * nc, acc_t(0));
+      for (int64_t h = roi.ay.first; h < roi.ay.last; ++h) {
+        const math::Tap<acc_t>& ty = roi.ty[h - roi.ay.first];
+        for (int64_t w = roi.ax.first; w < roi.ax.last; ++w) {
+          const math::Tap<acc_t>& tx = roi.tx[w - roi.ax.first];
+          const scalar_t* g = grad + ((k * H + h) * W + w) * C + c0;
+          const acc_t ws[4] = {ty.w_lo * tx.w_lo, ty.w_lo * tx.w_hi,
+                               ty.w_hi * tx.w_lo, ty.w_hi * tx.w_hi};
+          const int64_t cell[4] = {ty.lo * PW + tx.lo, ty.lo * PW + tx.hi,
+                                   ty.hi * PW + tx.lo, ty.hi * PW + tx.hi};
+          for (int q = 0; q < 4; ++q) {
+            acc_t* dst = cells.data() + cell[q] * nc;
+            const acc_t wq = ws[q];
+            for (int64_t c = 0; c < nc; ++c) dst[c] += wq * static_cast<acc_t>(g[c]);
+          }
+        }
+      }
+      scalar_t* out = grad_input + k * PH * PW * C + c0;
+      for (int64_t p = 0; p < PH * PW; ++p) {
+        for (int64_t c = 0; c < nc; ++c) {
+          out[p * C + c] = static_cast<scalar_t>(cells[p * nc + c]);
+        }
+      }
+    }
+  });
+}
+
+template <typename F>
+void dispatch_unpool(const at::Tensor& t, const at::Tensor& r, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(),
+                                  "roi_unpool_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_coord_type(r.scalar_type(), [&](auto coord_tag) {
+      using coord_t = decltype(coord_tag);
+      f(scalar_t{}, coord_t{}, acc_t{});
+    });
+  });
+}
+
+at::Tensor roi_unpool_forward_cpu(const at::Tensor& input, const at::Tensor& rois,
+                                  double spatial_scale, int64_t height,
+                                  int64_t width, bool aligned) {
+  constexpr const char* op = "roi_unpool";
+  check_input_and_rois(op, input, "input", 4, rois);
+  check_positive(op, "height", height);
+  check_positive(op, "width", width);
+  const int64_t K = rois.size(0);
+  TORCH_CHECK_VALUE(input.size(0) == K, op,
+                    ": input must have one grid per ROI: input.shape[0] == ",
+                    input.size(0), " but rois has ", K, " rows");
+  // The batch index is not read by unpool (one output map per ROI), but a box
+  // with a bad index is still a bad box: the contract is the same for all ops.
+  check_roi_values(op, rois, INT64_MAX);
+
+  const bool channels_last = use_channels_last(input);
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast
+                                    : at::MemoryFormat::Contiguous;
+  const int64_t C = input.size(1), PH = input.size(2), PW = input.size(3);
+  if (K == 0 || C == 0 || PH == 0 || PW == 0) {
+    return at::zeros({K, C, height, width}, input.options().memory_format(format));
+  }
+  at::Tensor output = at::empty({K, C, height, width}, input.options(), format);
+  const at::Tensor x = input.contiguous(format);
+  const at::Tensor r = rois.to(coord_type_for(input, rois)).contiguous();
+  const UnpoolShape s{K, C, height, width, PH, PW};
+  dispatch_unpool(x, r, [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using coord_t = decltype(coord_tag);
+    using acc_t = decltype(acc_tag);
+    const coord_t scale = static_cast<coord_t>(spatial_scale);
+    if (channels_last) {
+      unpool_forward_nhwc<scalar_t, coord_t, acc_t>(
+          x.const_data_ptr<scalar_t>(), r.const_data_ptr<coord_t>(), scale,
+          aligned, s, output.mutable_data_ptr<scalar_t>());
+    } else {
+      unpool_forward_nchw<scalar_t, coord_t, acc_t>(
+          x.const_data_ptr<scalar_t>(), r.const_data_ptr<coord_t>(), scale,
+          aligned, s, output.mutable_data_ptr<scalar_t>());
+    }
+  });
+  return output;
+}
+
+at::Tensor roi_unpool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
+                                   double spatial_scale, int64_t pooled_height,
+                                   int64_t pooled_width, bool aligned) {
+  constexpr const char* op = "_roi_unpool_backward";
+  check_input_and_rois(op, grad, "grad", 4, rois);
+  check_positive(op, "pooled_height", pooled_height);
+  check_positive(op, "pooled_width", pooled_width);
+  const int64_t K = rois.size(0);
+  TORCH_CHECK_VALUE(grad.size(0) == K, op, ": grad.shape[0] must equal the ",
+                    K, " rows of rois, got ", grad.size(0));
+  check_roi_values(op, rois, INT64_MAX);
+
+  const bool channels_last = use_channels_last(grad);
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast
+                                    : at::MemoryFormat::Contiguous;
+  const int64_t C = grad.size(1), H = grad.size(2), W = grad.size(3);
+  if (K == 0 || C == 0 || H == 0 || W == 0) {
+    return at::zeros({K, C, pooled_height, pooled_width}, grad.options().memory_format(format));
+  }
+  at::Tensor grad_input =
+      at::empty({K, C, pooled_height, pooled_width}, grad.options(), format);
+  const at::Tensor g = grad.contiguous(format);
+  const at::Tensor r = rois.to(coord_type_for(grad, rois)).contiguous();
+  const UnpoolShape s{K, C, H, W, pooled_height, pooled_width};
+  dispatch_unpool(g, r, [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using coord_t = decltype(coord_tag);
+    using acc_t = decltype(acc_tag);
+    const coord_t scale = static_cast<coord_t>(spatial_scale);
+    if (channels_last) {
+      unpool_backward_nhwc<scalar_t, coord_t, acc_t>(
+          g.const_data_ptr<scalar_t>(), r.const_data_ptr<coord_t>(), scale,
+          aligned, s, grad_input.mutable_data_ptr<scalar_t>());
+    } else {
+      unpool_backward_nchw<scalar_t, coord_t, acc_t>(
+          g.const_data_ptr<scalar_t>(), r.const_data_ptr<coord_t>(), scale,
+          aligned, s, grad_input.mutable_data_ptr<scalar_t>());
+    }
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(roi_ops, CPU, m) {
+  m.impl("roi_unpool", TORCH_FN(roi_unpool_forward_cpu));
+  m.impl("_roi_unpool_backward", TORCH_FN(roi_unpool_backward_cpu));
+}
+
+}  // namespace cpu
+}  // namespace roi_ops

@@ -1,0 +1,34 @@
+// The one place that defines roi-ops' operator schemas. Kernels live per
+// backend (csrc/cpu, csrc/cuda) and register with TORCH_LIBRARY_IMPL; fake
+// kernels and autograd are registered from Python (roi_ops/_ops.py).
+#include <torch/library.h>
+
+#ifdef ROI_OPS_PYTHON_MODULE
+#include <Python.h>
+#endif
+
+TORCH_LIBRARY(roi_ops, m) {
+  m.def(
+      "roi_align(Tensor input, Tensor rois, float spatial_scale, "
+      "SymInt pooled_height, SymInt pooled_width, int sampling_ratio, "
+      "bool aligned) -> Tensor");
+  m.def(
+      "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, "
+      "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, "
+      "SymInt channels, SymInt height, SymInt width, int sampling_ratio, "
+      "bool aligned) -> Tensor");
+  m.def(
+      "roi_unpool(Tensor input, Tensor rois, float spatial_scale, "
+      "SymInt height, SymInt width, bool aligned) -> Tensor");
+  m.def(
+      "_roi_unpool_backward(Tensor grad, Tensor rois, float spatial_scale, "
+      "SymInt pooled_height, SymInt pooled_width, bool aligned) -> Tensor");
+}
+
+#ifdef ROI_OPS_PYTHON_MODULE
+// An empty Python module: importing roi_ops._C loads this library, whose
+// static initialisers register the ops above.
+static struct PyModuleDef roi_ops_module = {PyModuleDef_HEAD_INIT, "_C",
+                                            nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&roi_ops_module); }
+#endif

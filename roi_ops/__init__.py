@@ -1,0 +1,25 @@
+"""roi-ops: ROI-Align and ROI-Unpool as PyTorch custom ops, and the ROICtrl
+instance-control adapter built on them.
+
+>>> import torch, roi_ops
+>>> feats = torch.randn(2, 8, 64, 64)
+>>> boxes = torch.tensor([[0, 4.0, 4.0, 40.0, 30.0]])
+>>> crops = roi_ops.roi_align(feats, boxes, (7, 7), aligned=True)      # [1, 8, 7, 7]
+>>> pasted = roi_ops.roi_unpool(crops, boxes, (64, 64), aligned=True)  # [1, 8, 64, 64]
+"""
+from . import reference
+from ._ops import native_available, native_import_error
+from .functional import roi_align, roi_unpool
+from .modules import RoIAlign, RoIUnpool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "roi_align",
+    "roi_unpool",
+    "RoIAlign",
+    "RoIUnpool",
+    "native_available",
+    "native_import_error",
+    "reference",
+]
