@@ -48,3 +48,25 @@ clean:
 	rm -rf build roi_ops/_C*.so $(BUILD_STAMP) cmake-build
 
 -include mk/*.mk
+
+CMAKE_BUILD := cmake-build
+cmake-test: $(STAMP)
+	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" >/dev/null
+	cmake --build $(CMAKE_BUILD) -j2
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+# The kernels built with AddressSanitizer + UBSan into build/sanitize (the
+# normal build is untouched), then the op tests run against that copy with the
+# sanitizer runtimes preloaded into the (uninstrumented) Python.
+SANITIZE_DIR := build/sanitize
+SANITIZE_TESTS ?= tests/test_roi_align.py tests/test_roi_unpool.py tests/test_validation.py tests/test_properties.py tests/test_reference.py
+sanitize: $(STAMP)
+	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)
+	ROI_OPS_SANITIZE=1 ROI_OPS_WITH_CUDA=0 MAX_JOBS=2 $(PY) setup.py -q build_ext \
+	  --build-lib $(SANITIZE_DIR)/lib --build-temp $(SANITIZE_DIR)/tmp
+	cp -r roi_ops/*.py $(SANITIZE_DIR)/lib/roi_ops/
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	PYTHONPATH=$(SANITIZE_DIR)/lib ROI_OPS_EXPECT_SANITIZED=1 \
+	  $(PY) -m pytest -q -p no:cacheprovider -k "not compile" $(SANITIZE_TESTS)

@@ -54,6 +54,11 @@ def _double_backward_error(name: str):
 if _IMPORT_ERROR is None:
     ops = torch.ops.roi_ops
 
+    def _empty_like_format(like, shape):
+        # outputs are contiguous in the memory format of the op's input
+        return torch.empty(shape, dtype=like.dtype, device=like.device,
+                           memory_format=suggest_memory_format(like))
+
     def _check_rois(rois):
         torch._check(
             rois.dim() == 2 and rois.shape[1] == 5,
@@ -65,20 +70,14 @@ if _IMPORT_ERROR is None:
                         sampling_ratio, aligned):
         _check_rois(rois)
         torch._check(input.dim() == 4, lambda: f"input must be 4-D, got {input.dim()}-D")
-        return input.new_empty(
-            (rois.shape[0], input.shape[1], pooled_height, pooled_width),
-            memory_format=suggest_memory_format(input),
-        )
+        return _empty_like_format(input, (rois.shape[0], input.shape[1], pooled_height, pooled_width))
 
     @torch.library.register_fake("roi_ops::_roi_align_backward")
     def _roi_align_backward_fake(grad, rois, spatial_scale, pooled_height, pooled_width,
                                  batch_size, channels, height, width, sampling_ratio,
                                  aligned):
         _check_rois(rois)
-        return grad.new_empty(
-            (batch_size, channels, height, width),
-            memory_format=suggest_memory_format(grad),
-        )
+        return _empty_like_format(grad, (batch_size, channels, height, width))
 
     @torch.library.register_fake("roi_ops::roi_unpool")
     def _roi_unpool_fake(input, rois, spatial_scale, height, width, aligned):
@@ -89,19 +88,13 @@ if _IMPORT_ERROR is None:
             lambda: "input must have one grid per ROI: input.shape[0] == "
             f"{input.shape[0]} but rois has {rois.shape[0]} rows",
         )
-        return input.new_empty(
-            (input.shape[0], input.shape[1], height, width),
-            memory_format=suggest_memory_format(input),
-        )
+        return _empty_like_format(input, (input.shape[0], input.shape[1], height, width))
 
     @torch.library.register_fake("roi_ops::_roi_unpool_backward")
     def _roi_unpool_backward_fake(grad, rois, spatial_scale, pooled_height, pooled_width,
                                   aligned):
         _check_rois(rois)
-        return grad.new_empty(
-            (grad.shape[0], grad.shape[1], pooled_height, pooled_width),
-            memory_format=suggest_memory_format(grad),
-        )
+        return _empty_like_format(grad, (grad.shape[0], grad.shape[1], pooled_height, pooled_width))
 
     def _roi_align_setup(ctx, inputs, output):
         input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned = inputs

@@ -72,6 +72,10 @@ inline void check_positive(const char* op, const char* name, int64_t v) {
   TORCH_CHECK_VALUE(v > 0, op, ": ", name, " must be positive, got ", v);
 }
 
+inline void check_non_negative(const char* op, const char* name, int64_t v) {
+  TORCH_CHECK_VALUE(v >= 0, op, ": ", name, " must be non-negative, got ", v);
+}
+
 // The memory format a kernel works in: channels_last when the tensor is
 // (token-major diffusion states are), else contiguous.
 inline bool use_channels_last(const at::Tensor& t) {

@@ -241,3 +241,129 @@ C10_HOST_DEVICE inline void unpool_pixel_range(const UnpoolAxis<T>& a, int64_t i
 
 }  // namespace math
 }  // namespace roi_ops
+
+// ------------------------------------------- gather-style backward helpers
+// (appended for the CUDA kernels, whose backward gathers instead of
+// scattering: each gradient element enumerates exactly the samples / pixels
+// that read it, so no atomics are needed and the sum order is fixed.)
+
+namespace roi_ops {
+namespace math {
+
+C10_HOST_DEVICE inline float rel_eps(float) { return 1.1920929e-07f; }
+C10_HOST_DEVICE inline double rel_eps(double) { return 2.220446049250313e-16; }
+
+template <typename T>
+C10_HOST_DEVICE inline T abs_(T v) {
+  return v < T(0) ? -v : v;
+}
+
+// Absolute bound (generous: 16 ulps) on the rounding error of a position
+// computed from numbers of magnitude up to `magnitude`. Range helpers widen
+// their windows by it so that a position that rounds across a window edge is
+// still enumerated; the exact tests decide.
+template <typename T>
+C10_HOST_DEVICE inline T position_slack(T magnitude) {
+  return T(16) * rel_eps(magnitude) * abs_(magnitude);
+}
+
+// Weight with which tap t reads index i (the sum of both weights when lo ==
+// hi). Returns false when t does not read i at all; a read with weight 0
+// returns true, so a gather sums exactly the terms a scatter would.
+template <typename T>
+C10_HOST_DEVICE inline bool tap_weight_at(const Tap<T>& t, int64_t i, T* w) {
+  if (!t.valid || (t.lo != i && t.hi != i)) return false;
+  T s = T(0);
+  if (t.lo == i) s += t.w_lo;
+  if (t.hi == i) s += t.w_hi;
+  *w = s;
+  return true;
+}
+
+// Window of ROI-Align sample positions whose tap (align_tap) on an axis of
+// `size` pixels can read pixel h: [h-1, h+1], widened to -1 for h <= 1
+// (positions in [-1, 0] clamp to 0 and read pixels 0 and 1) and to `size` for
+// the last pixel (positions in [size-1, size] clamp onto it), then by the
+// rounding slack of the axis.
+template <typename T>
+C10_HOST_DEVICE inline void align_touch_window(const AlignAxis<T>& a,
+                                               int64_t pooled, int64_t h,
+                                               T* lo, T* hi) {
+  const T slack =
+      position_slack(abs_(a.start) + abs_(static_cast<T>(pooled) * a.bin)) +
+      position_slack(static_cast<T>(a.size));
+  *lo = (h <= 1 ? T(-1) : static_cast<T>(h - 1)) - slack;
+  *hi = (h >= a.size - 1 ? static_cast<T>(a.size) : static_cast<T>(h + 1)) +
+        slack;
+}
+
+// Conservative range [*first, *last) of the bins of `a` (pooled bins) whose
+// sample positions can lie in [lo_bound, hi_bound]. Bin p's samples lie in
+// start + [p, p + 1] * bin; one bin of margin on each side absorbs rounding.
+template <typename T>
+C10_HOST_DEVICE inline void align_bin_range(const AlignAxis<T>& a, int64_t pooled,
+                                            T lo_bound, T hi_bound,
+                                            int64_t* first, int64_t* last) {
+  *first = 0;
+  *last = pooled;
+  if (a.grid <= 0) {  // no samples anywhere
+    *last = 0;
+    return;
+  }
+  if (!(a.bin != T(0))) return;  // all bins at one point (or NaN): no narrowing
+  T u0 = (lo_bound - a.start) / a.bin;
+  T u1 = (hi_bound - a.start) / a.bin;
+  if (u0 > u1) {  // negative extent (aligned boxes with x2 < x1)
+    const T tmp = u0;
+    u0 = u1;
+    u1 = tmp;
+  }
+  *first = to_index_clamped(floor_(u0) - T(1), 0, pooled);
+  *last = to_index_clamped(ceil_(u1) + T(1), 0, pooled);
+}
+
+// Conservative range [*first, *last) of the pixels of an axis that any
+// ROI-Align sample of `a` (pooled bins) can read; used to skip, with a cheap
+// integer test, the ROIs that cannot touch a gradient element.
+template <typename T>
+C10_HOST_DEVICE inline void align_footprint(const AlignAxis<T>& a, int64_t pooled,
+                                            int64_t* first, int64_t* last) {
+  *first = *last = 0;
+  if (a.grid <= 0 || a.size <= 0) return;
+  T lo = a.start;
+  T hi = a.start + static_cast<T>(pooled) * a.bin;
+  if (lo > hi) {
+    const T tmp = lo;
+    lo = hi;
+    hi = tmp;
+  }
+  if (!(lo <= hi)) {  // NaN: nothing can be excluded
+    *last = a.size;
+    return;
+  }
+  const T slack = position_slack(abs_(lo) + abs_(hi)) +
+                  position_slack(static_cast<T>(a.size));
+  // a position y reads pixels floor(y) and floor(y) + 1 (clamped into range)
+  *first = to_index_clamped(floor_(lo - slack) - T(1), 0, a.size);
+  *last = to_index_clamped(ceil_(hi + slack) + T(2), 0, a.size);
+}
+
+// unpool_pixel_range widened by the rounding slack of the axis (whole
+// pixels), for boxes so large that one ulp of their coordinates exceeds the
+// range's own one-pixel margin.
+template <typename T>
+C10_HOST_DEVICE inline void unpool_pixel_range_safe(const UnpoolAxis<T>& a,
+                                                    int64_t i, int64_t* first,
+                                                    int64_t* last) {
+  unpool_pixel_range(a, i, first, last);
+  if (a.first >= a.last) return;
+  const int64_t pad = to_index_clamped(
+      ceil_(position_slack(abs_(a.start) + abs_(a.extent) +
+                           static_cast<T>(a.last))),
+      0, a.last - a.first);
+  *first = *first - pad > a.first ? *first - pad : a.first;
+  *last = *last + pad < a.last ? *last + pad : a.last;
+}
+
+}  // namespace math
+}  // namespace roi_ops

@@ -31,47 +31,44 @@ void align_forward_nchw(const scalar_t* input, const coord_t* rois,
   const int64_t C = s.channels, H = s.height, W = s.width;
   const int64_t PH = s.pooled_h, PW = s.pooled_w;
   at::parallel_for(0, s.num_rois * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> rows_x;  // [row, pw]: columns already contracted
-    std::vector<acc_t> acc(PW);
+    // [ph, column]: rows contracted first, as contiguous (vectorisable) runs
+    std::vector<acc_t> binned_rows;
     for (int64_t kc = begin; kc < end; ++kc) {
       const int64_t k = kc / C, c = kc % C;
       const int64_t b = roi_batch_index(rois + 5 * k);
       const scalar_t* plane = input + (b * C + c) * H * W;
       scalar_t* out = output + kc * PH * PW;
-      int64_t lo, hi;
-      ty.span(k, &lo, &hi);
-      rows_x.assign((hi - lo) * PW, acc_t(0));
-      for (int64_t h = lo; h < hi; ++h) {
-        const scalar_t* row = plane + h * W;
-        acc_t* dst = rows_x.data() + (h - lo) * PW;
-        for (int64_t pw = 0; pw < PW; ++pw) {
-          const int64_t r = tx.row(k, pw);
-          const acc_t* w = tx.weights(r);
-          const scalar_t* src = row + tx.first[r];
-          acc_t sum = 0;
-          for (int64_t j = 0, n = tx.length(r); j < n; ++j) {
-            sum += w[j] * static_cast<acc_t>(src[j]);
-          }
-          dst[pw] = sum;
-        }
-      }
+      int64_t x_lo, x_hi;
+      tx.span(k, &x_lo, &x_hi);
+      const int64_t ncols = x_hi - x_lo;
+      binned_rows.assign(PH * ncols, acc_t(0));
       for (int64_t ph = 0; ph < PH; ++ph) {
         const int64_t r = ty.row(k, ph);
         const acc_t* w = ty.weights(r);
-        std::fill(acc.begin(), acc.end(), acc_t(0));
+        acc_t* __restrict dst = binned_rows.data() + ph * ncols;
         for (int64_t i = 0, n = ty.length(r); i < n; ++i) {
-          const acc_t* src = rows_x.data() + (ty.first[r] + i - lo) * PW;
+          const scalar_t* __restrict src = plane + (ty.first[r] + i) * W + x_lo;
           const acc_t wi = w[i];
-          for (int64_t pw = 0; pw < PW; ++pw) acc[pw] += wi * src[pw];
+          for (int64_t x = 0; x < ncols; ++x) dst[x] += wi * static_cast<acc_t>(src[x]);
         }
+      }
+      for (int64_t ph = 0; ph < PH; ++ph) {
+        const acc_t* src = binned_rows.data() + ph * ncols - x_lo;
         for (int64_t pw = 0; pw < PW; ++pw) {
-          out[ph * PW + pw] = static_cast<scalar_t>(acc[pw]);
+          const int64_t r = tx.row(k, pw);
+          const acc_t* w = tx.weights(r);
+          const acc_t* v = src + tx.first[r];
+          acc_t sum = 0;
+          for (int64_t j = 0, n = tx.length(r); j < n; ++j) sum += w[j] * v[j];
+          out[ph * PW + pw] = static_cast<scalar_t>(sum);
         }
       }
     }
   });
 }
 
+// Same summation order as align_forward_nchw (rows first, then columns), so
+// both layouts give bitwise the same numbers.
 template <typename scalar_t, typename coord_t, typename acc_t>
 void align_forward_nhwc(const scalar_t* input, const coord_t* rois,
                         const AlignTable<acc_t>& ty, const AlignTable<acc_t>& tx,
@@ -79,24 +76,30 @@ void align_forward_nhwc(const scalar_t* input, const coord_t* rois,
   const int64_t C = s.channels, H = s.height, W = s.width;
   const int64_t PH = s.pooled_h, PW = s.pooled_w;
   at::parallel_for(0, s.num_rois * PH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(C);
+    std::vector<acc_t> acc(C), column(C);
     for (int64_t kp = begin; kp < end; ++kp) {
       const int64_t k = kp / PH, ph = kp % PH;
       const int64_t b = roi_batch_index(rois + 5 * k);
       const scalar_t* image = input + b * H * W * C;
       const int64_t ry = ty.row(k, ph);
       const acc_t* wy = ty.weights(ry);
+      const int64_t ni = ty.length(ry);
       for (int64_t pw = 0; pw < PW; ++pw) {
         const int64_t rx = tx.row(k, pw);
         const acc_t* wx = tx.weights(rx);
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t i = 0, ni = ty.length(ry); i < ni; ++i) {
-          const scalar_t* row = image + ((ty.first[ry] + i) * W + tx.first[rx]) * C;
-          for (int64_t j = 0, nj = tx.length(rx); j < nj; ++j) {
-            const acc_t w = wy[i] * wx[j];
-            const scalar_t* src = row + j * C;
-            for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(src[c]);
+        for (int64_t j = 0, nj = tx.length(rx); j < nj; ++j) {
+          std::fill(column.begin(), column.end(), acc_t(0));
+          acc_t* __restrict col = column.data();
+          for (int64_t i = 0; i < ni; ++i) {
+            const scalar_t* __restrict src =
+                image + ((ty.first[ry] + i) * W + tx.first[rx] + j) * C;
+            const acc_t wi = wy[i];
+            for (int64_t c = 0; c < C; ++c) col[c] += wi * static_cast<acc_t>(src[c]);
           }
+          const acc_t wj = wx[j];
+          acc_t* __restrict a = acc.data();
+          for (int64_t c = 0; c < C; ++c) a[c] += wj * col[c];
         }
         scalar_t* out = output + ((k * PH + ph) * PW + pw) * C;
         for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(acc[c]);
@@ -117,7 +120,7 @@ void align_backward_nchw(const scalar_t* grad, const RoisByImage& groups,
   const int64_t PH = s.pooled_h, PW = s.pooled_w;
   at::parallel_for(0, batch_size * C, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> plane_acc;
-    std::vector<acc_t> rows_g;  // [row, pw]: gradient contracted over ph
+    std::vector<acc_t> binned_rows;  // [ph, column]: gradient spread over columns
     for (int64_t bc = begin; bc < end; ++bc) {
       const int64_t b = bc / C, c = bc % C;
       scalar_t* out = grad_input + bc * H * W;
@@ -132,30 +135,28 @@ void align_backward_nchw(const scalar_t* grad, const RoisByImage& groups,
       for (int64_t n = groups.begin[b]; n < groups.begin[b + 1]; ++n) {
         const int64_t k = groups.order[n];
         const scalar_t* g = grad + (k * C + c) * PH * PW;
-        int64_t lo, hi;
-        ty.span(k, &lo, &hi);
-        rows_g.assign((hi - lo) * PW, acc_t(0));
+        int64_t x_lo, x_hi;
+        tx.span(k, &x_lo, &x_hi);
+        const int64_t ncols = x_hi - x_lo;
+        binned_rows.assign(PH * ncols, acc_t(0));
         for (int64_t ph = 0; ph < PH; ++ph) {
-          const int64_t r = ty.row(k, ph);
-          const acc_t* w = ty.weights(r);
-          const scalar_t* gsrc = g + ph * PW;
-          for (int64_t i = 0, ni = ty.length(r); i < ni; ++i) {
-            acc_t* dst = rows_g.data() + (ty.first[r] + i - lo) * PW;
-            const acc_t wi = w[i];
-            for (int64_t pw = 0; pw < PW; ++pw) {
-              dst[pw] += wi * static_cast<acc_t>(gsrc[pw]);
-            }
-          }
-        }
-        for (int64_t h = lo; h < hi; ++h) {
-          const acc_t* src = rows_g.data() + (h - lo) * PW;
-          acc_t* row = plane + h * W;
+          acc_t* dst = binned_rows.data() + ph * ncols - x_lo;
           for (int64_t pw = 0; pw < PW; ++pw) {
             const int64_t r = tx.row(k, pw);
             const acc_t* w = tx.weights(r);
-            acc_t* dst = row + tx.first[r];
-            const acc_t v = src[pw];
-            for (int64_t j = 0, nj = tx.length(r); j < nj; ++j) dst[j] += w[j] * v;
+            acc_t* d = dst + tx.first[r];
+            const acc_t v = static_cast<acc_t>(g[ph * PW + pw]);
+            for (int64_t j = 0, nj = tx.length(r); j < nj; ++j) d[j] += w[j] * v;
+          }
+        }
+        for (int64_t ph = 0; ph < PH; ++ph) {
+          const int64_t r = ty.row(k, ph);
+          const acc_t* w = ty.weights(r);
+          const acc_t* __restrict src = binned_rows.data() + ph * ncols;
+          for (int64_t i = 0, ni = ty.length(r); i < ni; ++i) {
+            acc_t* __restrict dst = plane + (ty.first[r] + i) * W + x_lo;
+            const acc_t wi = w[i];
+            for (int64_t x = 0; x < ncols; ++x) dst[x] += wi * src[x];
           }
         }
       }
@@ -166,6 +167,7 @@ void align_backward_nchw(const scalar_t* grad, const RoisByImage& groups,
   });
 }
 
+// Same summation order as align_backward_nchw.
 template <typename scalar_t, typename coord_t, typename acc_t>
 void align_backward_nhwc(const scalar_t* grad, const RoisByImage& groups,
                          const AlignTable<acc_t>& ty, const AlignTable<acc_t>& tx,
@@ -175,30 +177,37 @@ void align_backward_nhwc(const scalar_t* grad, const RoisByImage& groups,
   const int64_t PH = s.pooled_h, PW = s.pooled_w;
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
   at::parallel_for(0, batch_size * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> image_acc;
+    std::vector<acc_t> image_acc;     // [H, W, nc]
+    std::vector<acc_t> binned_row;    // [column, nc]: one bin row spread over columns
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks;
       const int64_t c0 = (task % blocks) * kChannelBlock;
       const int64_t nc = std::min(kChannelBlock, C - c0);
-      // [H, W, nc] accumulator for this image's channel block
       image_acc.assign(H * W * nc, acc_t(0));
       for (int64_t n = groups.begin[b]; n < groups.begin[b + 1]; ++n) {
         const int64_t k = groups.order[n];
+        int64_t x_lo, x_hi;
+        tx.span(k, &x_lo, &x_hi);
+        const int64_t ncols = x_hi - x_lo;
         for (int64_t ph = 0; ph < PH; ++ph) {
-          const int64_t ry = ty.row(k, ph);
-          const acc_t* wy = ty.weights(ry);
+          binned_row.assign(ncols * nc, acc_t(0));
           for (int64_t pw = 0; pw < PW; ++pw) {
             const int64_t rx = tx.row(k, pw);
             const acc_t* wx = tx.weights(rx);
-            const scalar_t* g = grad + ((k * PH + ph) * PW + pw) * C + c0;
-            for (int64_t i = 0, ni = ty.length(ry); i < ni; ++i) {
-              acc_t* row = image_acc.data() + ((ty.first[ry] + i) * W + tx.first[rx]) * nc;
-              for (int64_t j = 0, nj = tx.length(rx); j < nj; ++j) {
-                const acc_t w = wy[i] * wx[j];
-                acc_t* dst = row + j * nc;
-                for (int64_t c = 0; c < nc; ++c) dst[c] += w * static_cast<acc_t>(g[c]);
-              }
+            const scalar_t* __restrict g = grad + ((k * PH + ph) * PW + pw) * C + c0;
+            for (int64_t j = 0, nj = tx.length(rx); j < nj; ++j) {
+              acc_t* __restrict dst = binned_row.data() + (tx.first[rx] + j - x_lo) * nc;
+              const acc_t wj = wx[j];
+              for (int64_t c = 0; c < nc; ++c) dst[c] += wj * static_cast<acc_t>(g[c]);
             }
+          }
+          const int64_t ry = ty.row(k, ph);
+          const acc_t* wy = ty.weights(ry);
+          for (int64_t i = 0, ni = ty.length(ry); i < ni; ++i) {
+            acc_t* __restrict dst = image_acc.data() + ((ty.first[ry] + i) * W + x_lo) * nc;
+            const acc_t* __restrict src = binned_row.data();
+            const acc_t wi = wy[i];
+            for (int64_t q = 0; q < ncols * nc; ++q) dst[q] += wi * src[q];
           }
         }
       }
@@ -272,8 +281,10 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                         grad.size(2) == pooled_height && grad.size(3) == pooled_width,
                     op, ": grad must be Tensor[", K, ", ", channels, ", ",
                     pooled_height, ", ", pooled_width, "], got Tensor", grad.sizes());
-  TORCH_CHECK_VALUE(batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0,
-                    op, ": input sizes must be non-negative");
+  check_non_negative(op, "batch_size", batch_size);
+  check_non_negative(op, "channels", channels);
+  check_non_negative(op, "height", height);
+  check_non_negative(op, "width", width);
   check_roi_values(op, rois, batch_size);
 
   const bool channels_last = use_channels_last(grad);

@@ -127,17 +127,16 @@ void unpool_forward_nhwc(const scalar_t* input, const coord_t* rois,
       std::fill(row, row + x0 * C, scalar_t(0));
       for (int64_t w = x0; w < x1; ++w) {
         const math::Tap<acc_t>& tx = roi.tx[w - x0];
-        const acc_t w00 = ty.w_lo * tx.w_lo, w01 = ty.w_lo * tx.w_hi;
-        const acc_t w10 = ty.w_hi * tx.w_lo, w11 = ty.w_hi * tx.w_hi;
         const scalar_t* a = g_lo + tx.lo * C;
         const scalar_t* b = g_lo + tx.hi * C;
         const scalar_t* c_ = g_hi + tx.lo * C;
         const scalar_t* d = g_hi + tx.hi * C;
-        scalar_t* dst = row + w * C;
+        scalar_t* __restrict dst = row + w * C;
+        // x first, then y: the order of unpool_forward_nchw (bitwise equal)
         for (int64_t c = 0; c < C; ++c) {
-          dst[c] = static_cast<scalar_t>(
-              w00 * static_cast<acc_t>(a[c]) + w01 * static_cast<acc_t>(b[c]) +
-              w10 * static_cast<acc_t>(c_[c]) + w11 * static_cast<acc_t>(d[c]));
+          const acc_t top = tx.w_lo * static_cast<acc_t>(a[c]) + tx.w_hi * static_cast<acc_t>(b[c]);
+          const acc_t bottom = tx.w_lo * static_cast<acc_t>(c_[c]) + tx.w_hi * static_cast<acc_t>(d[c]);
+          dst[c] = static_cast<scalar_t>(ty.w_lo * top + ty.w_hi * bottom);
         }
       }
       std::fill(row + x1 * C, row + W * C, scalar_t(0));
@@ -191,6 +190,8 @@ void unpool_backward_nchw(const scalar_t* grad, const coord_t* rois,
   });
 }
 
+// Same summation order as unpool_backward_nchw (rows into cells along y,
+// then columns into cells along x), so both layouts agree bitwise.
 template <typename scalar_t, typename coord_t, typename acc_t>
 void unpool_backward_nhwc(const scalar_t* grad, const coord_t* rois,
                           coord_t scale, bool aligned, const UnpoolShape& s,
@@ -200,26 +201,42 @@ void unpool_backward_nhwc(const scalar_t* grad, const coord_t* rois,
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
   at::parallel_for(0, s.num_rois * blocks, 1, [&](int64_t begin, int64_t end) {
     UnpoolRoi<coord_t, acc_t> roi;
+    std::vector<acc_t> cols;   // [PH, covered width, nc]
     std::vector<acc_t> cells;  // [PH, PW, nc]
     for (int64_t task = begin; task < end; ++task) {
       const int64_t k = task / blocks;
       const int64_t c0 = (task % blocks) * kChannelBlock;
       const int64_t nc = std::min(kChannelBlock, C - c0);
       roi.load(rois, k, scale, aligned, s);
-      cells.assign(PH * PW * nc, acc_t(0));
+      const int64_t x0 = roi.ax.first, nx = roi.ax.last - roi.ax.first;
+      cols.assign(PH * std::max<int64_t>(nx, 0) * nc, acc_t(0));
       for (int64_t h = roi.ay.first; h < roi.ay.last; ++h) {
         const math::Tap<acc_t>& ty = roi.ty[h - roi.ay.first];
-        for (int64_t w = roi.ax.first; w < roi.ax.last; ++w) {
-          const math::Tap<acc_t>& tx = roi.tx[w - roi.ax.first];
-          const scalar_t* g = grad + ((k * H + h) * W + w) * C + c0;
-          const acc_t ws[4] = {ty.w_lo * tx.w_lo, ty.w_lo * tx.w_hi,
-                               ty.w_hi * tx.w_lo, ty.w_hi * tx.w_hi};
-          const int64_t cell[4] = {ty.lo * PW + tx.lo, ty.lo * PW + tx.hi,
-                                   ty.hi * PW + tx.lo, ty.hi * PW + tx.hi};
-          for (int q = 0; q < 4; ++q) {
-            acc_t* dst = cells.data() + cell[q] * nc;
-            const acc_t wq = ws[q];
-            for (int64_t c = 0; c < nc; ++c) dst[c] += wq * static_cast<acc_t>(g[c]);
+        for (int64_t w = 0; w < nx; ++w) {
+          const scalar_t* __restrict g = grad + ((k * H + h) * W + x0 + w) * C + c0;
+          // lo and hi may be the same cell at the grid's edge: separate scopes
+          {
+            acc_t* __restrict a = cols.data() + (ty.lo * nx + w) * nc;
+            for (int64_t c = 0; c < nc; ++c) a[c] += ty.w_lo * static_cast<acc_t>(g[c]);
+          }
+          {
+            acc_t* __restrict b = cols.data() + (ty.hi * nx + w) * nc;
+            for (int64_t c = 0; c < nc; ++c) b[c] += ty.w_hi * static_cast<acc_t>(g[c]);
+          }
+        }
+      }
+      cells.assign(PH * PW * nc, acc_t(0));
+      for (int64_t i = 0; i < PH && nx > 0; ++i) {
+        for (int64_t w = 0; w < nx; ++w) {
+          const math::Tap<acc_t>& tx = roi.tx[w];
+          const acc_t* __restrict src = cols.data() + (i * nx + w) * nc;
+          {
+            acc_t* __restrict a = cells.data() + (i * PW + tx.lo) * nc;
+            for (int64_t c = 0; c < nc; ++c) a[c] += tx.w_lo * src[c];
+          }
+          {
+            acc_t* __restrict b = cells.data() + (i * PW + tx.hi) * nc;
+            for (int64_t c = 0; c < nc; ++c) b[c] += tx.w_hi * src[c];
           }
         }
       }

@@ -1,0 +1,32 @@
+"""ROICtrl: regional instance control for diffusers UNets, built on ``roi_ops.roi_align`` / ``roi_ops.roi_unpool``.
+
+Quick start::
+
+    from roi_ops.roictrl_adapter import ROICtrlAdapter
+
+    adapter = ROICtrlAdapter.from_unet(unet).to(unet.device).install(unet)
+    noise_pred = unet(latents, t, text_emb, cross_attention_kwargs={"roictrl": {
+        "boxes": boxes,            # Tensor[B, N, 4], (x1, y1, x2, y2) in [0, 1]
+        "masks": masks,            # Tensor[B, N], 1 = instance, 0 = padding
+        "embeddings": inst_emb,    # Tensor[B, N, L, D] from the model's own text encoder
+    }}).sample
+    loss = mse + 0.01 * adapter.regularization_loss()
+    adapter.uninstall()
+
+See docs/adapter.md.
+"""
+
+from .adapter import DEFAULT_GRID_SIZES, BlockSpec, ROICtrlAdapter
+from .block import BoxEncoder, ROICtrlBlock, blend, coverage
+from .instances import ROICtrlInstances
+
+__all__ = [
+    "DEFAULT_GRID_SIZES",
+    "BlockSpec",
+    "BoxEncoder",
+    "ROICtrlAdapter",
+    "ROICtrlBlock",
+    "ROICtrlInstances",
+    "blend",
+    "coverage",
+]

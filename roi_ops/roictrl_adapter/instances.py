@@ -1,0 +1,147 @@
+"""Per-call instance data for the ROICtrl adapter.
+
+The UNet receives it the diffusers way, as one entry of ``cross_attention_kwargs``::
+
+    unet(latents, t, text, cross_attention_kwargs={"roictrl": {"boxes": ..., "masks": ..., "embeddings": ...}})
+
+Either a plain dict or a :class:`ROICtrlInstances` is accepted. The dataclass validates once and keeps the
+compacted list of valid instances (padded slots dropped), so the per-layer work never touches padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+_KEYS = ("boxes", "embeddings", "masks", "scale")
+
+
+def _shape(t: object) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} Tensor{list(t.shape)}"
+    return type(t).__name__
+
+
+@dataclass(frozen=True, eq=False)
+class ROICtrlInstances:
+    """Boxes, captions and validity of the instances of every sample in a batch.
+
+    Args:
+        boxes: ``Tensor[B, N, 4]`` of ``(x1, y1, x2, y2)`` normalised to ``[0, 1]`` (``x1 <= x2``, ``y1 <= y2``),
+            x along the width of the image, y along its height.
+        embeddings: ``Tensor[B, N, L, D]``, each instance's caption encoded by the base model's own text encoder
+            (``D`` = the UNet's ``cross_attention_dim``).
+        masks: ``Tensor[B, N]`` (bool, or 0/1 of any dtype), 1 for a real instance and 0 for padding; ``None``
+            means every slot is an instance. Padded slots may hold anything (their boxes are not checked).
+        scale: strength of the adapter for this call; ``0`` skips it entirely, ``1`` is the trained behaviour.
+
+    Derived attributes (computed once in ``__post_init__``; ``K`` = number of valid instances):
+        ``batch_index`` ``LongTensor[K]``, ``instance_boxes`` ``Tensor[K, 4]``, ``instance_embeddings``
+        ``Tensor[K, L, D]``, ``slot_index`` ``LongTensor[K]`` (rank of the instance within its sample),
+        ``sample_index`` ``LongTensor[S]`` (sorted samples with at least one instance), ``num_instances`` (K),
+        ``max_instances_per_sample``.
+    """
+
+    boxes: torch.Tensor
+    embeddings: torch.Tensor
+    masks: torch.Tensor | None = None
+    scale: float = 1.0
+
+    batch_index: torch.Tensor = field(init=False, repr=False)
+    instance_boxes: torch.Tensor = field(init=False, repr=False)
+    instance_embeddings: torch.Tensor = field(init=False, repr=False)
+    slot_index: torch.Tensor = field(init=False, repr=False)
+    sample_index: torch.Tensor = field(init=False, repr=False)
+    num_instances: int = field(init=False, repr=False)
+    max_instances_per_sample: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        boxes, emb, masks = self.boxes, self.embeddings, self.masks
+        if not isinstance(boxes, torch.Tensor) or boxes.dim() != 3 or boxes.shape[-1] != 4:
+            raise ValueError(f"roictrl boxes must be Tensor[B, N, 4] (x1, y1, x2, y2 in [0, 1]), got {_shape(boxes)}")
+        if not boxes.is_floating_point():
+            raise TypeError(f"roictrl boxes must be a floating-point tensor, got {boxes.dtype}")
+        B, N = boxes.shape[:2]
+        if not isinstance(emb, torch.Tensor) or emb.dim() != 4 or tuple(emb.shape[:2]) != (B, N):
+            raise ValueError(
+                f"roictrl embeddings must be Tensor[B, N, L, D] with B={B}, N={N} as in boxes, got {_shape(emb)}"
+            )
+        if not emb.is_floating_point():
+            raise TypeError(f"roictrl embeddings must be a floating-point tensor, got {emb.dtype}")
+        if masks is None:
+            valid = torch.ones(B, N, dtype=torch.bool, device=boxes.device)
+        else:
+            if not isinstance(masks, torch.Tensor) or tuple(masks.shape) != (B, N):
+                raise ValueError(
+                    f"roictrl masks must be Tensor[B, N] with B={B}, N={N} as in boxes, got {_shape(masks)}"
+                )
+            if masks.dtype != torch.bool:
+                if masks.is_complex() or not bool(((masks == 0) | (masks == 1)).all()):
+                    raise ValueError("roictrl masks must be bool or hold only 0 and 1")
+            valid = masks.to(device=boxes.device, dtype=torch.bool)
+        if emb.device != boxes.device:
+            raise ValueError(f"roictrl boxes and embeddings must be on one device, got {boxes.device} and {emb.device}")
+        scale = self.scale
+        if isinstance(scale, torch.Tensor):
+            if scale.numel() != 1:
+                raise ValueError(f"roictrl scale must be a number, got {_shape(scale)}")
+            scale = float(scale)
+        if not isinstance(scale, (int, float)) or not float(scale) == float(scale) or abs(float(scale)) == float("inf"):
+            raise ValueError(f"roictrl scale must be a finite number, got {scale!r}")
+        object.__setattr__(self, "scale", float(scale))
+
+        # One host sync for all value checks: compacting to the valid instances needs their count anyway.
+        idx = valid.nonzero()  # [K, 2], row-major: grouped by sample, in slot order
+        b_idx, n_idx = idx[:, 0], idx[:, 1]
+        inst_boxes = boxes[b_idx, n_idx]
+        if inst_boxes.numel():
+            x1, y1, x2, y2 = inst_boxes.unbind(-1)
+            bad = ~torch.isfinite(inst_boxes).all(-1)
+            bad |= (inst_boxes < 0).any(-1) | (inst_boxes > 1).any(-1) | (x2 < x1) | (y2 < y1)
+            if bool(bad.any()):
+                k = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    "roictrl boxes of valid instances must be finite (x1, y1, x2, y2) with 0 <= x1 <= x2 <= 1 and "
+                    f"0 <= y1 <= y2 <= 1, got {inst_boxes[k].tolist()} for sample {int(b_idx[k])}, slot {int(n_idx[k])}"
+                )
+        counts = valid.sum(1)
+        # Rank of each valid instance among the valid instances of its sample.
+        slot = (valid.long().cumsum(1) - 1)[b_idx, n_idx]
+        object.__setattr__(self, "batch_index", b_idx)
+        object.__setattr__(self, "instance_boxes", inst_boxes)
+        object.__setattr__(self, "instance_embeddings", emb[b_idx, n_idx])
+        object.__setattr__(self, "slot_index", slot)
+        object.__setattr__(self, "sample_index", (counts > 0).nonzero().flatten())
+        object.__setattr__(self, "num_instances", int(idx.shape[0]))
+        object.__setattr__(self, "max_instances_per_sample", int(counts.max()) if B > 0 else 0)
+
+    @property
+    def batch_size(self) -> int:
+        return self.boxes.shape[0]
+
+    @classmethod
+    def coerce(cls, data: object) -> "ROICtrlInstances":
+        """Return ``data`` if it already is a ``ROICtrlInstances``, else build one from a mapping."""
+        if isinstance(data, cls):
+            return data
+        if isinstance(data, Mapping):
+            unknown = sorted(set(data) - set(_KEYS))
+            if unknown:
+                raise ValueError(f"roictrl got unknown keys {unknown}; expected some of {list(_KEYS)}")
+            missing = [k for k in ("boxes", "embeddings") if k not in data]
+            if missing:
+                raise ValueError(
+                    f"roictrl needs keys {missing} (expected boxes, embeddings and optionally masks, scale)"
+                )
+            return cls(**dict(data))
+        raise TypeError(
+            "cross_attention_kwargs['roictrl'] must be a ROICtrlInstances or a dict with keys boxes, embeddings, "
+            f"masks, scale; got {type(data).__name__}"
+        )
+
+    def rois(self, height: int, width: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``Tensor[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` in pixel units of an ``height x width`` map."""
+        scale = torch.tensor([width, height, width, height], dtype=dtype, device=self.boxes.device)
+        return torch.cat([self.batch_index.to(dtype).unsqueeze(1), self.instance_boxes.to(dtype) * scale], dim=1)
