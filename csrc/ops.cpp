@@ -23,6 +23,19 @@ TORCH_LIBRARY(roi_ops, m) {
   m.def(
       "_roi_unpool_backward(Tensor grad, Tensor rois, float spatial_scale, "
       "SymInt pooled_height, SymInt pooled_width, bool aligned) -> Tensor");
+  // Fused paste-back + softmax blend (ROI_OPS_SPEC.md, "Fused paste-back and
+  // blend"): returns (out [B,C,H,W], base_weight [B,H,W]).
+  m.def(
+      "roi_unpool_blend(Tensor base, Tensor base_logit, Tensor input, "
+      "Tensor input_logit, Tensor rois, float spatial_scale, bool aligned) "
+      "-> (Tensor, Tensor)");
+  // Gradients for (base, base_logit, input, input_logit), from the forward's
+  // inputs and outputs; nothing of size K*C*H*W is saved or allocated.
+  m.def(
+      "_roi_unpool_blend_backward(Tensor grad_out, Tensor grad_base_weight, "
+      "Tensor base, Tensor base_logit, Tensor input, Tensor input_logit, "
+      "Tensor rois, Tensor out, Tensor base_weight, float spatial_scale, "
+      "bool aligned) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifdef ROI_OPS_PYTHON_MODULE

@@ -297,6 +297,8 @@ class ROICtrlAdapter(nn.Module):
     # ------------------------------------------------------------------ hooks
     def _unet_pre_hook(self, module, args, kwargs):
         # Validate the instance data once per UNet call rather than once per block.
+        if not self.enabled:
+            return None
         cak = _get_arg(module, args, kwargs, "cross_attention_kwargs")
         if isinstance(cak, Mapping) and cak.get(KWARG) is not None and not isinstance(cak[KWARG], ROICtrlInstances):
             cak = {**cak, KWARG: ROICtrlInstances.coerce(cak[KWARG])}

@@ -200,3 +200,44 @@ def test_no_valid_instance_returns_the_global_output():
     inst = _instances(BOXES, [[0, 0], [0, 0]])
     g, out, stats = _run_block(attn, block, encoder, inst, hidden, residual, text)
     assert out is g and not stats["covered"].any()
+
+
+def test_a_sample_does_not_see_other_samples_padding():
+    """Sample 1 has one instance while sample 0 has two: its unused position slot must stay invisible."""
+    attn, block, encoder = _layer()
+    hidden, residual, text = _states()
+    inst = _instances(BOXES, MASKS)
+    _, out, _ = _run_block(attn, block, encoder, inst, hidden, residual, text)
+    alone = ROICtrlInstances(boxes=inst.boxes[1:, :1], embeddings=inst.embeddings[1:, :1])
+    g1 = attn(hidden[1:], encoder_hidden_states=text[1:])
+    out1, _ = block(hidden[1:], residual[1:], g1, attn, alone, (H, W), encoder(alone.instance_boxes), text[1:])
+    torch.testing.assert_close(out[1:], out1, rtol=1e-5, atol=1e-6)
+
+
+def test_crops_sample_the_box_in_feature_pixels_with_aligned_corners():
+    """On an affine field (channel 0 = column, channel 1 = row) the crop handed to the pretrained cross-attention
+    holds exactly the bin centres of the box mapped to this H x W map (x by W, y by H, half-pixel offset)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    seen = []
+
+    class Recording(AttnProcessor2_0):
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            seen.append(hidden_states)
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+    attn, block, encoder = _layer()
+    attn.set_processor(Recording())
+    hidden, residual, text = _states()
+    rows, cols = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    hidden[..., 0] = cols.flatten()
+    hidden[..., 1] = rows.flatten()
+    box = [0.2, 0.3, 0.6, 0.9]
+    inst = _instances([[box], [box]], [[1], [0]])
+    _run_block(attn, block, encoder, inst, hidden, residual, text)
+    crop = seen[-1].view(1, P, P, C)  # the instance call: one crop
+    j = torch.arange(P, dtype=torch.float32)
+    x = box[0] * W - 0.5 + (j + 0.5) * (box[2] - box[0]) * W / P
+    y = box[1] * H - 0.5 + (j + 0.5) * (box[3] - box[1]) * H / P
+    torch.testing.assert_close(crop[0, :, :, 0], x.view(1, P).expand(P, P), rtol=0, atol=1e-5)
+    torch.testing.assert_close(crop[0, :, :, 1], y.view(P, 1).expand(P, P), rtol=0, atol=1e-5)
