@@ -41,7 +41,29 @@ struct UnpoolRoi {
     ax = math::unpool_axis(f.x0, f.width, s.pooled_w, s.width);
     fill(ay, &ty);
     fill(ax, &tx);
+    // Transpose of tx: for each grid column, the covered columns that read it
+    // with their weights, in the order a scatter over w would add them (so
+    // the gather below sums in the same order, bitwise).
+    cell_begin.assign(s.pooled_w + 1, 0);
+    for (const auto& t : tx) {
+      ++cell_begin[t.lo + 1];
+      ++cell_begin[t.hi + 1];
+    }
+    for (int64_t j = 0; j < s.pooled_w; ++j) cell_begin[j + 1] += cell_begin[j];
+    cell_reads.resize(cell_begin[s.pooled_w]);
+    std::vector<int64_t> next(cell_begin.begin(), cell_begin.end() - 1);
+    for (int64_t w = 0; w < static_cast<int64_t>(tx.size()); ++w) {
+      cell_reads[next[tx[w].lo]++] = {w, tx[w].w_lo};
+      cell_reads[next[tx[w].hi]++] = {w, tx[w].w_hi};
+    }
   }
+
+  struct Read {
+    int64_t column;  // covered column, relative to ax.first
+    acc_t weight;
+  };
+  std::vector<int64_t> cell_begin;  // pooled_w + 1
+  std::vector<Read> cell_reads;
 
  private:
   static void fill(const math::UnpoolAxis<coord_t>& a,
@@ -166,23 +188,28 @@ void unpool_backward_nchw(const scalar_t* grad, const coord_t* rois,
       cols.assign(PH * std::max<int64_t>(nx, 0), acc_t(0));
       for (int64_t h = y0; h < y1 && nx > 0; ++h) {
         const math::Tap<acc_t>& t = roi.ty[h - y0];
-        const scalar_t* src = g + h * W + x0;
-        acc_t* a = cols.data() + t.lo * nx;
-        acc_t* b = cols.data() + t.hi * nx;
-        for (int64_t w = 0; w < nx; ++w) {
-          const acc_t v = static_cast<acc_t>(src[w]);
-          a[w] += t.w_lo * v;
-          b[w] += t.w_hi * v;
+        const scalar_t* __restrict src = g + h * W + x0;
+        // lo and hi may be the same row at the grid's edge: separate scopes
+        {
+          acc_t* __restrict a = cols.data() + t.lo * nx;
+          for (int64_t w = 0; w < nx; ++w) a[w] += t.w_lo * static_cast<acc_t>(src[w]);
+        }
+        {
+          acc_t* __restrict b = cols.data() + t.hi * nx;
+          for (int64_t w = 0; w < nx; ++w) b[w] += t.w_hi * static_cast<acc_t>(src[w]);
         }
       }
+      // Gather per grid cell (register accumulator, no store-to-load chain).
       cells.assign(PH * PW, acc_t(0));
       for (int64_t i = 0; i < PH && nx > 0; ++i) {
         const acc_t* src = cols.data() + i * nx;
         acc_t* dst = cells.data() + i * PW;
-        for (int64_t w = 0; w < nx; ++w) {
-          const math::Tap<acc_t>& t = roi.tx[w];
-          dst[t.lo] += t.w_lo * src[w];
-          dst[t.hi] += t.w_hi * src[w];
+        for (int64_t j = 0; j < PW; ++j) {
+          acc_t sum = 0;
+          for (int64_t e = roi.cell_begin[j]; e < roi.cell_begin[j + 1]; ++e) {
+            sum += roi.cell_reads[e].weight * src[roi.cell_reads[e].column];
+          }
+          dst[j] = sum;
         }
       }
       for (int64_t i = 0; i < PH * PW; ++i) out[i] = static_cast<scalar_t>(cells[i]);
