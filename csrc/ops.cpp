@@ -29,13 +29,16 @@ TORCH_LIBRARY(roi_ops, m) {
       "roi_unpool_blend(Tensor base, Tensor base_logit, Tensor input, "
       "Tensor input_logit, Tensor rois, float spatial_scale, bool aligned) "
       "-> (Tensor, Tensor)");
-  // Gradients for (base, base_logit, input, input_logit), from the forward's
-  // inputs and outputs; nothing of size K*C*H*W is saved or allocated.
+  // Gradients for (base, base_logit, input, input_logit), recomputed from
+  // the forward's inputs (the outputs are not saved: out would keep a
+  // [B,C,H,W] map alive, and <grad, out> is more accurate in the
+  // accumulation type for half types); nothing of size K*C*H*W is allocated.
+  // grad_base_weight may be None (base_weight unused).
   m.def(
-      "_roi_unpool_blend_backward(Tensor grad_out, Tensor grad_base_weight, "
+      "_roi_unpool_blend_backward(Tensor grad_out, Tensor? grad_base_weight, "
       "Tensor base, Tensor base_logit, Tensor input, Tensor input_logit, "
-      "Tensor rois, Tensor out, Tensor base_weight, float spatial_scale, "
-      "bool aligned) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor rois, float spatial_scale, bool aligned) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifdef ROI_OPS_PYTHON_MODULE

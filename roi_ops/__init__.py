@@ -10,6 +10,7 @@ instance-control adapter built on them.
 from . import reference
 from ._ops import native_available, native_import_error
 from .functional import roi_align, roi_unpool
+from ._blend import roi_unpool_blend
 from .modules import RoIAlign, RoIUnpool
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "roi_align",
     "roi_unpool",
+    "roi_unpool_blend",
     "RoIAlign",
     "RoIUnpool",
     "native_available",

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Compile-check the CUDA kernels without a GPU, and record their resources.
+"""Compile-check the CUDA backend without a GPU, and record kernel resources.
 
 Every csrc/cuda/*.cu is compiled to object code by nvcc, for sm_80 and sm_90
 plus sm_100 and sm_120 when this nvcc supports them, against the installed
-torch's headers and with the flags of the real CUDA build (setup.py). ptxas
+torch's headers and with the flags of the real CUDA build (setup.py); every
+csrc/cuda/*.cpp (the host side: checks, dispatch, registration) is compiled
+by the host compiler against the same headers plus the CUDA runtime's. ptxas
 is asked for its resource usage (-Xptxas -v), which is parsed and written to
 csrc/cuda/RESOURCE_REPORT.txt: registers, stack, spill stores/loads and
 shared memory per kernel instantiation and architecture.
@@ -17,8 +19,9 @@ CPU wheels of torch ship the c10/cuda headers but not the generated
 c10/cuda/impl/cuda_cmake_macros.h; tools/cuda_build_include/ provides it for
 this check only.
 
-Environment: NVCC (compiler path), CUDA_CHECK_ARCHS (e.g. "80,90"),
-CUDA_CHECK_JOBS (parallel nvcc processes), CUDA_CHECK_ALLOW_SPILLS=1.
+Environment: NVCC (compiler path), CXX (host compiler, default c++),
+CUDA_CHECK_ARCHS (e.g. "80,90"), CUDA_CHECK_JOBS (parallel compiles),
+CUDA_CHECK_ALLOW_SPILLS=1.
 """
 from __future__ import annotations
 
@@ -69,6 +72,19 @@ def nvcc_version(nvcc: str) -> str:
     return f"nvcc {m.group(2)}" if m else out.strip().splitlines()[-1]
 
 
+def cuda_includes(nvcc: str) -> List[str]:
+    """The include directories nvcc itself uses (for the host compiler)."""
+    out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                         capture_output=True, text=True).stderr
+    dirs = []
+    for key in ("INCLUDES", "SYSTEM_INCLUDES"):
+        m = re.search(rf'^#\$ {key}=(.*)$', out, re.M)
+        if m:
+            dirs += [d for d in re.findall(r'"?-I"?\s*"?([^"\s]+)"?', m.group(1))]
+            dirs += [d for d in re.findall(r'"-isystem"\s+"([^"]+)"', m.group(1))]
+    return [d for d in dirs if os.path.isdir(d)]
+
+
 def choose_archs(nvcc: str) -> List[str]:
     wanted = os.environ.get("CUDA_CHECK_ARCHS")
     supported = set(re.findall(r"compute_(\d+)", run([nvcc, "--list-gpu-arch"])))
@@ -86,23 +102,23 @@ def choose_archs(nvcc: str) -> List[str]:
     return list(REQUIRED_ARCHS) + [a for a in OPTIONAL_ARCHS if a in supported]
 
 
-def torch_flags() -> Tuple[List[str], str]:
+def torch_flags() -> Tuple[List[str], List[str], str]:
+    """(flags for nvcc and the host compiler alike, nvcc-only flags, torch version)."""
     import torch
     import torch.utils.cpp_extension as ce
 
     includes = ce.include_paths()
-    flags = []
+    common = ["-I", os.path.join(ROOT, "csrc")]
     for inc in includes:
-        flags += ["-isystem", inc]
+        common += ["-isystem", inc]
     generated = "c10/cuda/impl/cuda_cmake_macros.h"
     if not any(os.path.isfile(os.path.join(inc, generated)) for inc in includes):
-        flags += ["-I", BUILD_INCLUDE]  # CPU wheel: our stand-in for the generated header
-    # what CUDAExtension adds on its own
-    flags += list(ce.COMMON_NVCC_FLAGS)
-    flags += [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-              "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
-              "-Xcompiler", "-fPIC"]
-    return flags, torch.__version__
+        common += ["-I", BUILD_INCLUDE]  # CPU wheel: our stand-in for the generated header
+    # what torch's extension builder adds on its own
+    common += [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
+    nvcc_only = list(ce.COMMON_NVCC_FLAGS) + ["-Xcompiler", "-fPIC"]
+    return common, nvcc_only, torch.__version__
 
 
 def check_setup_flags() -> None:
@@ -203,6 +219,8 @@ def label(demangled: str) -> Tuple[str, str, str]:
         return demangled, "", ""
     args = [a.strip() for a in m.group(2).split(",")]
     kind = KERNEL_LABELS.get(m.group(1), m.group(1))
+    if "blend::" in demangled:
+        kind = f"roi_unpool_blend {m.group(1).replace('Params', '')}"
     if len(args) == 1:
         return kind, "-", TYPE_NAMES.get(args[0], args[0])
     return kind, TYPE_NAMES.get(args[0], args[0]), TYPE_NAMES.get(args[1], args[1])
@@ -211,12 +229,25 @@ def label(demangled: str) -> Tuple[str, str, str]:
 # ---------------------------------------------------------------- compile
 
 
-def compile_one(nvcc: str, src: str, archs: List[str], flags: List[str], threads: int):
+def compile_cu(nvcc: str, src: str, archs: List[str], flags: List[str], threads: int):
     obj = os.path.join(OUT_DIR, os.path.basename(src) + ".o")
-    cmd = [nvcc, "-c", src, "-o", obj, *BUILD_FLAGS, "-I", os.path.join(ROOT, "csrc"),
-           *flags, "-Xptxas", "-v", "--threads", str(threads)]
+    cmd = [nvcc, "-c", src, "-o", obj, *BUILD_FLAGS, *flags, "-Xptxas", "-v",
+           "--threads", str(threads)]
     for a in archs:
         cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    return compile_cmd(src, cmd)
+
+
+def compile_cpp(src: str, flags: List[str]):
+    obj = os.path.join(OUT_DIR, os.path.basename(src) + ".o")
+    cxx = os.environ.get("CXX", "c++")
+    # the host flags of setup.py's "cxx" list, plus warnings
+    cmd = [cxx, "-c", src, "-o", obj, "-std=c++20", "-O3", "-fPIC", "-Wall", "-Wextra",
+           "-ffp-contract=off", *flags]
+    return compile_cmd(src, cmd)
+
+
+def compile_cmd(src: str, cmd: List[str]):
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     return src, proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start, cmd
@@ -279,23 +310,31 @@ def main() -> int:
               file=sys.stderr)
         return 2
     archs = choose_archs(nvcc)
-    flags, torch_version = torch_flags()
-    sources = sorted(os.path.join(CUDA_DIR, f) for f in os.listdir(CUDA_DIR) if f.endswith(".cu"))
-    if not sources:
+    common, nvcc_only, torch_version = torch_flags()
+    host_flags = list(common)
+    for inc in cuda_includes(nvcc):
+        host_flags += ["-isystem", inc]
+    names = sorted(os.listdir(CUDA_DIR))
+    cu = [os.path.join(CUDA_DIR, f) for f in names if f.endswith(".cu")]
+    cpp = [os.path.join(CUDA_DIR, f) for f in names if f.endswith(".cpp")]
+    if not cu:
         print(f"cuda-check: no .cu files under {CUDA_DIR}", file=sys.stderr)
         return 1
     os.makedirs(OUT_DIR, exist_ok=True)
     cores = os.cpu_count() or 1
-    jobs = int(os.environ.get("CUDA_CHECK_JOBS", min(cores, len(sources))))
-    threads = max(1, cores // max(1, min(jobs, len(sources))))
+    jobs = int(os.environ.get("CUDA_CHECK_JOBS", cores))
+    threads = max(1, cores // max(1, min(jobs, len(cu))))
     version = nvcc_version(nvcc)
-    print(f"cuda-check: {version}, torch {torch_version} headers, "
-          f"{len(sources)} files x sm_{', sm_'.join(archs)}, {jobs} jobs x {threads} threads")
+    print(f"cuda-check: {version}, torch {torch_version} headers; {len(cu)} .cu files x "
+          f"sm_{', sm_'.join(archs)} ({threads} nvcc threads each), {len(cpp)} host .cpp "
+          f"files; {jobs} parallel jobs")
     check_setup_flags()
 
     start = time.monotonic()
+    tasks = [lambda s=s: compile_cu(nvcc, s, archs, common + nvcc_only, threads) for s in cu]
+    tasks += [lambda s=s: compile_cpp(s, host_flags) for s in cpp]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = list(pool.map(lambda s: compile_one(nvcc, s, archs, flags, threads), sources))
+        results = list(pool.map(lambda task: task(), tasks))
     total = time.monotonic() - start
 
     failed = False
@@ -318,9 +357,10 @@ def main() -> int:
     names = demangle(sorted({u.kernel for u in usages}))
     for u in usages:
         u.kernel = names.get(u.kernel, u.kernel)
-    expected = len(sources) and len(archs)
-    if not usages or not expected:
-        print("cuda-check: ptxas reported no kernels (is -Xptxas -v honoured?)", file=sys.stderr)
+    missing = sorted({os.path.basename(s) for s in cu} - {u.source for u in usages})
+    if missing:
+        print(f"cuda-check: ptxas reported no kernels for {', '.join(missing)}",
+              file=sys.stderr)
         return 1
 
     allow_spills = os.environ.get("CUDA_CHECK_ALLOW_SPILLS", "0") == "1"

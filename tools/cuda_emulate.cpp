@@ -1,7 +1,7 @@
 // Host emulation of the CUDA backend, for machines without a GPU.
 //
-// Compiles the CUDA backend's own host functions (csrc/cuda/roi_host.cuh) and
-// element bodies (csrc/cuda/roi_elements.cuh) with the host compiler, and
+// Compiles the CUDA backend's own host functions (csrc/cuda/roi_host.h) and
+// element bodies (csrc/cuda/roi_elements.h) with the host compiler, and
 // runs every "kernel" as a loop over its element indices instead of a grid
 // launch. Everything but the launch (checks, ROI sorting, footprints, strides,
 // layouts, dtype dispatch, the per-element math) is the code the GPU runs, so
@@ -14,7 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "cuda/roi_host.cuh"
+#include "cuda/roi_host.h"
 
 namespace roi_ops {
 namespace cuda {

@@ -367,3 +367,49 @@ C10_HOST_DEVICE inline void unpool_pixel_range_safe(const UnpoolAxis<T>& a,
 
 }  // namespace math
 }  // namespace roi_ops
+
+// ------------------------------------------- fused paste-back + blend helpers
+// (appended for roi_unpool_blend; both backends evaluate every pasted value,
+// logit and softmax weight through these, in this expression order.)
+
+namespace roi_ops {
+namespace math {
+
+C10_HOST_DEVICE inline float exp_(float v) { return ::expf(v); }
+C10_HOST_DEVICE inline double exp_(double v) { return ::exp(v); }
+
+// Does the unpool axis cover pixel h? (first/last already encode the
+// half-open rule start <= h < start + extent.)
+template <typename T>
+C10_HOST_DEVICE inline bool unpool_covers(const UnpoolAxis<T>& a, int64_t h) {
+  return h >= a.first && h < a.last;
+}
+
+// A tap with its weights in the accumulation type.
+template <typename A, typename T>
+C10_HOST_DEVICE inline Tap<A> tap_cast(const Tap<T>& t) {
+  return Tap<A>{t.lo, t.hi, static_cast<A>(t.w_lo), static_cast<A>(t.w_hi),
+                t.valid};
+}
+
+// One clamped-bilinear read of a grid: v_yx is the cell (y tap, x tap), with
+// y interpolated first. Kernels that precompute the y-interpolated row of a
+// grid (ty.w_lo * cell[ty.lo][j] + ty.w_hi * cell[ty.hi][j]) and then read it
+// at tx get bitwise this value.
+template <typename A>
+C10_HOST_DEVICE inline A unpool_lerp(const Tap<A>& ty, const Tap<A>& tx, A v_ll,
+                                     A v_lh, A v_hl, A v_hh) {
+  return tx.w_lo * (ty.w_lo * v_ll + ty.w_hi * v_hl) +
+         tx.w_hi * (ty.w_lo * v_lh + ty.w_hi * v_hh);
+}
+
+// Softmax weight of logit l in a pixel whose logits have maximum m and
+// normaliser z = sum of exp(l_i - m) (base first, then ROIs in ascending
+// index). The max subtraction keeps exp in range for any finite logits.
+template <typename A>
+C10_HOST_DEVICE inline A blend_weight(A l, A m, A z) {
+  return exp_(l - m) / z;
+}
+
+}  // namespace math
+}  // namespace roi_ops

@@ -141,7 +141,9 @@ class ROICtrlAdapter(nn.Module):
         blocks: one :class:`BlockSpec` (or dict of its fields) per cross-attention block, in UNet order.
         position_dim: width of the box encoder's position tokens. fourier_freqs: frequencies per coordinate.
         position_hidden_dim: hidden width of the box encoder's MLP. ff_mult: expansion of the guidance FF.
-        fused_blend: use the fused ``roi_ops.roi_unpool_blend`` op instead of the unfused :func:`blend`.
+        fused_blend: blend with the fused ``roi_ops.roi_unpool_blend`` op (default), whose memory does not grow
+            with the instance count; ``False`` uses the unfused :func:`blend` (same function, materialises
+            ``[B, N, C, H, W]`` per layer). Also settable later: ``adapter.fused_blend = False``.
     """
 
     def __init__(
@@ -151,7 +153,7 @@ class ROICtrlAdapter(nn.Module):
         fourier_freqs: int = 8,
         position_hidden_dim: int = 512,
         ff_mult: int = 4,
-        fused_blend: bool = False,
+        fused_blend: bool = True,
     ):
         super().__init__()
         specs = [b if isinstance(b, BlockSpec) else BlockSpec(**b) for b in blocks]
@@ -159,10 +161,10 @@ class ROICtrlAdapter(nn.Module):
             raise ValueError("ROICtrlAdapter blocks must list at least one cross-attention block, got none")
         self.specs = specs
         self.position_dim, self.fourier_freqs = position_dim, fourier_freqs
-        self.position_hidden_dim, self.ff_mult, self._fused_blend = position_hidden_dim, ff_mult, fused_blend
+        self.position_hidden_dim, self.ff_mult = position_hidden_dim, ff_mult
         self.box_encoder = BoxEncoder(position_dim, fourier_freqs, position_hidden_dim)
         self.blocks = nn.ModuleList(
-            ROICtrlBlock(s.dim, s.heads, position_dim, s.grid, ff_mult, fused_blend) for s in specs
+            ROICtrlBlock(s.dim, s.heads, position_dim, s.grid, ff_mult, bool(fused_blend)) for s in specs
         )
         #: False makes every hook pass the UNet's own computation through untouched.
         self.enabled = True
@@ -218,8 +220,18 @@ class ROICtrlAdapter(nn.Module):
             "fourier_freqs": self.fourier_freqs,
             "position_hidden_dim": self.position_hidden_dim,
             "ff_mult": self.ff_mult,
-            "fused_blend": self._fused_blend,
+            "fused_blend": self.fused_blend,
         }
+
+    @property
+    def fused_blend(self) -> bool:
+        """Whether every layer blends with the fused ``roi_ops.roi_unpool_blend`` (assigning sets all layers)."""
+        return all(block.fused_blend for block in self.blocks)
+
+    @fused_blend.setter
+    def fused_blend(self, value: bool) -> None:
+        for block in self.blocks:
+            block.fused_blend = bool(value)
 
     def extra_repr(self) -> str:
         return f"num_blocks={len(self.specs)}, installed={self.is_installed}, enabled={self.enabled}"

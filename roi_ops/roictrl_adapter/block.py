@@ -45,7 +45,8 @@ def blend(
         image); ``base_weight`` ``Tensor[B, H, W]`` is the global output's weight. Where no ROI covers a pixel
         ``out`` is bitwise ``base`` and ``base_weight`` is exactly 1.
 
-    This version materialises ``[B, max ROIs per image, C, H, W]``; it is the readable reference for the fused op.
+    This version materialises ``[B, max ROIs per image, C, H, W]`` and reads the ROI count back to the host; it is
+    the readable reference for the fused op, which the adapter uses unless ``fused_blend=False``.
     """
     B, C, H, W = base.shape
     K = input.shape[0]
@@ -168,17 +169,20 @@ class ROICtrlBlock(nn.Module):
     2. instance injection: the layer's *own* cross-attention on the crop tokens with that instance's caption;
     3. ROI self-attention within each instance, through a tanh gate (zero at init);
     4. ROI-Unpool and blending: one shared 1x1 projection (C -> 1) gives a logit for the global output and for
-       every instance cell; per pixel, a softmax over the global output and the instances covering it
-       (:func:`blend`);
+       every instance cell; per pixel, a softmax over the global output and the instances covering it, by the
+       fused ``roi_ops.roi_unpool_blend`` (memory of the feature map plus the ROI grids, whatever the instance
+       count) or, with ``fused_blend=False``, the unfused :func:`blend` (same function, materialises
+       ``[B, N, C, H, W]``);
     5. box-coordinate guidance on the residual stream: gated self-attention over [visual tokens; position
        tokens], then a gated feed-forward (both gates zero at init).
 
     Args:
         dim: channels ``C`` of the layer. heads: attention heads of the new self-attentions.
         position_dim: width of the shared box encoder's tokens. grid: ROI grid side. ff_mult: FF expansion.
+        fused_blend: step 4 by the fused op (default) or by the unfused :func:`blend`.
     """
 
-    def __init__(self, dim: int, heads: int, position_dim: int, grid: int, ff_mult: int = 4, fused_blend: bool = False):
+    def __init__(self, dim: int, heads: int, position_dim: int, grid: int, ff_mult: int = 4, fused_blend: bool = True):
         super().__init__()
         self.dim, self.grid, self.fused_blend = dim, grid, fused_blend
         self.roi_norm = nn.LayerNorm(dim)
@@ -199,13 +203,15 @@ class ROICtrlBlock(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, grid={self.grid}, fused_blend={self.fused_blend}"
 
-    def _blend(self, *args, **kwargs):
+    def _blend(self, base, base_logit, input, input_logit, boxes, spatial_scale, aligned):
         if self.fused_blend:
-            fused = getattr(roi_ops, "roi_unpool_blend", None)
-            if fused is None:
-                raise NotImplementedError("fused_blend=True needs roi_ops.roi_unpool_blend, which this build lacks")
-            return fused(*args, **kwargs)
-        return blend(*args, **kwargs)
+            # The fused op takes one dtype for all four tensors; under autocast the logits may come out in
+            # another one than the global output (no-op casts otherwise).
+            dtype = base.dtype
+            return roi_ops.roi_unpool_blend(
+                base, base_logit.to(dtype), input.to(dtype), input_logit.to(dtype), boxes, spatial_scale, aligned
+            )
+        return blend(base, base_logit, input, input_logit, boxes, spatial_scale, aligned)
 
     def instance_path(
         self,

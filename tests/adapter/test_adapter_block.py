@@ -164,18 +164,6 @@ def test_wrong_sizes_raise():
         block.instance_path(hidden, g, attn, one, (H, W), text)
 
 
-def test_fused_blend_flag_without_the_op_says_so():
-    attn, block, encoder = _layer()
-    hidden, residual, text = _states()
-    block.fused_blend = True
-    import roi_ops
-
-    if hasattr(roi_ops, "roi_unpool_blend"):
-        pytest.skip("this build has the fused op")
-    with pytest.raises(NotImplementedError, match="roi_unpool_blend"):
-        _run_block(attn, block, encoder, _instances(BOXES, MASKS), hidden, residual, text)
-
-
 # Box edges well away from pixel centres, so float32 and float64 box arithmetic agree on coverage.
 SAFE_BOXES = [[[0.07, 0.13, 0.43, 0.61], [0.31, 0.42, 0.72, 0.93]], [[0.52, 0.03, 0.97, 0.52], [0.0, 0.0, 0.0, 0.0]]]
 

@@ -2,7 +2,7 @@
 // element from raw pointers and a plain parameter struct.
 //
 // They are C10_HOST_DEVICE and free of CUDA-only constructs on purpose: the
-// one __global__ kernel template (launch.cuh) only wraps apply_element in a
+// one __global__ kernel template (kernels.cuh) only wraps apply_element in a
 // grid-stride loop, and a host build runs the very same bodies element by
 // element (tools/cuda_emulate.cpp, run by `make cuda-check`), which is how
 // they are tested on machines without a GPU. All geometry comes from
@@ -167,20 +167,27 @@ struct AlignBackwardParams {
 };
 
 // Sum over the bin's samples (those the forward enumerates) of the 1-D weight
-// with which they read pixel h. Returns false when none reads it.
+// with which they read pixel h; [lo, hi] is h's touch window. Returns false
+// when no sample reads h.
 template <typename coord_t>
 C10_HOST_DEVICE inline bool align_bin_weight(const math::AlignAxis<coord_t>& a,
                                              int64_t p, int64_t h, coord_t lo,
                                              coord_t hi, coord_t* weight) {
-  int64_t f0, f1, t0, t1;
-  math::align_sample_range(a, p, coord_t(-1), static_cast<coord_t>(a.size), &f0,
-                           &f1);
-  math::align_sample_range(a, p, lo, hi, &t0, &t1);
-  if (t0 > f0) f0 = t0;
-  if (t1 < f1) f1 = t1;
+  int64_t s0, s1;
+  math::align_sample_range(a, p, lo, hi, &s0, &s1);
+  // The forward enumerates align_sample_range(a, p, -1, size). The range is
+  // monotonic in its bounds, so inside [-1, size] the touch range is already
+  // a subset; only windows widened past the map's ends need the intersection.
+  if (lo < coord_t(-1) || hi > static_cast<coord_t>(a.size)) {
+    int64_t f0, f1;
+    math::align_sample_range(a, p, coord_t(-1), static_cast<coord_t>(a.size), &f0,
+                             &f1);
+    if (f0 > s0) s0 = f0;
+    if (f1 < s1) s1 = f1;
+  }
   bool any = false;
   coord_t sum = coord_t(0);
-  for (int64_t s = f0; s < f1; ++s) {
+  for (int64_t s = s0; s < s1; ++s) {
     coord_t w;
     if (math::tap_weight_at(math::align_tap(math::align_sample(a, p, s), a.size), h,
                             &w)) {
@@ -191,6 +198,11 @@ C10_HOST_DEVICE inline bool align_bin_weight(const math::AlignAxis<coord_t>& a,
   *weight = sum;
   return any;
 }
+
+// Column weights of up to this many bins are computed once per (pixel, ROI)
+// and reused for every row bin; wider ranges (bins much smaller than a
+// pixel) recompute them.
+constexpr int kAlignColumnCache = 16;
 
 // grad_input[b, c, h, w] = sum over the ROIs of image b (ascending index),
 // the bins whose samples read (h, w), of grad[k, c, ph, pw] times the
@@ -218,16 +230,37 @@ C10_HOST_DEVICE inline void align_backward_element(
     int64_t ph0, ph1, pw0, pw1;
     math::align_bin_range(ay, p.pooled_h, ylo, yhi, &ph0, &ph1);
     math::align_bin_range(ax, p.pooled_w, xlo, xhi, &pw0, &pw1);
+    if (ph0 >= ph1 || pw0 >= pw1) continue;
+
+    coord_t wx_cache[kAlignColumnCache];
+    uint32_t wx_hit = 0;  // bit q: bin pw0 + q reads column w
+    const bool cached = pw1 - pw0 <= kAlignColumnCache;
+    if (cached) {
+      for (int q = 0; q < pw1 - pw0; ++q) {
+        if (align_bin_weight(ax, pw0 + q, o.w, xlo, xhi, &wx_cache[q])) {
+          wx_hit |= uint32_t(1) << q;
+        }
+      }
+      if (wx_hit == 0) continue;
+    }
+
     const scalar_t* g = p.grad + k * p.g.n + o.c * p.g.c;
     acc_t roi_sum = acc_t(0);
     for (int64_t ph = ph0; ph < ph1; ++ph) {
       coord_t wy;
       if (!align_bin_weight(ay, ph, o.h, ylo, yhi, &wy)) continue;
+      const scalar_t* g_row = g + ph * p.g.h;
       acc_t row = acc_t(0);
       for (int64_t pw = pw0; pw < pw1; ++pw) {
         coord_t wx;
-        if (!align_bin_weight(ax, pw, o.w, xlo, xhi, &wx)) continue;
-        row += static_cast<acc_t>(wx) * load(g + ph * p.g.h + pw * p.g.w);
+        if (cached) {
+          const int q = static_cast<int>(pw - pw0);
+          if (!((wx_hit >> q) & 1u)) continue;
+          wx = wx_cache[q];
+        } else if (!align_bin_weight(ax, pw, o.w, xlo, xhi, &wx)) {
+          continue;
+        }
+        row += static_cast<acc_t>(wx) * load(g_row + pw * p.g.w);
       }
       roi_sum += static_cast<acc_t>(wy) * row;
     }

@@ -3,11 +3,14 @@
 // (same checks, same empty-case results, same memory-format rule).
 //
 // They are templates over a Launcher so that the same host code drives the
-// GPU (CudaLauncher, launch.cuh: device guard, current stream, grid-stride
-// kernel) and the host emulation used to test this backend without a GPU
-// (tools/cuda_emulate.cpp). A Launcher is constructed from the device before
-// any work (it holds the device guard) and is called as launch(params, n)
-// for n > 0 work items.
+// GPU (CudaLauncher in roi_ops_cuda.cpp: device guard, current stream,
+// grid-stride kernels of kernels.cuh) and the host emulation that tests this
+// backend without a GPU (tools/cuda_emulate.cpp). A Launcher is constructed
+// from the device before any work (it holds the device guard) and is called
+// as launch(params, n).
+//
+// Host-compiler code only (a .cpp includes it): nvcc then parses the heavy
+// ATen headers once, not once per GPU architecture.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -22,7 +25,7 @@
 #include <tuple>
 
 #include "../common/host_checks.h"
-#include "roi_elements.cuh"
+#include "roi_elements.h"
 
 namespace roi_ops {
 namespace cuda {

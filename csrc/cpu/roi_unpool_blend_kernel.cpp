@@ -1,0 +1,744 @@
+// Fused ROI-Unpool + softmax blend (ROI_OPS_SPEC.md, "Fused paste-back and
+// blend") on the CPU: forward and deterministic backward, contiguous and
+// channels_last `base`, float16/bfloat16/float32/float64.
+//
+// Nothing of size K*C*H*W is ever allocated. Tasks own output rows (b, h);
+// per row only the ROIs of image b whose covered rows contain h are visited
+// (per-image ROI lists), each over its covered columns only, so a pixel
+// costs work for exactly the ROIs that cover it. The backward runs two
+// passes: per row (owner of grad_base, grad_base_logit and of small per-pixel
+// softmax statistics), then per ROI (owner of that ROI's grid gradients,
+// which it sums in a fixed pixel order). Every element is computed by one
+// task with a fixed summation order, so the results are bitwise independent
+// of the thread count, and the two layouts evaluate the very same expression
+// per element (bitwise equal too).
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "../common/host_checks.h"
+#include "cpu_common.h"
+
+namespace roi_ops {
+namespace cpu {
+namespace {
+
+struct BlendShape {
+  int64_t batch, channels, height, width, num_rois, pooled_h, pooled_w;
+};
+
+// Coverage and taps of every ROI, computed once per call (K * (H + W) taps).
+template <typename acc_t>
+struct BlendGeometry {
+  std::vector<int64_t> image;           // batch index of each ROI
+  std::vector<int64_t> y0, y1, x0, x1;  // covered rows [y0, y1), columns [x0, x1)
+  std::vector<int64_t> ty_at, tx_at;    // where ROI k's taps start in ty / tx
+  std::vector<math::Tap<acc_t>> ty, tx;
+  RoisByImage by_image;
+
+  bool covers_row(int64_t k, int64_t h) const {
+    return h >= y0[k] && h < y1[k] && x0[k] < x1[k];
+  }
+  const math::Tap<acc_t>& row_tap(int64_t k, int64_t h) const {
+    return ty[ty_at[k] + h - y0[k]];
+  }
+  const math::Tap<acc_t>& col_tap(int64_t k, int64_t w) const {
+    return tx[tx_at[k] + w - x0[k]];
+  }
+  // Grid columns [*j0, *j1) that the covered columns of ROI k read (taps are
+  // monotone in the pixel index).
+  void col_span(int64_t k, int64_t* j0, int64_t* j1) const {
+    *j0 = col_tap(k, x0[k]).lo;
+    *j1 = col_tap(k, x1[k] - 1).hi + 1;
+  }
+};
+
+template <typename coord_t, typename acc_t>
+BlendGeometry<acc_t> blend_geometry(const coord_t* rois, coord_t scale,
+                                    bool aligned, const BlendShape& s) {
+  const int64_t K = s.num_rois;
+  BlendGeometry<acc_t> g;
+  g.image.resize(K);
+  g.y0.resize(K);
+  g.y1.resize(K);
+  g.x0.resize(K);
+  g.x1.resize(K);
+  g.ty_at.resize(K);
+  g.tx_at.resize(K);
+  std::vector<math::UnpoolAxis<coord_t>> ay(K), ax(K);
+  int64_t ny = 0, nx = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const math::RoiFrame<coord_t> f = math::map_roi(rois + 5 * k, scale, aligned);
+    ay[k] = math::unpool_axis(f.y0, f.height, s.pooled_h, s.height);
+    ax[k] = math::unpool_axis(f.x0, f.width, s.pooled_w, s.width);
+    g.image[k] = roi_batch_index(rois + 5 * k);
+    g.y0[k] = ay[k].first;
+    g.y1[k] = ay[k].last;
+    g.x0[k] = ax[k].first;
+    g.x1[k] = ax[k].last;
+    g.ty_at[k] = ny;
+    g.tx_at[k] = nx;
+    ny += ay[k].last - ay[k].first;
+    nx += ax[k].last - ax[k].first;
+  }
+  g.ty.resize(ny);
+  g.tx.resize(nx);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t h = g.y0[k]; h < g.y1[k]; ++h) {
+      g.ty[g.ty_at[k] + h - g.y0[k]] = math::tap_cast<acc_t>(math::unpool_tap(ay[k], h));
+    }
+    for (int64_t w = g.x0[k]; w < g.x1[k]; ++w) {
+      g.tx[g.tx_at[k] + w - g.x0[k]] = math::tap_cast<acc_t>(math::unpool_tap(ax[k], w));
+    }
+  }
+  g.by_image = group_rois_by_image(rois, K, s.batch);
+  return g;
+}
+
+template <typename scalar_t>
+struct BlendTensors {
+  const scalar_t* base;         // [B, C, H, W], contiguous in the working format
+  const scalar_t* base_logit;   // [B, H, W], contiguous
+  const scalar_t* input;        // [K, C, PH, PW], contiguous in the working format
+  const scalar_t* input_logit;  // [K, PH, PW], contiguous
+  bool channels_last;
+};
+
+// The softmax of one output row (b, h): the ROIs covering it and, per pixel,
+// the max logit m, the normaliser z, the base weight and each ROI's weight.
+template <typename acc_t>
+struct RowSoftmax {
+  std::vector<int64_t> active;   // ROIs of image b covering row h, ascending
+  std::vector<int64_t> at;       // active.size() + 1 offsets into weight
+  std::vector<acc_t> weight;     // per active ROI and covered column
+  std::vector<acc_t> m, z, base_w;
+  std::vector<uint8_t> covered;  // any ROI covers the pixel
+
+  // weight of active ROI a at column w
+  acc_t* roi_weights(size_t a, const BlendGeometry<acc_t>& g) {
+    return weight.data() + at[a] - g.x0[active[a]];
+  }
+
+  template <typename scalar_t>
+  void compute(const BlendGeometry<acc_t>& g, const BlendShape& s,
+               const scalar_t* input_logit, const scalar_t* base_logit_row,
+               int64_t b, int64_t h) {
+    const int64_t W = s.width, PW = s.pooled_w, cells = s.pooled_h * s.pooled_w;
+    active.clear();
+    at.assign(1, 0);
+    for (int64_t j = g.by_image.begin[b]; j < g.by_image.begin[b + 1]; ++j) {
+      const int64_t k = g.by_image.order[j];
+      if (!g.covers_row(k, h)) continue;
+      active.push_back(k);
+      at.push_back(at.back() + g.x1[k] - g.x0[k]);
+    }
+    weight.resize(at.back());
+    m.resize(W);
+    z.resize(W);
+    base_w.resize(W);
+    covered.assign(W, 0);
+    for (int64_t w = 0; w < W; ++w) m[w] = static_cast<acc_t>(base_logit_row[w]);
+    // logits of the covering ROIs, and the running max
+    for (size_t a = 0; a < active.size(); ++a) {
+      const int64_t k = active[a];
+      const math::Tap<acc_t>& ty = g.row_tap(k, h);
+      const scalar_t* lo = input_logit + k * cells + ty.lo * PW;
+      const scalar_t* hi = input_logit + k * cells + ty.hi * PW;
+      acc_t* l = roi_weights(a, g);
+      for (int64_t w = g.x0[k]; w < g.x1[k]; ++w) {
+        const math::Tap<acc_t>& tx = g.col_tap(k, w);
+        const acc_t v = math::unpool_lerp(
+            ty, tx, static_cast<acc_t>(lo[tx.lo]), static_cast<acc_t>(lo[tx.hi]),
+            static_cast<acc_t>(hi[tx.lo]), static_cast<acc_t>(hi[tx.hi]));
+        l[w] = v;
+        if (v > m[w]) m[w] = v;
+        covered[w] = 1;
+      }
+    }
+    // z sums base first, then the ROIs in ascending index (math::blend_weight)
+    for (int64_t w = 0; w < W; ++w) {
+      base_w[w] = covered[w]
+                      ? math::exp_(static_cast<acc_t>(base_logit_row[w]) - m[w])
+                      : acc_t(1);
+      z[w] = base_w[w];
+    }
+    for (size_t a = 0; a < active.size(); ++a) {
+      const int64_t k = active[a];
+      acc_t* l = roi_weights(a, g);
+      for (int64_t w = g.x0[k]; w < g.x1[k]; ++w) {
+        l[w] = math::exp_(l[w] - m[w]);
+        z[w] += l[w];
+      }
+    }
+    for (int64_t w = 0; w < W; ++w) {
+      if (covered[w]) base_w[w] /= z[w];
+    }
+    for (size_t a = 0; a < active.size(); ++a) {
+      const int64_t k = active[a];
+      acc_t* l = roi_weights(a, g);
+      for (int64_t w = g.x0[k]; w < g.x1[k]; ++w) l[w] /= z[w];
+    }
+  }
+};
+
+// Grid ROI k, row-interpolated at tap ty for columns [j0, j1), all channels:
+// yrow[j * C + c] (channels_last) or, for one channel plane, yrow[j].
+template <typename scalar_t, typename acc_t>
+inline void y_interp_nhwc(const scalar_t* grid, const math::Tap<acc_t>& ty,
+                          int64_t PW, int64_t C, int64_t j0, int64_t j1,
+                          acc_t* yrow) {
+  const scalar_t* lo = grid + ty.lo * PW * C;
+  const scalar_t* hi = grid + ty.hi * PW * C;
+  for (int64_t i = j0 * C; i < j1 * C; ++i) {
+    yrow[i] = ty.w_lo * static_cast<acc_t>(lo[i]) + ty.w_hi * static_cast<acc_t>(hi[i]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void y_interp_plane(const scalar_t* plane, const math::Tap<acc_t>& ty,
+                           int64_t PW, int64_t j0, int64_t j1, acc_t* yrow) {
+  const scalar_t* lo = plane + ty.lo * PW;
+  const scalar_t* hi = plane + ty.hi * PW;
+  for (int64_t j = j0; j < j1; ++j) {
+    yrow[j] = ty.w_lo * static_cast<acc_t>(lo[j]) + ty.w_hi * static_cast<acc_t>(hi[j]);
+  }
+}
+
+// ------------------------------------------------------------------ forward
+
+template <typename scalar_t, typename acc_t>
+void blend_forward(const BlendTensors<scalar_t>& t, const BlendGeometry<acc_t>& g,
+                   const BlendShape& s, scalar_t* out, scalar_t* base_weight) {
+  const int64_t C = s.channels, H = s.height, W = s.width;
+  const int64_t PH = s.pooled_h, PW = s.pooled_w;
+  at::parallel_for(0, s.batch * H, 1, [&](int64_t begin, int64_t end) {
+    RowSoftmax<acc_t> sm;
+    std::vector<acc_t> acc, yrow;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      sm.compute(g, s, t.input_logit, t.base_logit + bh * W, b, h);
+      for (int64_t w = 0; w < W; ++w) base_weight[bh * W + w] = static_cast<scalar_t>(sm.base_w[w]);
+      if (t.channels_last) {
+        const scalar_t* base = t.base + bh * W * C;
+        scalar_t* o = out + bh * W * C;
+        acc.resize(W * C);
+        yrow.resize(PW * C);
+        for (int64_t w = 0; w < W; ++w) {
+          if (!sm.covered[w]) continue;
+          for (int64_t c = 0; c < C; ++c) {
+            acc[w * C + c] = sm.base_w[w] * static_cast<acc_t>(base[w * C + c]);
+          }
+        }
+        for (size_t a = 0; a < sm.active.size(); ++a) {
+          const int64_t k = sm.active[a];
+          int64_t j0, j1;
+          g.col_span(k, &j0, &j1);
+          y_interp_nhwc(t.input + k * PH * PW * C, g.row_tap(k, h), PW, C, j0, j1,
+                        yrow.data());
+          const acc_t* wk = sm.roi_weights(a, g);
+          for (int64_t w = g.x0[k]; w < g.x1[k]; ++w) {
+            const math::Tap<acc_t>& tx = g.col_tap(k, w);
+            const acc_t* __restrict ya = yrow.data() + tx.lo * C;
+            const acc_t* __restrict yb = yrow.data() + tx.hi * C;
+            acc_t* __restrict dst = acc.data() + w * C;
+            const acc_t weight = wk[w];
+            for (int64_t c = 0; c < C; ++c) {
+              dst[c] += weight * (tx.w_lo * ya[c] + tx.w_hi * yb[c]);
+            }
+          }
+        }
+        for (int64_t w = 0; w < W; ++w) {
+          if (sm.covered[w]) {
+            for (int64_t c = 0; c < C; ++c) o[w * C + c] = static_cast<scalar_t>(acc[w * C + c]);
+          } else {
+            for (int64_t c = 0; c < C; ++c) o[w * C + c] = base[w * C + c];
+          }
+        }
+      } else {
+        acc.resize(W);
+        yrow.resize(PW);
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t row = ((b * C + c) * H + h) * W;
+          const scalar_t* base = t.base + row;
+          scalar_t* o = out + row;
+          for (int64_t w = 0; w < W; ++w) {
+            if (sm.covered[w]) acc[w] = sm.base_w[w] * static_cast<acc_t>(base[w]);
+          }
+          for (size_t a = 0; a < sm.active.size(); ++a) {
+            const int64_t k = sm.active[a];
+            int64_t j0, j1;
+            g.col_span(k, &j0, &j1);
+            y_interp_plane(t.input + (k * C + c) * PH * PW, g.row_tap(k, h), PW, j0,
+                           j1, yrow.data());
+            const acc_t* wk = sm.roi_weights(a, g);
+            for (int64_t w = g.x0[k]; w < g.x1[k]; ++w) {
+              const math::Tap<acc_t>& tx = g.col_tap(k, w);
+              acc[w] += wk[w] * (tx.w_lo * yrow[tx.lo] + tx.w_hi * yrow[tx.hi]);
+            }
+          }
+          for (int64_t w = 0; w < W; ++w) {
+            o[w] = sm.covered[w] ? static_cast<scalar_t>(acc[w]) : base[w];
+          }
+        }
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------- backward
+
+// Per-pixel statistics the per-ROI pass reads: m, z and <grad, out> (the
+// latter recomputed from the pieces in the accumulation type).
+template <typename acc_t>
+struct PixelStats {
+  acc_t* m;
+  acc_t* z;
+  acc_t* gout;
+};
+
+// Pass A, per row: grad_base = w_base * g, grad_base_logit and the stats.
+// With s_j = <g, value_j> and gout = sum_j w_j s_j:
+//   d/dl_j = w_j (s_j - gout) + gbw * w_base * (delta_{j,base} - w_j).
+template <typename scalar_t, typename acc_t>
+void blend_backward_rows(const BlendTensors<scalar_t>& t, const BlendGeometry<acc_t>& g,
+                         const BlendShape& s, const scalar_t* grad,
+                         const scalar_t* grad_bw, scalar_t* grad_base,
+                         scalar_t* grad_base_logit, const PixelStats<acc_t>& st) {
+  const int64_t C = s.channels, H = s.height, W = s.width;
+  const int64_t PH = s.pooled_h, PW = s.pooled_w;
+  at::parallel_for(0, s.batch * H, 1, [&](int64_t begin, int64_t end) {
+    RowSoftmax<acc_t> sm;
+    std::vector<acc_t> yrow, s_base, s_roi;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      sm.compute(g, s, t.input_logit, t.base_logit + bh * W, b, h);
+      s_base.assign(W, acc_t(0));
+      s_roi.assign(sm.weight.size(), acc_t(0));
+      if (t.channels_last) {
+        const scalar_t* base = t.base + bh * W * C;
+        const scalar_t* gr = grad + bh * W * C;
+        yrow.resize(PW * C);
+        for (int64_t w = 0; w < W; ++w) {
+          if (!sm.covered[w]) continue;
+          acc_t sum = acc_t(0);
+          for (int64_t c = 0; c < C; ++c) {
+            sum += static_cast<acc_t>(gr[w * C + c]) * static_cast<acc_t>(base[w * C + c]);
+          }
+          s_base[w] = sum;
+        }
+        for (size_t a = 0; a < sm.active.size(); ++a) {
+          const int64_t k = sm.active[a];
+          int64_t j0, j1;
+          g.col_span(k, &j0, &j1);
+          y_interp_nhwc(t.input + k * PH * PW * C, g.row_tap(k, h), PW, C, j0, j1,
+                        yrow.data());
+          acc_t* sr = s_roi.data() + sm.at[a] - g.x0[k];
+          for (int64_t w = g.x0[k]; w < g.x1[k]; ++w) {
+            const math::Tap<acc_t>& tx = g.col_tap(k, w);
+            const acc_t* ya = yrow.data() + tx.lo * C;
+            const acc_t* yb = yrow.data() + tx.hi * C;
+            const scalar_t* gp = gr + w * C;
+            acc_t sum = acc_t(0);
+            for (int64_t c = 0; c < C; ++c) {
+              sum += static_cast<acc_t>(gp[c]) * (tx.w_lo * ya[c] + tx.w_hi * yb[c]);
+            }
+            sr[w] = sum;
+          }
+        }
+      } else {
+        yrow.resize(PW);
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t row = ((b * C + c) * H + h) * W;
+          const scalar_t* base = t.base + row;
+          const scalar_t* gr = grad + row;
+          for (int64_t w = 0; w < W; ++w) {
+            if (sm.covered[w]) {
+              s_base[w] += static_cast<acc_t>(gr[w]) * static_cast<acc_t>(base[w]);
+            }
+          }
+          for (size_t a = 0; a < sm.active.size(); ++a) {
+            const int64_t k = sm.active[a];
+            int64_t j0, j1;
+            g.col_span(k, &j0, &j1);
+            y_interp_plane(t.input + (k * C + c) * PH * PW, g.row_tap(k, h), PW, j0,
+                           j1, yrow.data());
+            acc_t* sr = s_roi.data() + sm.at[a] - g.x0[k];
+            for (int64_t w = g.x0[k]; w < g.x1[k]; ++w) {
+              const math::Tap<acc_t>& tx = g.col_tap(k, w);
+              sr[w] += static_cast<acc_t>(gr[w]) * (tx.w_lo * yrow[tx.lo] + tx.w_hi * yrow[tx.hi]);
+            }
+          }
+        }
+      }
+      // <g, out> = w_base s_base + sum_k w_k s_k, ROIs in ascending index
+      acc_t* gout = st.gout + bh * W;
+      for (int64_t w = 0; w < W; ++w) gout[w] = sm.base_w[w] * s_base[w];
+      for (size_t a = 0; a < sm.active.size(); ++a) {
+        const int64_t k = sm.active[a];
+        const acc_t* wk = sm.roi_weights(a, g);
+        const acc_t* sr = s_roi.data() + sm.at[a] - g.x0[k];
+        for (int64_t w = g.x0[k]; w < g.x1[k]; ++w) gout[w] += wk[w] * sr[w];
+      }
+      for (int64_t w = 0; w < W; ++w) {
+        st.m[bh * W + w] = sm.m[w];
+        st.z[bh * W + w] = sm.z[w];
+        acc_t d = acc_t(0);  // one weight fixed at 1: no logit gradient
+        if (sm.covered[w]) {
+          const acc_t wb = sm.base_w[w];
+          d = wb * (s_base[w] - gout[w]);
+          if (grad_bw != nullptr) {
+            d += static_cast<acc_t>(grad_bw[bh * W + w]) * wb * (acc_t(1) - wb);
+          }
+        }
+        grad_base_logit[bh * W + w] = static_cast<scalar_t>(d);
+      }
+      if (t.channels_last) {
+        const scalar_t* gr = grad + bh * W * C;
+        scalar_t* gb = grad_base + bh * W * C;
+        for (int64_t w = 0; w < W; ++w) {
+          if (sm.covered[w]) {
+            const acc_t wb = sm.base_w[w];
+            for (int64_t c = 0; c < C; ++c) {
+              gb[w * C + c] = static_cast<scalar_t>(wb * static_cast<acc_t>(gr[w * C + c]));
+            }
+          } else {
+            for (int64_t c = 0; c < C; ++c) gb[w * C + c] = gr[w * C + c];
+          }
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t row = ((b * C + c) * H + h) * W;
+          const scalar_t* gr = grad + row;
+          scalar_t* gb = grad_base + row;
+          for (int64_t w = 0; w < W; ++w) {
+            gb[w] = sm.covered[w]
+                        ? static_cast<scalar_t>(sm.base_w[w] * static_cast<acc_t>(gr[w]))
+                        : gr[w];
+          }
+        }
+      }
+    }
+  });
+}
+
+// Adds v to the four cells of the taps (ty, tx), in the fixed order
+// (lo,lo) (lo,hi) (hi,lo) (hi,hi): the adjoint of math::unpool_lerp.
+// `cell(i, j)` returns the address of cell (i, j); `n` values each.
+template <typename acc_t, typename CellFn>
+inline void scatter_taps(const math::Tap<acc_t>& ty, const math::Tap<acc_t>& tx,
+                         const acc_t* v, int64_t n, CellFn&& cell) {
+  const int64_t is[4] = {ty.lo, ty.lo, ty.hi, ty.hi};
+  const int64_t js[4] = {tx.lo, tx.hi, tx.lo, tx.hi};
+  const acc_t wy[4] = {ty.w_lo, ty.w_lo, ty.w_hi, ty.w_hi};
+  const acc_t wx[4] = {tx.w_lo, tx.w_hi, tx.w_lo, tx.w_hi};
+  for (int q = 0; q < 4; ++q) {
+    acc_t* __restrict dst = cell(is[q], js[q]);
+    for (int64_t c = 0; c < n; ++c) dst[c] += wy[q] * (wx[q] * v[c]);
+  }
+}
+
+// Pass B, per ROI: the task owning ROI k visits its covered pixels row by
+// row and sums w_k * g into its grid cells and d/dl_k into its logit cells.
+template <typename scalar_t, typename acc_t>
+void blend_backward_rois(const BlendTensors<scalar_t>& t, const BlendGeometry<acc_t>& g,
+                         const BlendShape& s, const scalar_t* grad,
+                         const scalar_t* grad_bw, const PixelStats<acc_t>& st,
+                         scalar_t* grad_input, const int64_t* gi_stride,
+                         scalar_t* grad_input_logit) {
+  const int64_t C = s.channels, H = s.height, W = s.width;
+  const int64_t PH = s.pooled_h, PW = s.pooled_w;
+  at::parallel_for(0, s.num_rois, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> cells, cells_l, yrow, wrow, srow, gv;
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t b = g.image[k];
+      const int64_t x0 = g.x0[k], x1 = g.x1[k], nx = x1 - x0;
+      // cell layout: [PH, PW, C] (channels_last) or [C, PH, PW]
+      cells.assign(PH * PW * C, acc_t(0));
+      cells_l.assign(PH * PW, acc_t(0));
+      for (int64_t h = g.y0[k]; h < g.y1[k] && nx > 0; ++h) {
+        const math::Tap<acc_t>& ty = g.row_tap(k, h);
+        const int64_t p0 = (b * H + h) * W;  // pixel index of (b, h, 0)
+        const scalar_t* lo = t.input_logit + k * PH * PW + ty.lo * PW;
+        const scalar_t* hi = t.input_logit + k * PH * PW + ty.hi * PW;
+        wrow.resize(nx);
+        srow.assign(nx, acc_t(0));
+        for (int64_t w = x0; w < x1; ++w) {
+          const math::Tap<acc_t>& tx = g.col_tap(k, w);
+          const acc_t l = math::unpool_lerp(
+              ty, tx, static_cast<acc_t>(lo[tx.lo]), static_cast<acc_t>(lo[tx.hi]),
+              static_cast<acc_t>(hi[tx.lo]), static_cast<acc_t>(hi[tx.hi]));
+          wrow[w - x0] = math::blend_weight(l, st.m[p0 + w], st.z[p0 + w]);
+        }
+        int64_t j0, j1;
+        g.col_span(k, &j0, &j1);
+        if (t.channels_last) {
+          yrow.resize(PW * C);
+          y_interp_nhwc(t.input + k * PH * PW * C, ty, PW, C, j0, j1, yrow.data());
+          for (int64_t w = x0; w < x1; ++w) {
+            const math::Tap<acc_t>& tx = g.col_tap(k, w);
+            const acc_t* ya = yrow.data() + tx.lo * C;
+            const acc_t* yb = yrow.data() + tx.hi * C;
+            const scalar_t* gp = grad + (p0 + w) * C;
+            acc_t sum = acc_t(0);
+            for (int64_t c = 0; c < C; ++c) {
+              sum += static_cast<acc_t>(gp[c]) * (tx.w_lo * ya[c] + tx.w_hi * yb[c]);
+            }
+            srow[w - x0] = sum;
+          }
+        } else {
+          yrow.resize(PW);
+          for (int64_t c = 0; c < C; ++c) {
+            y_interp_plane(t.input + (k * C + c) * PH * PW, ty, PW, j0, j1, yrow.data());
+            const scalar_t* gr = grad + ((b * C + c) * H + h) * W;
+            for (int64_t w = x0; w < x1; ++w) {
+              const math::Tap<acc_t>& tx = g.col_tap(k, w);
+              srow[w - x0] += static_cast<acc_t>(gr[w]) * (tx.w_lo * yrow[tx.lo] + tx.w_hi * yrow[tx.hi]);
+            }
+          }
+        }
+        // logit gradient of this ROI at each pixel, scattered to its cells
+        for (int64_t w = x0; w < x1; ++w) {
+          const int64_t p = p0 + w;
+          const acc_t wk = wrow[w - x0];
+          acc_t d = wk * (srow[w - x0] - st.gout[p]);
+          if (grad_bw != nullptr) {
+            const acc_t wb = math::blend_weight(static_cast<acc_t>(t.base_logit[p]),
+                                                st.m[p], st.z[p]);
+            d -= static_cast<acc_t>(grad_bw[p]) * wb * wk;
+          }
+          scatter_taps(ty, g.col_tap(k, w), &d, 1,
+                       [&](int64_t i, int64_t j) { return cells_l.data() + i * PW + j; });
+        }
+        // value gradient: w_k * g scattered to the grid cells
+        if (t.channels_last) {
+          gv.resize(C);
+          for (int64_t w = x0; w < x1; ++w) {
+            const acc_t wk = wrow[w - x0];
+            const scalar_t* gp = grad + (p0 + w) * C;
+            for (int64_t c = 0; c < C; ++c) gv[c] = wk * static_cast<acc_t>(gp[c]);
+            scatter_taps(ty, g.col_tap(k, w), gv.data(), C, [&](int64_t i, int64_t j) {
+              return cells.data() + (i * PW + j) * C;
+            });
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t* gr = grad + ((b * C + c) * H + h) * W;
+            acc_t* plane = cells.data() + c * PH * PW;
+            for (int64_t w = x0; w < x1; ++w) {
+              const acc_t v = wrow[w - x0] * static_cast<acc_t>(gr[w]);
+              scatter_taps(ty, g.col_tap(k, w), &v, 1,
+                           [&](int64_t i, int64_t j) { return plane + i * PW + j; });
+            }
+          }
+        }
+      }
+      for (int64_t i = 0; i < PH * PW; ++i) {
+        grad_input_logit[k * PH * PW + i] = static_cast<scalar_t>(cells_l[i]);
+      }
+      scalar_t* gi = grad_input + k * gi_stride[0];
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t i = 0; i < PH; ++i) {
+          for (int64_t j = 0; j < PW; ++j) {
+            const acc_t v = t.channels_last ? cells[(i * PW + j) * C + c]
+                                            : cells[(c * PH + i) * PW + j];
+            gi[c * gi_stride[1] + i * gi_stride[2] + j * gi_stride[3]] =
+                static_cast<scalar_t>(v);
+          }
+        }
+      }
+    }
+  });
+}
+
+// --------------------------------------------------------------------- host
+
+// Shapes, dtypes and devices of the five operands (the box values are checked
+// separately). Errors name the argument.
+void check_blend_operands(const char* op, const at::Tensor& base,
+                          const at::Tensor& base_logit, const at::Tensor& input,
+                          const at::Tensor& input_logit, const at::Tensor& rois) {
+  check_input_and_rois(op, base, "base", 4, rois);
+  const std::pair<const char*, const at::Tensor*> others[] = {
+      {"base_logit", &base_logit}, {"input", &input}, {"input_logit", &input_logit}};
+  for (const auto& [name, t] : others) {
+    TORCH_CHECK_TYPE(t->scalar_type() == base.scalar_type(), op, ": ", name,
+                     " must have base's dtype ", base.scalar_type(), ", got ",
+                     t->scalar_type());
+    TORCH_CHECK(t->device() == base.device(), op, ": ", name,
+                " must be on base's device ", base.device(), ", got ", t->device());
+  }
+  const int64_t B = base.size(0), C = base.size(1), H = base.size(2), W = base.size(3);
+  TORCH_CHECK_VALUE(base_logit.dim() == 3 && base_logit.size(0) == B &&
+                        base_logit.size(1) == H && base_logit.size(2) == W,
+                    op, ": base_logit must be Tensor[B, H, W] = [", B, ", ", H, ", ", W,
+                    "] (from base), got Tensor", base_logit.sizes());
+  TORCH_CHECK_VALUE(input.dim() == 4 && input.size(1) == C, op,
+                    ": input must be Tensor[K, C, PH, PW] with C = ", C,
+                    " (base's channels), got Tensor", input.sizes());
+  const int64_t K = rois.size(0);
+  TORCH_CHECK_VALUE(input.size(0) == K, op,
+                    ": input must have one grid per ROI: input.shape[0] == ",
+                    input.size(0), " but rois has ", K, " rows");
+  TORCH_CHECK_VALUE(input.size(2) > 0 && input.size(3) > 0, op,
+                    ": input must have a non-empty grid (PH, PW > 0), got Tensor",
+                    input.sizes());
+  TORCH_CHECK_VALUE(input_logit.dim() == 3 && input_logit.size(0) == K &&
+                        input_logit.size(1) == input.size(2) &&
+                        input_logit.size(2) == input.size(3),
+                    op, ": input_logit must be Tensor[K, PH, PW] = [", K, ", ",
+                    input.size(2), ", ", input.size(3), "] (from input), got Tensor",
+                    input_logit.sizes());
+}
+
+template <typename F>
+void dispatch_blend(at::ScalarType t, at::ScalarType coord, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "roi_unpool_blend_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_coord_type(coord, [&](auto coord_tag) {
+      using coord_t = decltype(coord_tag);
+      f(scalar_t{}, coord_t{}, acc_t{});
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> roi_unpool_blend_forward_cpu(
+    const at::Tensor& base, const at::Tensor& base_logit, const at::Tensor& input,
+    const at::Tensor& input_logit, const at::Tensor& rois, double spatial_scale,
+    bool aligned) {
+  constexpr const char* op = "roi_unpool_blend";
+  check_blend_operands(op, base, base_logit, input, input_logit, rois);
+  const int64_t B = base.size(0), C = base.size(1), H = base.size(2), W = base.size(3);
+  check_roi_values(op, rois, B);
+
+  const bool channels_last = use_channels_last(base);
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast
+                                    : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({B, C, H, W}, base.options(), format);
+  at::Tensor base_weight = at::empty({B, H, W}, base_logit.options());
+  if (B == 0 || H == 0 || W == 0) return {out, base_weight};
+
+  // base is read in place (a channels_last view of token-major states is not
+  // copied); the small grids are brought into the same layout.
+  const at::Tensor x = base.contiguous(format);
+  const at::Tensor bl = base_logit.contiguous();
+  const at::Tensor in = input.contiguous(format);
+  const at::Tensor il = input_logit.contiguous();
+  const at::Tensor r = rois.to(coord_type_for(base, rois)).contiguous();
+  const BlendShape s{B, C, H, W, rois.size(0), input.size(2), input.size(3)};
+  dispatch_blend(base.scalar_type(), r.scalar_type(),
+                 [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using coord_t = decltype(coord_tag);
+    using acc_t = decltype(acc_tag);
+    const BlendGeometry<acc_t> g = blend_geometry<coord_t, acc_t>(
+        r.const_data_ptr<coord_t>(), static_cast<coord_t>(spatial_scale), aligned, s);
+    const BlendTensors<scalar_t> t{x.const_data_ptr<scalar_t>(), bl.const_data_ptr<scalar_t>(),
+                                   in.const_data_ptr<scalar_t>(), il.const_data_ptr<scalar_t>(),
+                                   channels_last};
+    blend_forward<scalar_t, acc_t>(t, g, s, out.mutable_data_ptr<scalar_t>(),
+                                   base_weight.mutable_data_ptr<scalar_t>());
+  });
+  return {out, base_weight};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+roi_unpool_blend_backward_cpu(const at::Tensor& grad_out,
+                              const std::optional<at::Tensor>& grad_base_weight,
+                              const at::Tensor& base, const at::Tensor& base_logit,
+                              const at::Tensor& input, const at::Tensor& input_logit,
+                              const at::Tensor& rois, double spatial_scale,
+                              bool aligned) {
+  constexpr const char* op = "_roi_unpool_blend_backward";
+  check_blend_operands(op, base, base_logit, input, input_logit, rois);
+  const int64_t B = base.size(0), C = base.size(1), H = base.size(2), W = base.size(3);
+  const int64_t K = rois.size(0), PH = input.size(2), PW = input.size(3);
+  TORCH_CHECK_VALUE(grad_out.sizes() == base.sizes(), op,
+                    ": grad_out must have base's shape ", base.sizes(), ", got ",
+                    grad_out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == base.scalar_type(), op,
+                   ": grad_out must have base's dtype ", base.scalar_type(), ", got ",
+                   grad_out.scalar_type());
+  TORCH_CHECK(grad_out.device() == base.device(), op,
+              ": grad_out must be on base's device ", base.device(), ", got ",
+              grad_out.device());
+  const bool has_gbw = grad_base_weight.has_value() && grad_base_weight->defined();
+  if (has_gbw) {
+    const at::Tensor& gbw = *grad_base_weight;
+    TORCH_CHECK_VALUE(gbw.sizes() == base_logit.sizes(), op,
+                      ": grad_base_weight must have base_logit's shape ",
+                      base_logit.sizes(), ", got ", gbw.sizes());
+    TORCH_CHECK_TYPE(gbw.scalar_type() == base.scalar_type(), op,
+                     ": grad_base_weight must have base's dtype ", base.scalar_type(),
+                     ", got ", gbw.scalar_type());
+    TORCH_CHECK(gbw.device() == base.device(), op,
+                ": grad_base_weight must be on base's device ", base.device(),
+                ", got ", gbw.device());
+  }
+  check_roi_values(op, rois, B);
+
+  const bool channels_last = use_channels_last(base);
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast
+                                    : at::MemoryFormat::Contiguous;
+  const auto input_format = use_channels_last(input) ? at::MemoryFormat::ChannelsLast
+                                                     : at::MemoryFormat::Contiguous;
+  if (B == 0 || H == 0 || W == 0) {
+    return {at::zeros({B, C, H, W}, base.options().memory_format(format)),
+            at::zeros({B, H, W}, base_logit.options()),
+            at::zeros({K, C, PH, PW}, input.options().memory_format(input_format)),
+            at::zeros({K, PH, PW}, input_logit.options())};
+  }
+  at::Tensor grad_base = at::empty({B, C, H, W}, base.options(), format);
+  at::Tensor grad_base_logit = at::empty({B, H, W}, base_logit.options());
+  at::Tensor grad_input = at::empty({K, C, PH, PW}, input.options(), input_format);
+  at::Tensor grad_input_logit = at::empty({K, PH, PW}, input_logit.options());
+
+  const at::Tensor x = base.contiguous(format);
+  const at::Tensor g = grad_out.contiguous(format);
+  const at::Tensor gbw = has_gbw ? grad_base_weight->contiguous() : at::Tensor();
+  const at::Tensor bl = base_logit.contiguous();
+  const at::Tensor in = input.contiguous(format);
+  const at::Tensor il = input_logit.contiguous();
+  const at::Tensor r = rois.to(coord_type_for(base, rois)).contiguous();
+  const BlendShape s{B, C, H, W, K, PH, PW};
+  const int64_t gi_stride[4] = {grad_input.stride(0), grad_input.stride(1),
+                                grad_input.stride(2), grad_input.stride(3)};
+  dispatch_blend(base.scalar_type(), r.scalar_type(),
+                 [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using coord_t = decltype(coord_tag);
+    using acc_t = decltype(acc_tag);
+    const BlendGeometry<acc_t> geo = blend_geometry<coord_t, acc_t>(
+        r.const_data_ptr<coord_t>(), static_cast<coord_t>(spatial_scale), aligned, s);
+    const BlendTensors<scalar_t> t{x.const_data_ptr<scalar_t>(), bl.const_data_ptr<scalar_t>(),
+                                   in.const_data_ptr<scalar_t>(), il.const_data_ptr<scalar_t>(),
+                                   channels_last};
+    const scalar_t* gbw_ptr = has_gbw ? gbw.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t pixels = B * H * W;
+    std::vector<acc_t> stats(3 * pixels);
+    const PixelStats<acc_t> st{stats.data(), stats.data() + pixels,
+                               stats.data() + 2 * pixels};
+    blend_backward_rows<scalar_t, acc_t>(t, geo, s, g.const_data_ptr<scalar_t>(), gbw_ptr,
+                                         grad_base.mutable_data_ptr<scalar_t>(),
+                                         grad_base_logit.mutable_data_ptr<scalar_t>(), st);
+    blend_backward_rois<scalar_t, acc_t>(t, geo, s, g.const_data_ptr<scalar_t>(), gbw_ptr, st,
+                                         grad_input.mutable_data_ptr<scalar_t>(), gi_stride,
+                                         grad_input_logit.mutable_data_ptr<scalar_t>());
+  });
+  return {grad_base, grad_base_logit, grad_input, grad_input_logit};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(roi_ops, CPU, m) {
+  m.impl("roi_unpool_blend", TORCH_FN(roi_unpool_blend_forward_cpu));
+  m.impl("_roi_unpool_blend_backward", TORCH_FN(roi_unpool_blend_backward_cpu));
+}
+
+}  // namespace cpu
+}  // namespace roi_ops

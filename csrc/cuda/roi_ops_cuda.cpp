@@ -1,0 +1,21 @@
+// CUDA registrations of roi_align and roi_unpool (forward and backward). Host
+// code only, compiled by the host compiler: the kernels are in
+// roi_align_kernel.cu and roi_unpool_kernel.cu, reached through launch.h, so
+// the heavy ATen headers are parsed once rather than once per architecture.
+#include <torch/library.h>
+
+#include "cuda_launcher.h"
+#include "roi_host.h"
+
+namespace roi_ops {
+namespace cuda {
+
+TORCH_LIBRARY_IMPL(roi_ops, CUDA, m) {
+  m.impl("roi_align", TORCH_FN(roi_align_forward<CudaLauncher>));
+  m.impl("_roi_align_backward", TORCH_FN(roi_align_backward<CudaLauncher>));
+  m.impl("roi_unpool", TORCH_FN(roi_unpool_forward<CudaLauncher>));
+  m.impl("_roi_unpool_backward", TORCH_FN(roi_unpool_backward<CudaLauncher>));
+}
+
+}  // namespace cuda
+}  // namespace roi_ops
