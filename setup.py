@@ -40,7 +40,9 @@ def _extensions():
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
     sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
 
-    cxx = ["-std=c++20", "-DROI_OPS_PYTHON_MODULE"]
+    # -ffp-contract=off: IEEE operation order on every host arch (no FMA
+    # contraction), so coordinates round exactly as roi_ops/reference.py does.
+    cxx = ["-std=c++20", "-DROI_OPS_PYTHON_MODULE", "-ffp-contract=off"]
     link = []
     if debug or sanitize:
         cxx += ["-O0" if debug else "-O1", "-g", "-fno-omit-frame-pointer"]
@@ -52,8 +54,12 @@ def _extensions():
     extra = {"cxx": cxx}
     ext_cls = CppExtension
     if _want_cuda(torch):
+        # kernels (*.cu, nvcc) and their host side (*.cpp: checks, dispatch,
+        # registration, compiled once by the host compiler)
+        sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-        extra["nvcc"] = ["-std=c++20", "-O3", "-DROI_OPS_PYTHON_MODULE"] + (
+        # --fmad=false: coordinates rounded as on the CPU (docs/cuda.md)
+        extra["nvcc"] = ["-std=c++20", "-O3", "--fmad=false", "-DROI_OPS_PYTHON_MODULE"] + (
             ["-g", "-lineinfo"] if debug else []
         )
         ext_cls = CUDAExtension

@@ -211,6 +211,7 @@ def _worker(spec: dict) -> dict:
         "rss_before_mib": rss_before / MIB,
         "peak_saturated": {"inference": fwd_maxrss <= setup_maxrss, "training": train_maxrss <= fwd_maxrss},
         "input_grads_finite": grads_ok,
+        "roi_ops_file": roi_ops.__file__,
         "instances": instances.num_instances,
     }
 

@@ -225,6 +225,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _sources_digest() -> str | None:
+    """sha256 over csrc/ (paths and contents): names the kernels measured even when uncommitted."""
+    import hashlib
+
+    files = sorted(p for p in (REPO / "csrc").rglob("*") if p.is_file() and p.suffix in (".cpp", ".h", ".cu", ".cuh"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def environment_info() -> dict:
     """Machine, versions, threads and environment, as recorded with every result."""
     import numpy
@@ -251,6 +264,8 @@ def environment_info() -> dict:
             "roi_ops": getattr(roi_ops, "__version__", None),
             "roi_ops_git_sha": _git("rev-parse", "HEAD"),
             "roi_ops_git_dirty": None if status is None else bool(status),
+            "csrc_sha256_16": _sources_digest(),
+            "extension": getattr(getattr(roi_ops, "_ops", None), "_C", None) and roi_ops._ops._C.__file__,
         },
         "threads": torch.get_num_threads(),
         "native_available_cpu": roi_ops.native_available("cpu"),
@@ -265,6 +280,20 @@ def environment_info() -> dict:
                                       .splitlines() if ln.startswith("ATen parallel backend")), None),
         },
     }
+
+
+def _cpu_busy_s():
+    """(seconds all cores spent busy, seconds this process spent on the CPU), or None off Linux."""
+    import resource
+
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(f) for f in fields]
+    busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
 
 
 class _Collector:
@@ -377,9 +406,11 @@ def main(argv=None) -> int:
     if args.select:
         pytest_args += ["-k", args.select]
     load_before = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    cpu0 = _cpu_busy_s()
     t0 = time.perf_counter()
     code = pytest.main(pytest_args, plugins=[collector])
     wall = time.perf_counter() - t0
+    cpu1 = _cpu_busy_s()
     if code not in (0, 5) or not raw_path.exists():
         print(f"pytest exited with code {code}; no results written", file=sys.stderr)
         return int(code) or 1
@@ -390,10 +421,19 @@ def main(argv=None) -> int:
     env = environment_info()
     env["env"]["loadavg_before_run"] = load_before
     env["env"]["loadavg_after_run"] = env["env"].pop("loadavg_1_5_15min")
+    if cpu0 is not None and cpu1 is not None:
+        # CPU time other processes took while we ran: the honest measure of how clean the run was.
+        others = max((cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1]), 0.0)
+        env["env"]["other_processes_cpu_s"] = round(others, 1)
+        env["env"]["other_processes_share_of_machine"] = round(others / (wall * (os.cpu_count() or 1)), 3)
     summary = summarise(raw, collector, env, settings)
     out = args.out_dir / f"{stem}.json"
     out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"\nwrote {out}")
+    share = summary["env"].get("other_processes_share_of_machine")
+    if share is not None and share > 0.05:
+        print(f"  warning: other processes used {share:.0%} of the machine during the run; "
+              "the timings are not clean")
     for s in summary["speedups"]:
         print(f"  {s['case']:16s} {s['op']:10s} {s['mode']:8s} native {s['native_median_ms']:9.2f} ms  "
               f"{s['speedup']:7.1f}x vs {s['vs']}")

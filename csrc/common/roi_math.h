@@ -42,6 +42,23 @@ C10_HOST_DEVICE inline int64_t to_index_clamped(T v, int64_t lo, int64_t hi) {
   return static_cast<int64_t>(clamp_(v, static_cast<T>(lo), static_cast<T>(hi)));
 }
 
+C10_HOST_DEVICE inline float rel_eps(float) { return 1.1920929e-07f; }
+C10_HOST_DEVICE inline double rel_eps(double) { return 2.220446049250313e-16; }
+
+template <typename T>
+C10_HOST_DEVICE inline T abs_(T v) {
+  return v < T(0) ? -v : v;
+}
+
+// Absolute bound (generous: 16 ulps) on the rounding error of a position
+// computed from numbers of magnitude up to `magnitude`. Range helpers widen
+// their windows by it so that a position that rounds across a window edge is
+// still enumerated; the exact tests decide.
+template <typename T>
+C10_HOST_DEVICE inline T position_slack(T magnitude) {
+  return T(16) * rel_eps(magnitude) * abs_(magnitude);
+}
+
 // One ROI mapped to the feature frame, where feature pixel (h, w) sits at the
 // point (h, w).
 template <typename T>
@@ -165,8 +182,13 @@ C10_HOST_DEVICE inline void align_sample_range(const AlignAxis<T>& a, int64_t p,
     u0 = u1;
     u1 = tmp;
   }
-  *first = to_index_clamped(floor_(u0) - T(1), 0, a.grid);
-  *last = to_index_clamped(ceil_(u1) + T(2), 0, a.grid);
+  // Widen by align_sample's rounding error, in samples: it exceeds a whole
+  // step for huge float32 boxes (1e7 pixels) and for steps below one ulp.
+  const T pad = position_slack(abs_(a.start) + abs_(base) + abs_(a.bin) +
+                               abs_(lo_bound) + abs_(hi_bound)) /
+                abs_(step);
+  *first = to_index_clamped(floor_(u0 - pad) - T(1), 0, a.grid);
+  *last = to_index_clamped(ceil_(u1 + pad) + T(2), 0, a.grid);
 }
 
 // ---------------------------------------------------------------- ROI-Unpool
@@ -226,16 +248,18 @@ C10_HOST_DEVICE inline void unpool_pixel_range(const UnpoolAxis<T>& a, int64_t i
   *last = a.last;
   if (a.first >= a.last) return;
   // pixel h reads cell i only if v(h) in (i - 1, i + 1); v grows with h.
+  // Widened by the coordinates' rounding error (whole pixels for boxes so
+  // large that one ulp of their coordinates exceeds a pixel).
   const T scale = a.extent / static_cast<T>(a.pooled);
+  const T pad = position_slack(abs_(a.start) + abs_(a.extent) +
+                               static_cast<T>(a.last));
   if (i > 0) {
     const T h0 = a.start + (static_cast<T>(i) - T(0.5)) * scale;
-    const int64_t f = to_index_clamped(floor_(h0) - T(1), a.first, a.last);
-    *first = f;
+    *first = to_index_clamped(floor_(h0 - pad) - T(1), a.first, a.last);
   }
   if (i < a.pooled - 1) {
     const T h1 = a.start + (static_cast<T>(i) + T(1.5)) * scale;
-    const int64_t l = to_index_clamped(ceil_(h1) + T(2), a.first, a.last);
-    *last = l;
+    *last = to_index_clamped(ceil_(h1 + pad) + T(2), a.first, a.last);
   }
 }
 
@@ -250,22 +274,6 @@ C10_HOST_DEVICE inline void unpool_pixel_range(const UnpoolAxis<T>& a, int64_t i
 namespace roi_ops {
 namespace math {
 
-C10_HOST_DEVICE inline float rel_eps(float) { return 1.1920929e-07f; }
-C10_HOST_DEVICE inline double rel_eps(double) { return 2.220446049250313e-16; }
-
-template <typename T>
-C10_HOST_DEVICE inline T abs_(T v) {
-  return v < T(0) ? -v : v;
-}
-
-// Absolute bound (generous: 16 ulps) on the rounding error of a position
-// computed from numbers of magnitude up to `magnitude`. Range helpers widen
-// their windows by it so that a position that rounds across a window edge is
-// still enumerated; the exact tests decide.
-template <typename T>
-C10_HOST_DEVICE inline T position_slack(T magnitude) {
-  return T(16) * rel_eps(magnitude) * abs_(magnitude);
-}
 
 // Weight with which tap t reads index i (the sum of both weights when lo ==
 // hi). Returns false when t does not read i at all; a read with weight 0
@@ -348,22 +356,6 @@ C10_HOST_DEVICE inline void align_footprint(const AlignAxis<T>& a, int64_t poole
   *last = to_index_clamped(ceil_(hi + slack) + T(2), 0, a.size);
 }
 
-// unpool_pixel_range widened by the rounding slack of the axis (whole
-// pixels), for boxes so large that one ulp of their coordinates exceeds the
-// range's own one-pixel margin.
-template <typename T>
-C10_HOST_DEVICE inline void unpool_pixel_range_safe(const UnpoolAxis<T>& a,
-                                                    int64_t i, int64_t* first,
-                                                    int64_t* last) {
-  unpool_pixel_range(a, i, first, last);
-  if (a.first >= a.last) return;
-  const int64_t pad = to_index_clamped(
-      ceil_(position_slack(abs_(a.start) + abs_(a.extent) +
-                           static_cast<T>(a.last))),
-      0, a.last - a.first);
-  *first = *first - pad > a.first ? *first - pad : a.first;
-  *last = *last + pad < a.last ? *last + pad : a.last;
-}
 
 }  // namespace math
 }  // namespace roi_ops

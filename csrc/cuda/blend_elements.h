@@ -442,8 +442,8 @@ C10_HOST_DEVICE inline void apply_element(const GridGradParams<scalar_t, coord_t
   math::UnpoolAxis<coord_t> ay, ax;
   roi_axes(p.geo, o.n, &ay, &ax);
   int64_t h0, h1, w0, w1;
-  math::unpool_pixel_range_safe(ay, o.h, &h0, &h1);
-  math::unpool_pixel_range_safe(ax, o.w, &w0, &w1);
+  math::unpool_pixel_range(ay, o.h, &h0, &h1);
+  math::unpool_pixel_range(ax, o.w, &w0, &w1);
   const int64_t start = pair_start(p.end, o.n);
   const int64_t nx = ax.last - ax.first;
   const scalar_t* g = nullptr;

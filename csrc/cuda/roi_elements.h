@@ -344,8 +344,8 @@ C10_HOST_DEVICE inline void unpool_backward_element(
   const math::UnpoolAxis<coord_t> ax =
       math::unpool_axis(f.x0, f.width, p.pooled_w, p.width);
   int64_t h0, h1, w0, w1;
-  math::unpool_pixel_range_safe(ay, o.h, &h0, &h1);
-  math::unpool_pixel_range_safe(ax, o.w, &w0, &w1);
+  math::unpool_pixel_range(ay, o.h, &h0, &h1);
+  math::unpool_pixel_range(ax, o.w, &w0, &w1);
   const scalar_t* g = p.grad + o.n * p.g.n + o.c * p.g.c;
   acc_t sum = acc_t(0);
   for (int64_t h = h0; h < h1; ++h) {
