@@ -10,6 +10,7 @@ inputs (no output, nothing per ROI at full resolution).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Tuple
 
 import torch
@@ -27,6 +28,39 @@ from ._validation import (
 from .functional import _use_native
 
 __all__ = ["roi_unpool_blend"]
+
+
+def _blend_kernel_device_types() -> frozenset:
+    # A build can have the other ops' kernels for a device and not this one's
+    # (e.g. a CUDA build older than it); decided once, so tracing sees a constant.
+    if _ops.native_import_error() is not None:
+        return frozenset()
+    return frozenset(
+        key.lower()
+        for key in ("CPU", "CUDA")
+        if torch._C._dispatch_has_kernel_for_dispatch_key("roi_ops::roi_unpool_blend", key)
+    )
+
+
+_BLEND_DEVICE_TYPES = _blend_kernel_device_types()
+_warned_no_blend_kernel = set()
+
+
+def _use_blend_kernel(device: torch.device) -> bool:
+    if not _use_native(device):  # warns once about the pure-PyTorch fallback
+        return False
+    if device.type in _BLEND_DEVICE_TYPES:
+        return True
+    if device.type not in _warned_no_blend_kernel:
+        _warned_no_blend_kernel.add(device.type)
+        warnings.warn(
+            f"roi_ops: this build has no roi_unpool_blend kernel for device type "
+            f"'{device.type}'; using the unfused pure-PyTorch composition (slower, "
+            "materialises [K, C, H, W])",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
 
 
 if _ops.native_import_error() is None:
@@ -189,7 +223,7 @@ def roi_unpool_blend(
             f"{op}: input must have one grid per box: input.shape[0] is {K} "
             f"but boxes hold {rois.shape[0]} boxes"
         )
-    if _use_native(base.device):
+    if _use_blend_kernel(base.device):
         out, base_weight = torch.ops.roi_ops.roi_unpool_blend(
             base, base_logit, input, input_logit, rois, float(spatial_scale), aligned
         )

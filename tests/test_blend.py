@@ -372,7 +372,7 @@ def test_fallback_matches_native(device, monkeypatch):
                                     device, "channels_last")
     boxes = _fixed_boxes(torch.float64, device)
     native = roi_ops.roi_unpool_blend(base.x, bl, grids.x, gl, boxes, 1.0, True)
-    monkeypatch.setattr(blend_module, "_use_native", lambda device: False)
+    monkeypatch.setattr(blend_module, "_use_blend_kernel", lambda device: False)
     fallback = roi_ops.roi_unpool_blend(base.x, bl, grids.x, gl, boxes, 1.0, True)
     for a, b in zip(native, fallback):
         _assert_close(a, b, torch.float64, "fallback")

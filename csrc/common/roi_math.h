@@ -159,36 +159,47 @@ C10_HOST_DEVICE inline Tap<T> align_tap(T y, int64_t size) {
   return t;
 }
 
-// Conservative range [*first, *last) of sample indices iy of bin p whose
-// position can lie in [lo_bound, hi_bound]. Callers still apply the exact
-// test (align_tap), so rounding here only costs a wasted iteration; it lets
-// kernels skip the millions of off-map samples of a huge box instead of
-// looping over them.
+// Range [*first, *last) of the sample indices iy of bin p whose position
+// lies in [lo_bound, hi_bound]. Positions are monotone in iy (every rounding
+// step of align_sample is monotone), so those samples form one run; its ends
+// are found by bisection on align_sample itself, which is exact whatever the
+// rounding (huge float32 boxes, steps below one ulp) and costs
+// O(log samples-per-bin) -- it lets kernels skip the millions of off-map
+// samples of a huge box instead of looping over them.
 template <typename T>
 C10_HOST_DEVICE inline void align_sample_range(const AlignAxis<T>& a, int64_t p,
                                                T lo_bound, T hi_bound,
                                                int64_t* first, int64_t* last) {
   *first = 0;
-  *last = a.grid;
+  *last = a.grid > 0 ? a.grid : 0;
   if (a.grid <= 0) return;
   const T step = a.bin / static_cast<T>(a.grid);
-  const T base = a.start + static_cast<T>(p) * a.bin;
-  if (!(step != T(0))) return;  // zero or NaN step: no narrowing possible
-  // sample iy sits at base + (iy + 0.5) * step
-  T u0 = (lo_bound - base) / step - T(0.5);
-  T u1 = (hi_bound - base) / step - T(0.5);
-  if (u0 > u1) {
-    const T tmp = u0;
-    u0 = u1;
-    u1 = tmp;
+  if (!(step != T(0))) return;  // all samples at one point (or NaN): no narrowing
+  const bool rising = step > T(0);
+  // before(i): sample i lies before the window in iteration order
+  int64_t lo = 0, hi = a.grid;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    const T y = align_sample(a, p, mid);
+    if (rising ? (y < lo_bound) : (y > hi_bound)) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
   }
-  // Widen by align_sample's rounding error, in samples: it exceeds a whole
-  // step for huge float32 boxes (1e7 pixels) and for steps below one ulp.
-  const T pad = position_slack(abs_(a.start) + abs_(base) + abs_(a.bin) +
-                               abs_(lo_bound) + abs_(hi_bound)) /
-                abs_(step);
-  *first = to_index_clamped(floor_(u0 - pad) - T(1), 0, a.grid);
-  *last = to_index_clamped(ceil_(u1 + pad) + T(2), 0, a.grid);
+  *first = lo;
+  // beyond(i): sample i lies past the window in iteration order
+  hi = a.grid;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    const T y = align_sample(a, p, mid);
+    if (rising ? (y > hi_bound) : (y < lo_bound)) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  *last = lo;
 }
 
 // ---------------------------------------------------------------- ROI-Unpool
