@@ -216,6 +216,55 @@ def _worker(spec: dict) -> dict:
     }
 
 
+def _interleaved_worker(spec: dict) -> dict:
+    """Forward times of every method in ONE process, calls alternating method by method, so that a change in
+    the machine's load (shared with other jobs) hits all methods alike. Memory is not measured here."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    shape, size, n = spec["shape"], tuple(spec["size"]), spec["n"]
+    cases = {m: build_case(shape, size, n, m) for m in spec["methods"]}
+    parts = {m: {"instance_path": [], "box_guidance": []} for m in cases}
+    wall = {m: [] for m in cases}
+    cpu = {m: [] for m in cases}
+    for m, (block, *_rest) in cases.items():
+        for name in ("instance_path", "box_guidance"):
+            fn = getattr(block, name)
+
+            def call(*args, _fn=fn, _m=m, _name=name, **kwargs):
+                t0 = time.perf_counter()
+                result = _fn(*args, **kwargs)
+                parts[_m][_name].append(time.perf_counter() - t0)
+                return result
+
+            setattr(block, name, call)
+    with torch.no_grad():
+        for round_ in range(spec["warmup"] + spec["rounds"]):
+            for m, (block, attn, encoder, inputs, instances) in cases.items():
+                c0, t0 = time.process_time(), time.perf_counter()
+                pos = encoder(instances.instance_boxes)
+                out, _ = block(inputs["hidden_states"], inputs["residual"], inputs["global_out"], attn, instances,
+                               size, pos, encoder_hidden_states=inputs["text"])
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
+                del out
+                if round_ >= spec["warmup"]:
+                    wall[m].append(dt)
+                    cpu[m].append(dc)
+    w = spec["warmup"]
+    return {
+        "status": "ok",
+        "methods": {
+            m: {
+                "median_ms": 1e3 * statistics.median(wall[m]),
+                "all_ms": [round(1e3 * t, 2) for t in wall[m]],
+                "cpu_median_ms": 1e3 * statistics.median(cpu[m]),
+                "parts_median_ms": {k: 1e3 * statistics.median(v[w:]) for k, v in parts[m].items()},
+            }
+            for m in cases
+        },
+    }
+
+
 # ----------------------------------------------------------------------------------------------- driver side
 def _estimate_gib(method: str, res: str, n: int, results: list[dict], shape: dict, size) -> tuple[float, str]:
     """Training memory estimate: 4x the measured 512 px peak at 1024 px, else a count of full-size maps."""
@@ -323,7 +372,7 @@ def run(args) -> None:
             "max_gib_guard": args.max_gib,
         },
         "results": results,
-        "summary": summarise(results),
+        "summary": summarise(results, None),
     }
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -335,6 +384,44 @@ def run(args) -> None:
 def _doc_target(args) -> Path | None:
     """The docs table is written from the committed results only, not from a quick or elsewhere-saved run."""
     return DOC_PATH if Path(args.json).resolve() == JSON_PATH.resolve() and not args.quick else None
+
+
+def run_interleaved(args) -> None:
+    """Adds the interleaved forward timings to the results JSON (see _interleaved_worker), then the report."""
+    path = Path(args.json)
+    doc = json.loads(path.read_text())
+    shape, resolutions = doc["shape"], doc["resolutions"]
+    methods = [m for m in args.methods.split(",")]
+    rows = []
+    started = time.perf_counter()
+    for res in args.resolutions.split(","):
+        cfg = resolutions[res]
+        for n in (int(c) for c in args.counts.split(",")):
+            spec = {"mode": "interleaved", "shape": shape, "size": cfg["size"], "n": n, "methods": methods,
+                    "threads": THREADS, "warmup": 1, "rounds": args.rounds or (3 if res == "1024px" else 5)}
+            row = {"resolution": res, "n": n, "rounds": spec["rounds"], "warmup": 1,
+                   "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+            row.update(_run_worker(spec, args.timeout))
+            rows.append(row)
+            if row["status"] == "ok":
+                print(f"{res:>6} N={n:<3} " + "  ".join(
+                    f"{m} {v['median_ms']:8.0f} ms (instance path {v['parts_median_ms']['instance_path']:7.0f})"
+                    for m, v in row["methods"].items()), flush=True)
+            else:
+                print(f"{res:>6} N={n:<3} {row['status']}: {row.get('reason')}", flush=True)
+    doc["interleaved_fwd"] = {
+        "what": "forward (torch.no_grad) of every method in one process per (resolution, N), calls alternating "
+                "method by method for `rounds` rounds after one warm-up round; medians. Less exposed to the "
+                "shared machine's changing load than the per-case subprocess timings; no memory measured",
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "wall_s": round(time.perf_counter() - started, 1),
+        "results": rows,
+    }
+    doc["summary"] = summarise(doc["results"], doc["interleaved_fwd"])
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {path}")
+    report(doc, Path(args.png), _doc_target(args))
 
 
 def _line(r: dict) -> str:
@@ -352,7 +439,14 @@ def _get(results, res, method, n):
     return None
 
 
-def summarise(results: list[dict]) -> dict:
+def _interleaved(interleaved: dict | None, res: str, n: int) -> dict | None:
+    for row in (interleaved or {}).get("results", []):
+        if (row["resolution"], row["n"], row["status"]) == (res, n, "ok"):
+            return row["methods"]
+    return None
+
+
+def summarise(results: list[dict], interleaved: dict | None = None) -> dict:
     """The issue's bar at 1024 px / 25 instances, and each method's growth from the smallest to the largest N."""
     out: dict = {}
     f, nv, m = (_get(results, "1024px", k, 25) for k in ("fused", "naive", "masked"))
@@ -365,9 +459,22 @@ def summarise(results: list[dict]) -> dict:
         speed = m["fwd"]["median_ms"] / f["fwd"]["median_ms"]
         bar["fwd_speedup_fused_vs_masked"] = round(speed, 3)
         bar["fwd_at_least_2.4x_faster_than_masked"] = speed >= 2.4
+        bar["fwd_cpu_time_ratio_masked_over_fused"] = round(m["fwd"]["cpu_median_ms"] / f["fwd"]["cpu_median_ms"], 3)
         fi, mi = f["fwd_parts"].get("instance_path"), m["fwd_parts"].get("instance_path")
         if fi and mi:
             bar["instance_path_fwd_speedup_fused_vs_masked"] = round(mi["median_ms"] / fi["median_ms"], 3)
+    il = _interleaved(interleaved, "1024px", 25)
+    if il and "fused" in il and "masked" in il:
+        # The alternating-call measurement is the one to trust for speed on a shared machine.
+        speed = il["masked"]["median_ms"] / il["fused"]["median_ms"]
+        bar["interleaved_fwd_speedup_fused_vs_masked"] = round(speed, 3)
+        bar["interleaved_fwd_at_least_2.4x_faster_than_masked"] = speed >= 2.4
+        bar["interleaved_fwd_cpu_time_ratio_masked_over_fused"] = round(
+            il["masked"]["cpu_median_ms"] / il["fused"]["cpu_median_ms"], 3)
+        bar["interleaved_instance_path_speedup_fused_vs_masked"] = round(
+            il["masked"]["parts_median_ms"]["instance_path"] / il["fused"]["parts_median_ms"]["instance_path"], 3)
+        bar["interleaved_box_guidance_share_of_fused_fwd"] = round(
+            il["fused"]["parts_median_ms"]["box_guidance"] / il["fused"]["median_ms"], 3)
     out["1024px_N25"] = bar
     growth: dict = {}
     for res in sorted({r["resolution"] for r in results}):
@@ -400,7 +507,8 @@ def plot(doc: dict, path: Path) -> None:
 
     results = doc["results"]
     resolutions = list(doc["resolutions"])
-    rows = [("fwd", "inference time (s)"), ("fwd_bwd", "training step time (s)"),
+    inter = doc.get("interleaved_fwd")
+    rows = [("fwd", "inference time (s)" + (", interleaved" if inter else "")), ("fwd_bwd", "training step time (s)"),
             ("training_peak_mib", "training peak memory (GiB)"), ("inference_peak_mib", "inference peak memory (GiB)")]
     fig, axes = plt.subplots(len(rows), len(resolutions), figsize=(5.2 * len(resolutions), 3.1 * len(rows)),
                              squeeze=False, sharex=True)
@@ -414,10 +522,18 @@ def plot(doc: dict, path: Path) -> None:
                 if not pts:
                     continue
                 xs = [n for n, _ in pts]
-                if key.endswith("_mib"):
+                if key == "fwd" and inter:
+                    il = [(n, _interleaved(inter, res, n)) for n in xs]
+                    il = [(n, v[method]) for n, v in il if v and method in v]
+                    xs, ys = [n for n, _ in il], [v["median_ms"] / 1e3 for _, v in il]
+                    ax.plot(xs, [v["parts_median_ms"]["instance_path"] / 1e3 for _, v in il], "x--",
+                            color=COLOURS.get(method), lw=1, alpha=0.7)
+                elif key.endswith("_mib"):
                     ys = [r[key] / 1024 for _, r in pts]
                 else:
                     ys = [r[key]["median_ms"] / 1e3 for _, r in pts]
+                if not xs:
+                    continue
                 ax.plot(xs, ys, "o-", color=COLOURS.get(method), label=method)
                 skipped = [r["n"] for r in results if r["resolution"] == res and r["method"] == method
                            and r["status"] != "ok"]
@@ -438,7 +554,9 @@ def plot(doc: dict, path: Path) -> None:
             ax.set_xticks(sorted({r["n"] for r in results}))
     axes[0][0].legend(loc="best", fontsize=8)
     fig.suptitle(f"One ROICtrl block, SD1.5 level 1, B=2 (CFG), CPU {doc['threads']} threads"
-                 + ("  [quick shapes]" if doc.get("quick") else "") + "\n(dotted: case skipped, see JSON)",
+                 + ("  [quick shapes]" if doc.get("quick") else "")
+                 + "\n(dotted vertical: case skipped, see JSON"
+                 + ("; dashed x: instance path (steps 1-4) alone" if inter else "") + ")",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -475,6 +593,34 @@ def table(doc: dict) -> str:
                         cells.append(f"{r[kind]['median_ms']:.0f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    inter = doc.get("interleaved_fwd")
+    if inter:
+        lines.append(f"**Inference, interleaved** ({inter['created']}, load average after {inter['loadavg_after']}): "
+                     "the forward of every method in one process, calls alternating, median ms; in brackets the "
+                     "instance path (steps 1-4) alone; `guidance` is the fused block's box guidance (step 5), "
+                     "the same computation in every method.")
+        lines.append("")
+        for res in doc["resolutions"]:
+            rows = [r for r in inter["results"] if r["resolution"] == res]
+            if not rows:
+                continue
+            present = [m for m in methods if any(r["status"] == "ok" and m in r["methods"] for r in rows)]
+            head = ["N"] + present + ["guidance"] + [f"{m} / fused" for m in present if m != "fused"]
+            lines.append(f"{res}:")
+            lines.append("")
+            lines.append("| " + " | ".join(head) + " |")
+            lines.append("|" + "---:|" * len(head))
+            for r in rows:
+                if r["status"] != "ok":
+                    lines.append(f"| {r['n']} | {r['status']} |")
+                    continue
+                v = r["methods"]
+                cells = [str(r["n"])]
+                cells += [f"{v[m]['median_ms']:.0f} ({v[m]['parts_median_ms']['instance_path']:.0f})" for m in present]
+                cells.append(f"{v['fused']['parts_median_ms']['box_guidance']:.0f}" if "fused" in v else "")
+                cells += [f"{v[m]['median_ms'] / v['fused']['median_ms']:.2f}x" for m in present if m != "fused"]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
     skipped = [r for r in results if r["status"] != "ok"]
     for r in skipped:
         lines.append(f"- {r['resolution']} N={r['n']} {r['method']}: {r['status']}, {r.get('reason', '')}")
@@ -530,6 +676,9 @@ def main(argv=None) -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke run); files in the temp dir")
     ap.add_argument("--report", action="store_true", help="only redo the plot and docs table from --json")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="add forward timings with the methods' calls alternating in one process to --json")
+    ap.add_argument("--rounds", type=int, default=0, help="rounds of --interleaved (default 3 at 1024 px, 5 at 512)")
     ap.add_argument("--profile", metavar="RES:N", help="print torch.profiler tables for one case, e.g. 1024px:25")
     ap.add_argument("--rows", type=int, default=20, help="rows of each --profile table")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -542,7 +691,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.worker:
         try:
-            result = _worker(json.loads(args.worker))
+            spec = json.loads(args.worker)
+            result = _interleaved_worker(spec) if spec.get("mode") == "interleaved" else _worker(spec)
         except Exception as exc:  # reported in the JSON as the case's failure
             result = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
         print("RESULT " + json.dumps(result), flush=True)
@@ -554,8 +704,12 @@ def main(argv=None) -> None:
     args.png = args.png or str(where / f"adapter_cpu{suffix}.png")
     if args.profile:
         profile(args)
+    elif args.interleaved:
+        run_interleaved(args)
     elif args.report:
         doc = json.loads(Path(args.json).read_text())
+        doc["summary"] = summarise(doc["results"], doc.get("interleaved_fwd"))
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
         report(doc, Path(args.png), None if doc.get("quick") else _doc_target(args))
     else:
         run(args)

@@ -558,44 +558,6 @@ void blend_backward_rois(const BlendTensors<scalar_t>& t, const BlendGeometry<ac
 
 // --------------------------------------------------------------------- host
 
-// Shapes, dtypes and devices of the five operands (the box values are checked
-// separately). Errors name the argument.
-void check_blend_operands(const char* op, const at::Tensor& base,
-                          const at::Tensor& base_logit, const at::Tensor& input,
-                          const at::Tensor& input_logit, const at::Tensor& rois) {
-  check_input_and_rois(op, base, "base", 4, rois);
-  const std::pair<const char*, const at::Tensor*> others[] = {
-      {"base_logit", &base_logit}, {"input", &input}, {"input_logit", &input_logit}};
-  for (const auto& [name, t] : others) {
-    TORCH_CHECK_TYPE(t->scalar_type() == base.scalar_type(), op, ": ", name,
-                     " must have base's dtype ", base.scalar_type(), ", got ",
-                     t->scalar_type());
-    TORCH_CHECK(t->device() == base.device(), op, ": ", name,
-                " must be on base's device ", base.device(), ", got ", t->device());
-  }
-  const int64_t B = base.size(0), C = base.size(1), H = base.size(2), W = base.size(3);
-  TORCH_CHECK_VALUE(base_logit.dim() == 3 && base_logit.size(0) == B &&
-                        base_logit.size(1) == H && base_logit.size(2) == W,
-                    op, ": base_logit must be Tensor[B, H, W] = [", B, ", ", H, ", ", W,
-                    "] (from base), got Tensor", base_logit.sizes());
-  TORCH_CHECK_VALUE(input.dim() == 4 && input.size(1) == C, op,
-                    ": input must be Tensor[K, C, PH, PW] with C = ", C,
-                    " (base's channels), got Tensor", input.sizes());
-  const int64_t K = rois.size(0);
-  TORCH_CHECK_VALUE(input.size(0) == K, op,
-                    ": input must have one grid per ROI: input.shape[0] == ",
-                    input.size(0), " but rois has ", K, " rows");
-  TORCH_CHECK_VALUE(input.size(2) > 0 && input.size(3) > 0, op,
-                    ": input must have a non-empty grid (PH, PW > 0), got Tensor",
-                    input.sizes());
-  TORCH_CHECK_VALUE(input_logit.dim() == 3 && input_logit.size(0) == K &&
-                        input_logit.size(1) == input.size(2) &&
-                        input_logit.size(2) == input.size(3),
-                    op, ": input_logit must be Tensor[K, PH, PW] = [", K, ", ",
-                    input.size(2), ", ", input.size(3), "] (from input), got Tensor",
-                    input_logit.sizes());
-}
-
 template <typename F>
 void dispatch_blend(at::ScalarType t, at::ScalarType coord, F&& f) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "roi_unpool_blend_cpu", [&] {
@@ -658,28 +620,7 @@ roi_unpool_blend_backward_cpu(const at::Tensor& grad_out,
   check_blend_operands(op, base, base_logit, input, input_logit, rois);
   const int64_t B = base.size(0), C = base.size(1), H = base.size(2), W = base.size(3);
   const int64_t K = rois.size(0), PH = input.size(2), PW = input.size(3);
-  TORCH_CHECK_VALUE(grad_out.sizes() == base.sizes(), op,
-                    ": grad_out must have base's shape ", base.sizes(), ", got ",
-                    grad_out.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == base.scalar_type(), op,
-                   ": grad_out must have base's dtype ", base.scalar_type(), ", got ",
-                   grad_out.scalar_type());
-  TORCH_CHECK(grad_out.device() == base.device(), op,
-              ": grad_out must be on base's device ", base.device(), ", got ",
-              grad_out.device());
-  const bool has_gbw = grad_base_weight.has_value() && grad_base_weight->defined();
-  if (has_gbw) {
-    const at::Tensor& gbw = *grad_base_weight;
-    TORCH_CHECK_VALUE(gbw.sizes() == base_logit.sizes(), op,
-                      ": grad_base_weight must have base_logit's shape ",
-                      base_logit.sizes(), ", got ", gbw.sizes());
-    TORCH_CHECK_TYPE(gbw.scalar_type() == base.scalar_type(), op,
-                     ": grad_base_weight must have base's dtype ", base.scalar_type(),
-                     ", got ", gbw.scalar_type());
-    TORCH_CHECK(gbw.device() == base.device(), op,
-                ": grad_base_weight must be on base's device ", base.device(),
-                ", got ", gbw.device());
-  }
+  const bool has_gbw = check_blend_grads(op, grad_out, grad_base_weight, base, base_logit);
   check_roi_values(op, rois, B);
 
   const bool channels_last = use_channels_last(base);

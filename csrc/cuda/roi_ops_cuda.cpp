@@ -1,9 +1,10 @@
-// CUDA registrations of roi_align and roi_unpool (forward and backward). Host
-// code only, compiled by the host compiler: the kernels are in
-// roi_align_kernel.cu and roi_unpool_kernel.cu, reached through launch.h, so
-// the heavy ATen headers are parsed once rather than once per architecture.
+// CUDA registrations of every roi_ops op (forward and backward). Host code
+// only, compiled by the host compiler: the kernels are in the *.cu files,
+// reached through launch.h, so the heavy ATen headers are parsed once rather
+// than once per architecture.
 #include <torch/library.h>
 
+#include "blend_host.h"
 #include "cuda_launcher.h"
 #include "roi_host.h"
 
@@ -15,6 +16,8 @@ TORCH_LIBRARY_IMPL(roi_ops, CUDA, m) {
   m.impl("_roi_align_backward", TORCH_FN(roi_align_backward<CudaLauncher>));
   m.impl("roi_unpool", TORCH_FN(roi_unpool_forward<CudaLauncher>));
   m.impl("_roi_unpool_backward", TORCH_FN(roi_unpool_backward<CudaLauncher>));
+  m.impl("roi_unpool_blend", TORCH_FN(blend::blend_forward<CudaLauncher>));
+  m.impl("_roi_unpool_blend_backward", TORCH_FN(blend::blend_backward<CudaLauncher>));
 }
 
 }  // namespace cuda
