@@ -60,12 +60,15 @@ cmake-test: $(STAMP)
 # normal build is untouched), then the op tests run against that copy with the
 # sanitizer runtimes preloaded into the (uninstrumented) Python.
 SANITIZE_DIR := build/sanitize
-SANITIZE_TESTS ?= tests/test_roi_align.py tests/test_roi_unpool.py tests/test_validation.py tests/test_properties.py tests/test_reference.py
+SANITIZE_TESTS ?= tests/test_roi_align.py tests/test_roi_unpool.py tests/test_validation.py tests/test_properties.py tests/test_blend.py
 sanitize: $(STAMP)
 	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)
 	ROI_OPS_SANITIZE=1 ROI_OPS_WITH_CUDA=0 MAX_JOBS=2 $(PY) setup.py -q build_ext \
 	  --build-lib $(SANITIZE_DIR)/lib --build-temp $(SANITIZE_DIR)/tmp
 	cp -r roi_ops/*.py $(SANITIZE_DIR)/lib/roi_ops/
+	@# the tests must run the instrumented library, not the normal build
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 PYTHONPATH=$(SANITIZE_DIR)/lib \
+	  $(PY) -c "import roi_ops._C as c, sys; sys.exit(0 if '$(SANITIZE_DIR)' in c.__file__ else 'loaded ' + c.__file__)"
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	PYTHONPATH=$(SANITIZE_DIR)/lib ROI_OPS_EXPECT_SANITIZED=1 \

@@ -10,10 +10,35 @@
 #include <cstdint>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include "../common/roi_math.h"
 
 namespace roi_ops {
 namespace cpu {
+
+// A large fresh output costs more in page faults than in writing it (262 MB
+// of ROI-Unpool output: ~70 ms of 4 KiB faults vs ~9 ms of stores). Asking
+// for transparent huge pages on it before the first touch cuts the faults
+// 512-fold where the kernel's THP mode is "madvise" (a hint only: no effect
+// elsewhere, and the memory is still the allocator's to free).
+inline void prefer_huge_pages(const at::Tensor& fresh_output) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = fresh_output.numel() * fresh_output.element_size();
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(fresh_output.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + bytes) & ~(kHuge - 1);
+  if (last > first) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#else
+  (void)fresh_output;
+#endif
+}
 
 // Calls f(coord_t{}) with coord_t = double or float.
 template <typename F>

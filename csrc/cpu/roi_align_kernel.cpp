@@ -295,6 +295,7 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
   }
   at::Tensor grad_input =
       at::empty({batch_size, channels, height, width}, grad.options(), format);
+  prefer_huge_pages(grad_input);
   const at::Tensor g = grad.contiguous(format);
   const at::Tensor r = rois.to(coord_type_for(grad, rois)).contiguous();
   const AlignShape s{K, channels, height, width, pooled_height, pooled_width};

@@ -582,6 +582,7 @@ std::tuple<at::Tensor, at::Tensor> roi_unpool_blend_forward_cpu(
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast
                                     : at::MemoryFormat::Contiguous;
   at::Tensor out = at::empty({B, C, H, W}, base.options(), format);
+  prefer_huge_pages(out);
   at::Tensor base_weight = at::empty({B, H, W}, base_logit.options());
   if (B == 0 || H == 0 || W == 0) return {out, base_weight};
 
@@ -635,6 +636,7 @@ roi_unpool_blend_backward_cpu(const at::Tensor& grad_out,
             at::zeros({K, PH, PW}, input_logit.options())};
   }
   at::Tensor grad_base = at::empty({B, C, H, W}, base.options(), format);
+  prefer_huge_pages(grad_base);
   at::Tensor grad_base_logit = at::empty({B, H, W}, base_logit.options());
   at::Tensor grad_input = at::empty({K, C, PH, PW}, input.options(), input_format);
   at::Tensor grad_input_logit = at::empty({K, PH, PW}, input_logit.options());

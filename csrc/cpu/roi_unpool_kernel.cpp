@@ -312,6 +312,7 @@ at::Tensor roi_unpool_forward_cpu(const at::Tensor& input, const at::Tensor& roi
     return at::zeros({K, C, height, width}, input.options().memory_format(format));
   }
   at::Tensor output = at::empty({K, C, height, width}, input.options(), format);
+  prefer_huge_pages(output);
   const at::Tensor x = input.contiguous(format);
   const at::Tensor r = rois.to(coord_type_for(input, rois)).contiguous();
   const UnpoolShape s{K, C, height, width, PH, PW};
