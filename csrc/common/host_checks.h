@@ -155,4 +155,74 @@ inline bool use_channels_last(const at::Tensor& t) {
          t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 
+// Per-op argument checks (shapes, dtypes, devices, sizes), shared by the CPU
+// and CUDA host functions; box values are checked by check_roi_values.
+inline void check_roi_align_args(const char* op, const at::Tensor& input,
+                                 const at::Tensor& rois, int64_t pooled_height,
+                                 int64_t pooled_width) {
+  check_input_and_rois(op, input, "input", 4, rois);
+  check_positive(op, "pooled_height", pooled_height);
+  check_positive(op, "pooled_width", pooled_width);
+}
+
+inline void check_roi_align_backward_args(const char* op, const at::Tensor& grad,
+                                          const at::Tensor& rois,
+                                          int64_t pooled_height, int64_t pooled_width,
+                                          int64_t batch_size, int64_t channels,
+                                          int64_t height, int64_t width) {
+  check_input_and_rois(op, grad, "grad", 4, rois);
+  const int64_t K = rois.size(0);
+  TORCH_CHECK_VALUE(grad.size(0) == K && grad.size(1) == channels &&
+                        grad.size(2) == pooled_height && grad.size(3) == pooled_width,
+                    op, ": grad must be Tensor[", K, ", ", channels, ", ",
+                    pooled_height, ", ", pooled_width, "], got Tensor", grad.sizes());
+  check_non_negative(op, "batch_size", batch_size);
+  check_non_negative(op, "channels", channels);
+  check_non_negative(op, "height", height);
+  check_non_negative(op, "width", width);
+}
+
+inline void check_roi_unpool_args(const char* op, const at::Tensor& input,
+                                  const at::Tensor& rois, int64_t height,
+                                  int64_t width) {
+  check_input_and_rois(op, input, "input", 4, rois);
+  check_positive(op, "height", height);
+  check_positive(op, "width", width);
+  TORCH_CHECK_VALUE(input.size(0) == rois.size(0), op,
+                    ": input must have one grid per ROI: input.shape[0] == ",
+                    input.size(0), " but rois has ", rois.size(0), " rows");
+}
+
+inline void check_roi_unpool_backward_args(const char* op, const at::Tensor& grad,
+                                           const at::Tensor& rois,
+                                           int64_t pooled_height,
+                                           int64_t pooled_width) {
+  check_input_and_rois(op, grad, "grad", 4, rois);
+  check_positive(op, "pooled_height", pooled_height);
+  check_positive(op, "pooled_width", pooled_width);
+  TORCH_CHECK_VALUE(grad.size(0) == rois.size(0), op,
+                    ": grad.shape[0] must equal the ", rois.size(0),
+                    " rows of rois, got ", grad.size(0));
+}
+
+inline at::MemoryFormat memory_format_of(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast
+                       : at::MemoryFormat::Contiguous;
+}
+
+// The memory format a kernel uses for (and allocates like) tensor t.
+inline at::MemoryFormat memory_format_of(const at::Tensor& t) {
+  return memory_format_of(use_channels_last(t));
+}
+
+// Calls f(coord_t{}) with coord_t = double or float (see coord_type_for).
+template <typename F>
+void dispatch_coord_type(at::ScalarType t, F&& f) {
+  if (t == at::kDouble) {
+    f(double{});
+  } else {
+    f(float{});
+  }
+}
+
 }  // namespace roi_ops

@@ -14,6 +14,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "../common/host_checks.h"
 #include "../common/roi_math.h"
 
 namespace roi_ops {
@@ -38,16 +39,6 @@ inline void prefer_huge_pages(const at::Tensor& fresh_output) {
 #else
   (void)fresh_output;
 #endif
-}
-
-// Calls f(coord_t{}) with coord_t = double or float.
-template <typename F>
-void dispatch_coord_type(at::ScalarType t, F&& f) {
-  if (t == at::kDouble) {
-    f(double{});
-  } else {
-    f(float{});
-  }
 }
 
 template <typename coord_t>

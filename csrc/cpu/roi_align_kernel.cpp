@@ -226,14 +226,11 @@ at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois
                                  int64_t pooled_width, int64_t sampling_ratio,
                                  bool aligned) {
   constexpr const char* op = "roi_align";
-  check_input_and_rois(op, input, "input", 4, rois);
-  check_positive(op, "pooled_height", pooled_height);
-  check_positive(op, "pooled_width", pooled_width);
+  check_roi_align_args(op, input, rois, pooled_height, pooled_width);
   check_roi_values(op, rois, input.size(0));
 
   const bool channels_last = use_channels_last(input);
-  const auto format = channels_last ? at::MemoryFormat::ChannelsLast
-                                    : at::MemoryFormat::Contiguous;
+  const auto format = memory_format_of(channels_last);
   const int64_t K = rois.size(0), C = input.size(1);
   const AlignShape s{K, C, input.size(2), input.size(3), pooled_height, pooled_width};
   if (K == 0 || C == 0 || s.height == 0 || s.width == 0) {
@@ -275,21 +272,13 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                                   int64_t channels, int64_t height, int64_t width,
                                   int64_t sampling_ratio, bool aligned) {
   constexpr const char* op = "_roi_align_backward";
-  check_input_and_rois(op, grad, "grad", 4, rois);
+  check_roi_align_backward_args(op, grad, rois, pooled_height, pooled_width,
+                                batch_size, channels, height, width);
   const int64_t K = rois.size(0);
-  TORCH_CHECK_VALUE(grad.size(0) == K && grad.size(1) == channels &&
-                        grad.size(2) == pooled_height && grad.size(3) == pooled_width,
-                    op, ": grad must be Tensor[", K, ", ", channels, ", ",
-                    pooled_height, ", ", pooled_width, "], got Tensor", grad.sizes());
-  check_non_negative(op, "batch_size", batch_size);
-  check_non_negative(op, "channels", channels);
-  check_non_negative(op, "height", height);
-  check_non_negative(op, "width", width);
   check_roi_values(op, rois, batch_size);
 
   const bool channels_last = use_channels_last(grad);
-  const auto format = channels_last ? at::MemoryFormat::ChannelsLast
-                                    : at::MemoryFormat::Contiguous;
+  const auto format = memory_format_of(channels_last);
   if (K == 0 || channels == 0 || height == 0 || width == 0 || batch_size == 0) {
     return at::zeros({batch_size, channels, height, width}, grad.options().memory_format(format));
   }

@@ -579,8 +579,7 @@ std::tuple<at::Tensor, at::Tensor> roi_unpool_blend_forward_cpu(
   check_roi_values(op, rois, B);
 
   const bool channels_last = use_channels_last(base);
-  const auto format = channels_last ? at::MemoryFormat::ChannelsLast
-                                    : at::MemoryFormat::Contiguous;
+  const auto format = memory_format_of(channels_last);
   at::Tensor out = at::empty({B, C, H, W}, base.options(), format);
   prefer_huge_pages(out);
   at::Tensor base_weight = at::empty({B, H, W}, base_logit.options());
@@ -625,10 +624,8 @@ roi_unpool_blend_backward_cpu(const at::Tensor& grad_out,
   check_roi_values(op, rois, B);
 
   const bool channels_last = use_channels_last(base);
-  const auto format = channels_last ? at::MemoryFormat::ChannelsLast
-                                    : at::MemoryFormat::Contiguous;
-  const auto input_format = use_channels_last(input) ? at::MemoryFormat::ChannelsLast
-                                                     : at::MemoryFormat::Contiguous;
+  const auto format = memory_format_of(channels_last);
+  const auto input_format = memory_format_of(input);
   if (B == 0 || H == 0 || W == 0) {
     return {at::zeros({B, C, H, W}, base.options().memory_format(format)),
             at::zeros({B, H, W}, base_logit.options()),

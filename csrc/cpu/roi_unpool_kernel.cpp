@@ -293,20 +293,14 @@ at::Tensor roi_unpool_forward_cpu(const at::Tensor& input, const at::Tensor& roi
                                   double spatial_scale, int64_t height,
                                   int64_t width, bool aligned) {
   constexpr const char* op = "roi_unpool";
-  check_input_and_rois(op, input, "input", 4, rois);
-  check_positive(op, "height", height);
-  check_positive(op, "width", width);
+  check_roi_unpool_args(op, input, rois, height, width);
   const int64_t K = rois.size(0);
-  TORCH_CHECK_VALUE(input.size(0) == K, op,
-                    ": input must have one grid per ROI: input.shape[0] == ",
-                    input.size(0), " but rois has ", K, " rows");
   // The batch index is not read by unpool (one output map per ROI), but a box
   // with a bad index is still a bad box: the contract is the same for all ops.
   check_roi_values(op, rois, INT64_MAX);
 
   const bool channels_last = use_channels_last(input);
-  const auto format = channels_last ? at::MemoryFormat::ChannelsLast
-                                    : at::MemoryFormat::Contiguous;
+  const auto format = memory_format_of(channels_last);
   const int64_t C = input.size(1), PH = input.size(2), PW = input.size(3);
   if (K == 0 || C == 0 || PH == 0 || PW == 0) {
     return at::zeros({K, C, height, width}, input.options().memory_format(format));
@@ -338,17 +332,12 @@ at::Tensor roi_unpool_backward_cpu(const at::Tensor& grad, const at::Tensor& roi
                                    double spatial_scale, int64_t pooled_height,
                                    int64_t pooled_width, bool aligned) {
   constexpr const char* op = "_roi_unpool_backward";
-  check_input_and_rois(op, grad, "grad", 4, rois);
-  check_positive(op, "pooled_height", pooled_height);
-  check_positive(op, "pooled_width", pooled_width);
+  check_roi_unpool_backward_args(op, grad, rois, pooled_height, pooled_width);
   const int64_t K = rois.size(0);
-  TORCH_CHECK_VALUE(grad.size(0) == K, op, ": grad.shape[0] must equal the ",
-                    K, " rows of rois, got ", grad.size(0));
   check_roi_values(op, rois, INT64_MAX);
 
   const bool channels_last = use_channels_last(grad);
-  const auto format = channels_last ? at::MemoryFormat::ChannelsLast
-                                    : at::MemoryFormat::Contiguous;
+  const auto format = memory_format_of(channels_last);
   const int64_t C = grad.size(1), H = grad.size(2), W = grad.size(3);
   if (K == 0 || C == 0 || H == 0 || W == 0) {
     return at::zeros({K, C, pooled_height, pooled_width}, grad.options().memory_format(format));

@@ -28,10 +28,6 @@ namespace cuda {
 namespace blend {
 
 
-inline at::MemoryFormat format_of(const at::Tensor& t) {
-  return use_channels_last(t) ? at::MemoryFormat::ChannelsLast
-                              : at::MemoryFormat::Contiguous;
-}
 
 // Tile lists on the device: a stable sort of the batch indices keeps
 // ascending ROI order within an image; no atomics, no host sync.
@@ -87,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> blend_forward(
   check_roi_values(op, rois, B);
 
   const bool channels_last = use_channels_last(base);
-  at::Tensor out = at::empty({B, C, H, W}, base.options(), format_of(base));
+  at::Tensor out = at::empty({B, C, H, W}, base.options(), memory_format_of(base));
   at::Tensor base_weight = at::empty({B, H, W}, base_logit.options());
   if (B == 0 || H == 0 || W == 0) return {out, base_weight};
 
@@ -156,14 +152,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_backward(
   const bool channels_last = use_channels_last(base);
   const bool input_channels_last = use_channels_last(input);
   if (B == 0 || H == 0 || W == 0) {
-    return {at::zeros({B, C, H, W}, base.options().memory_format(format_of(base))),
+    return {at::zeros({B, C, H, W}, base.options().memory_format(memory_format_of(base))),
             at::zeros({B, H, W}, base_logit.options()),
-            at::zeros({K, C, PH, PW}, input.options().memory_format(format_of(input))),
+            at::zeros({K, C, PH, PW}, input.options().memory_format(memory_format_of(input))),
             at::zeros({K, PH, PW}, input_logit.options())};
   }
-  at::Tensor grad_base = at::empty({B, C, H, W}, base.options(), format_of(base));
+  at::Tensor grad_base = at::empty({B, C, H, W}, base.options(), memory_format_of(base));
   at::Tensor grad_base_logit = at::empty({B, H, W}, base_logit.options());
-  at::Tensor grad_input = at::empty({K, C, PH, PW}, input.options(), format_of(input));
+  at::Tensor grad_input = at::empty({K, C, PH, PW}, input.options(), memory_format_of(input));
   at::Tensor grad_input_logit = at::empty({K, PH, PW}, input_logit.options());
 
   const at::Tensor gbw = has_gbw ? grad_base_weight->contiguous() : at::Tensor();

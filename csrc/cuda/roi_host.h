@@ -34,35 +34,18 @@ inline Strides4 strides4(const at::Tensor& t) {
   return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-inline at::MemoryFormat memory_format(bool channels_last) {
-  return channels_last ? at::MemoryFormat::ChannelsLast
-                       : at::MemoryFormat::Contiguous;
-}
-
-// Calls f(coord_t{}) with coord_t = double or float.
-template <typename F>
-void dispatch_coord_type(at::ScalarType t, F&& f) {
-  if (t == at::kDouble) {
-    f(double{});
-  } else {
-    f(float{});
-  }
-}
-
 template <typename Launcher>
 at::Tensor roi_align_forward(const at::Tensor& input, const at::Tensor& rois,
                              double spatial_scale, int64_t pooled_height,
                              int64_t pooled_width, int64_t sampling_ratio,
                              bool aligned) {
   constexpr const char* op = "roi_align";
-  check_input_and_rois(op, input, "input", 4, rois);
-  check_positive(op, "pooled_height", pooled_height);
-  check_positive(op, "pooled_width", pooled_width);
+  check_roi_align_args(op, input, rois, pooled_height, pooled_width);
   const Launcher launch(input.device());
   check_roi_values(op, rois, input.size(0));
 
   const bool channels_last = use_channels_last(input);
-  const auto format = memory_format(channels_last);
+  const auto format = memory_format_of(channels_last);
   const int64_t K = rois.size(0), C = input.size(1);
   const int64_t H = input.size(2), W = input.size(3);
   if (K == 0 || C == 0 || H == 0 || W == 0) {
@@ -105,20 +88,14 @@ at::Tensor roi_align_backward(const at::Tensor& grad, const at::Tensor& rois,
                               int64_t channels, int64_t height, int64_t width,
                               int64_t sampling_ratio, bool aligned) {
   constexpr const char* op = "_roi_align_backward";
-  check_input_and_rois(op, grad, "grad", 4, rois);
+  check_roi_align_backward_args(op, grad, rois, pooled_height, pooled_width,
+                                batch_size, channels, height, width);
   const int64_t K = rois.size(0);
-  TORCH_CHECK_VALUE(grad.size(0) == K && grad.size(1) == channels &&
-                        grad.size(2) == pooled_height && grad.size(3) == pooled_width,
-                    op, ": grad must be Tensor[", K, ", ", channels, ", ",
-                    pooled_height, ", ", pooled_width, "], got Tensor", grad.sizes());
-  TORCH_CHECK_VALUE(batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0,
-                    op, ": input sizes must be non-negative, got [", batch_size,
-                    ", ", channels, ", ", height, ", ", width, "]");
   const Launcher launch(grad.device());
   check_roi_values(op, rois, batch_size);
 
   const bool channels_last = use_channels_last(grad);
-  const auto format = memory_format(channels_last);
+  const auto format = memory_format_of(channels_last);
   if (K == 0 || channels == 0 || height == 0 || width == 0 || batch_size == 0) {
     return at::zeros({batch_size, channels, height, width},
                      grad.options().memory_format(format));
@@ -187,19 +164,14 @@ at::Tensor roi_unpool_forward(const at::Tensor& input, const at::Tensor& rois,
                               double spatial_scale, int64_t height, int64_t width,
                               bool aligned) {
   constexpr const char* op = "roi_unpool";
-  check_input_and_rois(op, input, "input", 4, rois);
-  check_positive(op, "height", height);
-  check_positive(op, "width", width);
+  check_roi_unpool_args(op, input, rois, height, width);
   const int64_t K = rois.size(0);
-  TORCH_CHECK_VALUE(input.size(0) == K, op,
-                    ": input must have one grid per ROI: input.shape[0] == ",
-                    input.size(0), " but rois has ", K, " rows");
   const Launcher launch(input.device());
   // Unpool does not read the batch index, but the box contract is shared.
   check_roi_values(op, rois, INT64_MAX);
 
   const bool channels_last = use_channels_last(input);
-  const auto format = memory_format(channels_last);
+  const auto format = memory_format_of(channels_last);
   const int64_t C = input.size(1), PH = input.size(2), PW = input.size(3);
   if (K == 0 || C == 0 || PH == 0 || PW == 0) {
     return at::zeros({K, C, height, width}, input.options().memory_format(format));
@@ -236,17 +208,13 @@ at::Tensor roi_unpool_backward(const at::Tensor& grad, const at::Tensor& rois,
                                double spatial_scale, int64_t pooled_height,
                                int64_t pooled_width, bool aligned) {
   constexpr const char* op = "_roi_unpool_backward";
-  check_input_and_rois(op, grad, "grad", 4, rois);
-  check_positive(op, "pooled_height", pooled_height);
-  check_positive(op, "pooled_width", pooled_width);
+  check_roi_unpool_backward_args(op, grad, rois, pooled_height, pooled_width);
   const int64_t K = rois.size(0);
-  TORCH_CHECK_VALUE(grad.size(0) == K, op, ": grad.shape[0] must equal the ", K,
-                    " rows of rois, got ", grad.size(0));
   const Launcher launch(grad.device());
   check_roi_values(op, rois, INT64_MAX);
 
   const bool channels_last = use_channels_last(grad);
-  const auto format = memory_format(channels_last);
+  const auto format = memory_format_of(channels_last);
   const int64_t C = grad.size(1), H = grad.size(2), W = grad.size(3);
   if (K == 0 || C == 0 || H == 0 || W == 0) {
     return at::zeros({K, C, pooled_height, pooled_width},
