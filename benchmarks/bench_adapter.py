@@ -50,7 +50,8 @@ RESULTS = HERE / "results"
 JSON_PATH = RESULTS / "adapter_cpu.json"
 PNG_PATH = RESULTS / "adapter_cpu.png"
 DOC_PATH = REPO / "docs" / "efficiency.md"
-TABLE_BEGIN, TABLE_END = "<!-- adapter-table:begin (bench_adapter.py --report writes this) -->", "<!-- adapter-table:end -->"
+TABLE_BEGIN = "<!-- adapter-table:begin (bench_adapter.py --report writes this) -->"
+TABLE_END = "<!-- adapter-table:end -->"
 
 THREADS = int(os.environ.get("ROI_OPS_BENCH_THREADS", "2"))
 METHODS = ("fused", "naive", "masked")
@@ -409,6 +410,12 @@ def run_interleaved(args) -> None:
                     for m, v in row["methods"].items()), flush=True)
             else:
                 print(f"{res:>6} N={n:<3} {row['status']}: {row.get('reason')}", flush=True)
+    # Rows of an earlier interleaved pass for other (resolution, N) are kept: a pass can redo a few cases.
+    done = {(r["resolution"], r["n"]) for r in rows}
+    kept = [r for r in doc.get("interleaved_fwd", {}).get("results", []) if (r["resolution"], r["n"]) not in done]
+    for r in rows:
+        r["measured_at"] = _dt.datetime.now().isoformat(timespec="seconds")
+    order = {res: i for i, res in enumerate(resolutions)}
     doc["interleaved_fwd"] = {
         "what": "forward (torch.no_grad) of every method in one process per (resolution, N), calls alternating "
                 "method by method for `rounds` rounds after one warm-up round; medians. Less exposed to the "
@@ -416,7 +423,7 @@ def run_interleaved(args) -> None:
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "wall_s": round(time.perf_counter() - started, 1),
-        "results": rows,
+        "results": sorted(kept + rows, key=lambda r: (order.get(r["resolution"], 99), r["n"])),
     }
     doc["summary"] = summarise(doc["results"], doc["interleaved_fwd"])
     path.write_text(json.dumps(doc, indent=1) + "\n")
@@ -491,6 +498,13 @@ def summarise(results: list[dict], interleaved: dict | None = None) -> dict:
                     "training_peak_mib_per_instance": round(
                         (b["training_peak_mib"] - a["training_peak_mib"]) / (b["n"] - a["n"]), 2),
                 }
+                ia, ib = _interleaved(interleaved, res, a["n"]), _interleaved(interleaved, res, b["n"])
+                if ia and ib and method in ia and method in ib:
+                    growth[f"{res}/{method}"]["interleaved_fwd_ratio"] = round(
+                        ib[method]["median_ms"] / ia[method]["median_ms"], 3)
+                    growth[f"{res}/{method}"]["interleaved_instance_path_ms"] = [
+                        round(ia[method]["parts_median_ms"]["instance_path"]),
+                        round(ib[method]["parts_median_ms"]["instance_path"])]
     out["growth_smallest_to_largest_n"] = growth
     return out
 
@@ -508,7 +522,8 @@ def plot(doc: dict, path: Path) -> None:
     results = doc["results"]
     resolutions = list(doc["resolutions"])
     inter = doc.get("interleaved_fwd")
-    rows = [("fwd", "inference time (s)" + (", interleaved" if inter else "")), ("fwd_bwd", "training step time (s)"),
+    rows = [("fwd", "inference time (s)" + (", interleaved" if inter else "")),
+            ("fwd_bwd", "training step time (s), per case"),
             ("training_peak_mib", "training peak memory (GiB)"), ("inference_peak_mib", "inference peak memory (GiB)")]
     fig, axes = plt.subplots(len(rows), len(resolutions), figsize=(5.2 * len(resolutions), 3.1 * len(rows)),
                              squeeze=False, sharex=True)

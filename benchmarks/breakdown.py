@@ -89,7 +89,15 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args.case, args.repeats)))
         return 0
 
+    import resource
+
+    def cpu_now():
+        ticks = [int(f) for f in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), kids.ru_utime + kids.ru_stime
+
     runs = []
+    c0, t0 = cpu_now(), time.perf_counter()
     for thp in (None, "1"):
         env = dict(os.environ)
         env.pop("THP_MEM_ALLOC_ENABLE", None)
@@ -98,6 +106,9 @@ def main(argv=None) -> int:
         out = subprocess.run([sys.executable, __file__, "--child", "--case", args.case,
                               "--repeats", str(args.repeats)], env=env, capture_output=True, text=True, check=True)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    c1, wall = cpu_now(), time.perf_counter() - t0
+    # CPU time other processes took meanwhile (all busy time less our children's): how clean the run was.
+    share = max((c1[0] - c0[0]) - (c1[1] - c0[1]), 0.0) / (wall * (os.cpu_count() or 1))
     names = list(runs[0]["median_ms"])
     width = max(map(len, names))
     print(f"{args.case}: {CASES[args.case]['input']}, {CASES[args.case]['num_boxes']} boxes, grid "
@@ -105,9 +116,13 @@ def main(argv=None) -> int:
     print(f"{'':{width}s}  {'THP off':>9s}  {'THP=1':>9s}")
     for n in names:
         print(f"{n:{width}s}  {runs[0]['median_ms'][n]:9.2f}  {runs[1]['median_ms'][n]:9.2f}")
+    print(f"other processes took {share:.0%} of the machine meanwhile"
+          + ("; the timings are not clean" if share > 0.05 else ""))
     if args.json:
         info = environment_info()
         info["env"].pop("THP_MEM_ALLOC_ENABLE")
+        info["env"].pop("loadavg_1_5_15min")
+        info["env"]["other_processes_share_of_machine"] = round(share, 3)
         args.json.write_text(json.dumps({**info, "breakdown": runs}, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0

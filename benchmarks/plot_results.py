@@ -65,7 +65,10 @@ def plot(json_path, png_path=None) -> Path:
     sha = (v.get("roi_ops_git_sha") or "?")[:10] + ("+dirty" if v.get("roi_ops_git_dirty") else "")
     ax.set_title(f"roi_ops CPU benchmarks, {data['date_utc'][:10]}: {m['cpu_model']}, {data['threads']} threads, "
                  f"torch {v['torch']}, roi_ops {sha}\nfloat32, forward (fwd) and forward+backward (fwd+bwd); "
-                 f"THP_MEM_ALLOC_ENABLE={data['env'].get('THP_MEM_ALLOC_ENABLE')}", fontsize=9.5)
+                 f"THP_MEM_ALLOC_ENABLE={data['env'].get('THP_MEM_ALLOC_ENABLE')}"
+                 + (f"; other processes took {share:.0%} of the machine during the run"
+                    if (share := data["env"].get("other_processes_share_of_machine")) is not None else ""),
+                 fontsize=9.5)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path)

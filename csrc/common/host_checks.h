@@ -9,6 +9,7 @@
 #include <ATen/ops/all.h>
 #include <ATen/ops/logical_and.h>
 #include <ATen/ops/floor.h>
+#include <ATen/ops/stack.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -58,15 +59,18 @@ inline void check_input_and_rois(const char* op, const at::Tensor& input,
 inline void check_roi_values(const char* op, const at::Tensor& rois,
                              int64_t batch_size) {
   if (rois.size(0) == 0) return;
-  TORCH_CHECK_VALUE(at::isfinite(rois).all().item<bool>(), op,
-                    ": rois must hold finite values (no NaN or inf)");
+  // Both verdicts in one small tensor: one read-back (one sync on CUDA).
   const at::Tensor idx = rois.select(1, 0);
-  const bool in_range =
-      at::logical_and(idx.ge(0), idx.lt(static_cast<double>(batch_size)))
-          .all()
-          .item<bool>();
-  const bool integral = at::floor(idx).eq(idx).all().item<bool>();
-  TORCH_CHECK_VALUE(in_range && integral, op,
+  const at::Tensor finite = at::isfinite(rois).all();
+  const at::Tensor index_ok =
+      at::logical_and(
+          at::logical_and(idx.ge(0), idx.lt(static_cast<double>(batch_size))),
+          at::floor(idx).eq(idx))
+          .all();
+  const at::Tensor verdict = at::stack({finite, index_ok}).cpu();
+  const bool* ok = verdict.const_data_ptr<bool>();
+  TORCH_CHECK_VALUE(ok[0], op, ": rois must hold finite values (no NaN or inf)");
+  TORCH_CHECK_VALUE(ok[1], op,
                     ": rois[:, 0] (batch index) must be whole numbers in [0, ",
                     batch_size, "), got values outside that set");
 }
