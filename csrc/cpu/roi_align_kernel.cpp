@@ -238,6 +238,7 @@ at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois
   }
   at::Tensor output =
       at::empty({K, C, pooled_height, pooled_width}, input.options(), format);
+  prefer_huge_pages(output);
   const at::Tensor x = input.contiguous(format);
   const at::Tensor r = rois.to(coord_type_for(input, rois)).contiguous();
 

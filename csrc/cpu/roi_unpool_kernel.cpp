@@ -344,6 +344,7 @@ at::Tensor roi_unpool_backward_cpu(const at::Tensor& grad, const at::Tensor& roi
   }
   at::Tensor grad_input =
       at::empty({K, C, pooled_height, pooled_width}, grad.options(), format);
+  prefer_huge_pages(grad_input);
   const at::Tensor g = grad.contiguous(format);
   const at::Tensor r = rois.to(coord_type_for(grad, rois)).contiguous();
   const UnpoolShape s{K, C, H, W, pooled_height, pooled_width};
