@@ -85,7 +85,7 @@ void unpool_forward_nchw(const scalar_t* input, const coord_t* rois,
   const int64_t PH = s.pooled_h, PW = s.pooled_w;
   at::parallel_for(0, s.num_rois * C, 1, [&](int64_t begin, int64_t end) {
     UnpoolRoi<coord_t, acc_t> roi;
-    std::vector<acc_t> cols;  // [PH, covered width]: grid interpolated along x
+    std::vector<acc_t> binned;  // [PW]: one grid row interpolated along y
     for (int64_t kc = begin; kc < end; ++kc) {
       const int64_t k = kc / C;
       roi.load(rois, k, scale, aligned, s);
@@ -98,25 +98,24 @@ void unpool_forward_nchw(const scalar_t* input, const coord_t* rois,
         std::fill(out, out + H * W, scalar_t(0));
         continue;
       }
-      cols.resize(PH * nx);
-      for (int64_t i = 0; i < PH; ++i) {
-        const scalar_t* g = grid + i * PW;
-        acc_t* dst = cols.data() + i * nx;
-        for (int64_t w = 0; w < nx; ++w) {
-          const math::Tap<acc_t>& t = roi.tx[w];
-          dst[w] = t.w_lo * static_cast<acc_t>(g[t.lo]) +
-                   t.w_hi * static_cast<acc_t>(g[t.hi]);
-        }
-      }
+      // y first: the covered row's grid row interpolated along y, then read
+      // at each column's x tap -- bitwise math::unpool_lerp, in separable form
+      binned.resize(PW);
       std::fill(out, out + y0 * W, scalar_t(0));
       for (int64_t h = y0; h < y1; ++h) {
+        const math::Tap<acc_t>& ty = roi.ty[h - y0];
+        const scalar_t* g_lo = grid + ty.lo * PW;
+        const scalar_t* g_hi = grid + ty.hi * PW;
+        for (int64_t j = 0; j < PW; ++j) {
+          binned[j] = ty.w_lo * static_cast<acc_t>(g_lo[j]) +
+                      ty.w_hi * static_cast<acc_t>(g_hi[j]);
+        }
         scalar_t* row = out + h * W;
-        const math::Tap<acc_t>& t = roi.ty[h - y0];
-        const acc_t* a = cols.data() + t.lo * nx;
-        const acc_t* b = cols.data() + t.hi * nx;
         std::fill(row, row + x0, scalar_t(0));
         for (int64_t w = 0; w < nx; ++w) {
-          row[x0 + w] = static_cast<scalar_t>(t.w_lo * a[w] + t.w_hi * b[w]);
+          const math::Tap<acc_t>& tx = roi.tx[w];
+          row[x0 + w] = static_cast<scalar_t>(tx.w_lo * binned[tx.lo] +
+                                              tx.w_hi * binned[tx.hi]);
         }
         std::fill(row + x1, row + W, scalar_t(0));
       }
@@ -154,11 +153,11 @@ void unpool_forward_nhwc(const scalar_t* input, const coord_t* rois,
         const scalar_t* c_ = g_hi + tx.lo * C;
         const scalar_t* d = g_hi + tx.hi * C;
         scalar_t* __restrict dst = row + w * C;
-        // x first, then y: the order of unpool_forward_nchw (bitwise equal)
+        // the one clamped-bilinear evaluation (math::unpool_lerp), per channel
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t top = tx.w_lo * static_cast<acc_t>(a[c]) + tx.w_hi * static_cast<acc_t>(b[c]);
-          const acc_t bottom = tx.w_lo * static_cast<acc_t>(c_[c]) + tx.w_hi * static_cast<acc_t>(d[c]);
-          dst[c] = static_cast<scalar_t>(ty.w_lo * top + ty.w_hi * bottom);
+          dst[c] = static_cast<scalar_t>(math::unpool_lerp(
+              ty, tx, static_cast<acc_t>(a[c]), static_cast<acc_t>(b[c]),
+              static_cast<acc_t>(c_[c]), static_cast<acc_t>(d[c])));
         }
       }
       std::fill(row + x1 * C, row + W * C, scalar_t(0));

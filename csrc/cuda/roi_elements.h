@@ -309,10 +309,10 @@ C10_HOST_DEVICE inline void unpool_forward_element(
   const scalar_t* row_lo = grid + ty.lo * p.in.h;
   const scalar_t* row_hi = grid + ty.hi * p.in.h;
   const int64_t xl = tx.lo * p.in.w, xh = tx.hi * p.in.w;
-  const acc_t v = static_cast<acc_t>(ty.w_lo * tx.w_lo) * load(row_lo + xl) +
-                  static_cast<acc_t>(ty.w_lo * tx.w_hi) * load(row_lo + xh) +
-                  static_cast<acc_t>(ty.w_hi * tx.w_lo) * load(row_hi + xl) +
-                  static_cast<acc_t>(ty.w_hi * tx.w_hi) * load(row_hi + xh);
+  // the one clamped-bilinear evaluation, as on the CPU (bitwise)
+  const acc_t v = math::unpool_lerp(math::tap_cast<acc_t>(ty), math::tap_cast<acc_t>(tx),
+                                    load(row_lo + xl), load(row_lo + xh),
+                                    load(row_hi + xl), load(row_hi + xh));
   p.output[i] = static_cast<scalar_t>(v);
 }
 
