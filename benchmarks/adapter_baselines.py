@@ -13,15 +13,15 @@ box-coordinate guidance, gates and regulariser statistics; only the part under s
   over pooled logits) is left out because the adapter has none. It computes the adapter's function (to
   rounding: the logits are projected after pasting instead of before, equal by linearity).
 * :class:`MaskedAttnROICtrlBlock` ("masked-attention ROICtrl", the paper's Mask-Attn ROICtrl ablation, the
-  MIGC / InstanceDiffusion way): no ROI-Align or ROI-Unpool. Each instance's cross-attention (the layer's own
-  pretrained ``attn2``) runs on all ``H*W`` tokens of its sample with the instance's caption, and a box mask
-  (the pixels ROI-Unpool would cover, so both methods touch the same region) keeps its output to the box:
-  masked-out entries get logit ``-inf`` in a blend over the stacked full-resolution outputs ``[B, N+1, H*W, C]``
-  (logits from the same shared projection). The ROI self-attention has no grid to run on here. Its masked
-  form (self-attention over all ``H*W`` tokens with keys restricted to the box) costs ``N * (H*W)^2`` and is
-  available with ``masked_self_attention=True``, but it is OFF by default and in the benchmark: at 1024 px it
-  alone would cost several seconds per instance on the benchmark machine. The baseline is therefore measured
-  doing less work than the real masked design, which favours it.
+  MIGC / InstanceDiffusion way): no ROI-Align or ROI-Unpool, every per-instance step runs on the full map with
+  a box mask (the pixels ROI-Unpool would cover, so both methods touch the same region). Each instance's
+  cross-attention (the layer's own pretrained ``attn2``) runs on all ``H*W`` tokens of its sample with the
+  instance's caption; the ROI self-attention becomes a self-attention over all ``H*W`` tokens with keys
+  restricted to the box (MIGC's layout attention does the same); outside the box both outputs are discarded:
+  masked-out entries get logit ``-inf`` in a blend over the stacked full-resolution outputs
+  ``[B, N+1, H*W, C]`` (logits from the same shared projection). Cost: ``N * H*W`` cross-attention queries and
+  ``N * (H*W)^2`` self-attention scores. ``masked_self_attention=False`` (benchmark method ``masked_xattn``)
+  leaves the self-attention out: a lower bound of the masked design's cost, doing less work than the adapter.
 """
 
 from __future__ import annotations
@@ -103,17 +103,25 @@ class NaiveROICtrlBlock(ROICtrlBlock):
 class MaskedAttnROICtrlBlock(ROICtrlBlock):
     """ROICtrl with masked attention on the full map instead of ROI grids (see the module docstring).
 
-    Args: those of :class:`ROICtrlBlock`, plus ``masked_self_attention``: also run the ROI self-attention as a
-    full-map self-attention with keys restricted to the box (``N * (H*W)^2``; off by default).
+    Args: those of :class:`ROICtrlBlock`, plus ``masked_self_attention``: run the ROI self-attention as a
+    full-map self-attention with keys restricted to the box (``N * (H*W)^2``; the default, as the adapter has
+    the step); ``False`` leaves the step out.
     """
 
-    def __init__(self, *args: Any, masked_self_attention: bool = False, **kwargs: Any):
+    def __init__(self, *args: Any, masked_self_attention: bool = True, **kwargs: Any):
         kwargs["fused_blend"] = False
         super().__init__(*args, **kwargs)
         self.masked_self_attention = masked_self_attention
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, masked attention on H*W tokens, masked_self_attention={self.masked_self_attention}"
+
+    def masked_roi_self_attention(self, x: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
+        """The ROI self-attention in masked form: ``x`` ``[K, H*W, C]``, every token a query, keys restricted to
+        ``box_mask`` ``BoolTensor[K, H*W]``. Inside the box it equals the self-attention of the box's tokens."""
+        # A box that covers no pixel would leave its queries no key (NaN); its output is masked out anyway.
+        keys = box_mask | ~box_mask.any(1, keepdim=True)
+        return self.roi_attn(self.roi_norm(x), keys)
 
     def instance_path(self, hidden_states, global_out, attn, instances, size, encoder_hidden_states=None,
                       attn_kwargs=None):
@@ -139,9 +147,7 @@ class MaskedAttnROICtrlBlock(ROICtrlBlock):
             **kwargs,
         )
         if self.masked_self_attention:
-            # A box that covers no pixel would leave its queries no key (NaN); its output is masked out anyway.
-            keys = box_mask | ~box_mask.any(1, keepdim=True)
-            x = x + torch.tanh(self.roi_gate).to(dtype) * self.roi_attn(self.roi_norm(x), keys)
+            x = x + torch.tanh(self.roi_gate).to(dtype) * self.masked_roi_self_attention(x, box_mask)
 
         # Blend over the stacked full-resolution outputs, masked outside each box.
         stack = global_out.new_zeros(B, N + 1, T, C)
@@ -162,6 +168,7 @@ METHODS = {
     "unfused": (ROICtrlBlock, {"fused_blend": False}),
     "naive": (NaiveROICtrlBlock, {}),
     "masked": (MaskedAttnROICtrlBlock, {}),
+    "masked_xattn": (MaskedAttnROICtrlBlock, {"masked_self_attention": False}),
 }
 
 

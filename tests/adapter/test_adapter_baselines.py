@@ -83,6 +83,40 @@ def test_masked_attention_block_acts_inside_its_boxes_only(masked_self_attention
     assert ((out - global_out).abs().amax(-1)[covered] > 0).all()
 
 
+def test_masked_self_attention_is_the_self_attention_of_the_box_tokens():
+    # The masked form costs (H*W)^2 per instance but must compute, inside the box, exactly the self-attention of
+    # the box's own tokens: masked-out keys get zero weight.
+    torch.manual_seed(3)
+    block = randomize_(MaskedAttnROICtrlBlock(C, 2, 8, P), 0).double()
+    x = torch.randn(2, H * W, C, dtype=torch.float64)
+    box_mask = torch.zeros(2, H, W, dtype=torch.bool)
+    box_mask[0, 2:6, 1:4] = True
+    box_mask[1, 0:3, 3:7] = True
+    box_mask = box_mask.view(2, H * W)
+    out = block.masked_roi_self_attention(x, box_mask)
+    for k in range(2):
+        inside = x[k, box_mask[k]].unsqueeze(0)
+        expected = block.roi_attn(block.roi_norm(inside))[0]
+        torch.testing.assert_close(out[k, box_mask[k]], expected, rtol=1e-12, atol=1e-12)
+    # ...and it is not the full-map self-attention (the mask does something).
+    assert not torch.allclose(out[0, box_mask[0]], block.roi_attn(block.roi_norm(x[:1]))[0, box_mask[0]])
+
+
+def test_masked_methods_differ_only_by_the_self_attention():
+    attn, encoder, instances, (hidden, _, _), text = _case(torch.float64)
+    masked = randomize_(make_block("masked", C, 2, 8, P), 0).double()
+    lower_bound = make_block("masked_xattn", C, 2, 8, P).double()
+    lower_bound.load_state_dict(masked.state_dict())
+    global_out = attn(hidden, encoder_hidden_states=text)
+    with torch.no_grad():
+        full, _, _ = masked.instance_path(hidden, global_out, attn, instances, (H, W), text)
+        without, _, _ = lower_bound.instance_path(hidden, global_out, attn, instances, (H, W), text)
+        masked.roi_gate.zero_()  # tanh(0) = 0: the self-attention's contribution vanishes
+        gated_off, _, _ = masked.instance_path(hidden, global_out, attn, instances, (H, W), text)
+    assert not torch.allclose(full, without)
+    torch.testing.assert_close(gated_off, without, rtol=0, atol=0)
+
+
 def test_unknown_method_is_refused():
-    with pytest.raises(ValueError, match=r"method must be one of \['fused', 'masked', 'naive', 'unfused'\], got 'x'"):
+    with pytest.raises(ValueError, match=r"method must be one of \['fused', 'masked', 'masked_xattn', 'naive', 'unfused'\], got 'x'"):
         make_block("x", C, 2, 8, P)
