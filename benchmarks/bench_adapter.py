@@ -1,6 +1,6 @@
 """Benchmark of one ROICtrl adapter block at SD1.5 level-1 shapes: fused vs naive vs masked-attention ROICtrl.
 
-    python benchmarks/bench_adapter.py              # the full run (~20 min on 2 cores): writes
+    python benchmarks/bench_adapter.py --max-gib 20   # the full run (~45 min on 2 idle cores): writes
                                                     #   benchmarks/results/adapter_cpu.json, adapter_cpu.png
                                                     #   and the table in docs/efficiency.md
     python benchmarks/bench_adapter.py --quick      # small shapes, seconds per case: checks it all runs
