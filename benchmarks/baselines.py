@@ -3,10 +3,13 @@
 baseline measured in the same run.
 
 Both follow ROI_OPS_SPEC.md's coordinate frame, so on the same boxes they
-compute the same function as roi_ops (tests/test_reference.py checks it):
-``padding_mode="border"`` clamps a sample to the edge pixel exactly like
-torchvision's border rule, and samples outside ``[-1, H] x [-1, W]`` are
-masked to zero.
+compute the same function as roi_ops (tests/test_reference.py checks it, boxes
+across the border included). They are written lean, as a user who cares about
+speed would: ROI-Align clamps its sample coordinates itself (torchvision's edge
+rule), parks the samples outside ``[-1, H] x [-1, W]`` where zeros padding
+reads 0, and averages the bins with ``avg_pool2d``: one ``grid_sample`` and
+one pooling per image, no mask pass; ROI-Unpool is one ``grid_sample`` with
+border padding and a coverage mask.
 """
 
 from __future__ import annotations
@@ -75,7 +78,11 @@ def grid_sample_roi_align(
     fx = (torch.arange(PW * g, dtype=coord, device=input.device) + 0.5) / g
     ys = y1[:, None] + fy[None, :] * (rh / PH)[:, None]  # [K, PH*g]
     xs = x1[:, None] + fx[None, :] * (rw / PW)[:, None]  # [K, PW*g]
-    keep = (((ys >= -1) & (ys <= H))[:, :, None] & ((xs >= -1) & (xs <= W))[:, None, :]).to(input.dtype)
+    # The spec's edge rule without a mask pass: a sample in [-1, H] reads the clamped position (clamping the
+    # coordinate ourselves is what border padding does), one outside is sent two pixels off the map, where
+    # zeros padding reads exactly 0.
+    ys = torch.where((ys >= -1) & (ys <= H), ys.clamp(0, H - 1), -2.0)
+    xs = torch.where((xs >= -1) & (xs <= W), xs.clamp(0, W - 1), -2.0)
     grid = torch.stack(
         [
             _normalise(xs, W)[:, None, :].expand(K, PH * g, PW * g),
@@ -93,11 +100,11 @@ def grid_sample_roi_align(
             input[b : b + 1],
             grid[sel].reshape(1, n * PH * g, PW * g, 2),
             mode="bilinear",
-            padding_mode="border",
+            padding_mode="zeros",
             align_corners=True,
-        )  # [1, C, n*PH*g, PW*g]
-        samples = samples.view(C, n, PH * g, PW * g).transpose(0, 1) * keep[sel][:, None]
-        out[sel] = samples.reshape(n, C, PH, g, PW, g).mean(dim=(3, 5))
+        )  # [1, C, n*PH*g, PW*g]; each ROI's rows are a whole number of g x g bins
+        bins = F.avg_pool2d(samples, g) if g > 1 else samples  # [1, C, n*PH, PW]
+        out[sel] = bins.view(C, n, PH, PW).transpose(0, 1)
     return out
 
 

@@ -656,3 +656,19 @@ def test_grid_sample_baselines_agree_with_reference(aligned, scale):
     )
     with pytest.raises(ValueError, match="fixed sampling_ratio > 0, got -1"):
         bl.grid_sample_roi_align(x, rois, (3, 4), scale, -1, aligned)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_grid_sample_roi_align_baseline_follows_the_edge_rule(aligned):
+    # Boxes across every border and beyond it: samples in [-1, 0) and (H-1, H] read the edge pixel, samples
+    # past -1 or H read 0 (the spec's rule), which the baseline gets by clamping and parking coordinates.
+    bl = _load_baselines()
+    gen = torch.Generator().manual_seed(15)
+    B, C, H, W = 2, 3, 9, 11
+    boxes = [(-3.0, -2.5, 4.0, 5.0), (6.0, 5.5, 14.0, 12.0), (-6.0, 2.0, 17.0, 4.5), (10.2, 8.4, 11.3, 9.6)]
+    rois = make_rois(boxes, B, 1.0)
+    x = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64)
+    for sr in (1, 2, 3):
+        expected = ref.roi_align(x, rois, (3, 4), 1.0, sr, aligned)
+        torch.testing.assert_close(bl.grid_sample_roi_align(x, rois, (3, 4), 1.0, sr, aligned), expected,
+                                   rtol=0, atol=1e-12)
