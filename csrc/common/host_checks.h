@@ -4,6 +4,8 @@
 // dtypes, RuntimeError for devices.
 #pragma once
 
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/all.h>
@@ -227,6 +229,20 @@ void dispatch_coord_type(at::ScalarType t, F&& f) {
   } else {
     f(float{});
   }
+}
+
+// Every host function's dispatch: calls f(scalar_t{}, coord_t{}, acc_t{}) for
+// the value dtype (float, double, Half or BFloat16, checked before dispatch),
+// the ROI coordinate dtype (see coord_type_for) and the accumulation type.
+template <typename F>
+void dispatch_value_and_coord_types(at::ScalarType value, at::ScalarType coord,
+                                    F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value, "roi_ops", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_coord_type(coord, [&](auto coord_tag) {
+      f(scalar_t{}, decltype(coord_tag){}, acc_t{});
+    });
+  });
 }
 
 }  // namespace roi_ops

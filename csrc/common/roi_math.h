@@ -126,6 +126,24 @@ C10_HOST_DEVICE inline AlignAxis<T> align_axis(T start, T extent, int64_t pooled
   return a;
 }
 
+// Both axes of one ROI (a row of the [K, 5] table) for ROI-Align: the one
+// place a box becomes its sampling frame.
+template <typename T>
+struct AlignAxes {
+  AlignAxis<T> y, x;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline AlignAxes<T> align_axes(const T* roi, T spatial_scale,
+                                               bool aligned, int64_t pooled_h,
+                                               int64_t pooled_w,
+                                               int64_t sampling_ratio,
+                                               int64_t height, int64_t width) {
+  const RoiFrame<T> f = map_roi(roi, spatial_scale, aligned);
+  return {align_axis(f.y0, f.height, pooled_h, sampling_ratio, height),
+          align_axis(f.x0, f.width, pooled_w, sampling_ratio, width)};
+}
+
 // Position of sample iy of bin p (torchvision's expression order).
 template <typename T>
 C10_HOST_DEVICE inline T align_sample(const AlignAxis<T>& a, int64_t p,
@@ -229,6 +247,23 @@ C10_HOST_DEVICE inline UnpoolAxis<T> unpool_axis(T start, T extent,
   a.last = to_index_clamped(ceil_(end), 0, size);
   if (a.last < a.first) a.last = a.first;
   return a;
+}
+
+// Both axes of one ROI (a row of the [K, 5] table) for ROI-Unpool and the
+// blend: the one place a box becomes its covered pixels and cell frame.
+template <typename T>
+struct UnpoolAxes {
+  UnpoolAxis<T> y, x;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline UnpoolAxes<T> unpool_axes(const T* roi, T spatial_scale,
+                                                 bool aligned, int64_t pooled_h,
+                                                 int64_t pooled_w, int64_t height,
+                                                 int64_t width) {
+  const RoiFrame<T> f = map_roi(roi, spatial_scale, aligned);
+  return {unpool_axis(f.y0, f.height, pooled_h, height),
+          unpool_axis(f.x0, f.width, pooled_w, width)};
 }
 
 // Tap of covered pixel h onto the grid cells (clamped bilinear: weights

@@ -242,27 +242,27 @@ at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois
   const at::Tensor x = input.contiguous(format);
   const at::Tensor r = rois.to(coord_type_for(input, rois)).contiguous();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_forward_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        dispatch_coord_type(r.scalar_type(), [&](auto coord_tag) {
-          using coord_t = decltype(coord_tag);
-          const coord_t* rp = r.const_data_ptr<coord_t>();
-          const coord_t scale = static_cast<coord_t>(spatial_scale);
-          const auto ty = build_align_table<coord_t, acc_t>(
-              rp, K, scale, aligned, sampling_ratio, pooled_height, s.height, true);
-          const auto tx = build_align_table<coord_t, acc_t>(
-              rp, K, scale, aligned, sampling_ratio, pooled_width, s.width, false);
-          if (channels_last) {
-            align_forward_nhwc<scalar_t, coord_t, acc_t>(
-                x.const_data_ptr<scalar_t>(), rp, ty, tx, s,
-                output.mutable_data_ptr<scalar_t>());
-          } else {
-            align_forward_nchw<scalar_t, coord_t, acc_t>(
-                x.const_data_ptr<scalar_t>(), rp, ty, tx, s,
-                output.mutable_data_ptr<scalar_t>());
-          }
-        });
+  dispatch_value_and_coord_types(
+      input.scalar_type(), r.scalar_type(),
+      [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
+        using scalar_t = decltype(scalar_tag);
+        using coord_t = decltype(coord_tag);
+        using acc_t = decltype(acc_tag);
+        const coord_t* rp = r.const_data_ptr<coord_t>();
+        const coord_t scale = static_cast<coord_t>(spatial_scale);
+        const auto ty = build_align_table<coord_t, acc_t>(
+            rp, K, scale, aligned, sampling_ratio, pooled_height, s.height, true);
+        const auto tx = build_align_table<coord_t, acc_t>(
+            rp, K, scale, aligned, sampling_ratio, pooled_width, s.width, false);
+        if (channels_last) {
+          align_forward_nhwc<scalar_t, coord_t, acc_t>(
+              x.const_data_ptr<scalar_t>(), rp, ty, tx, s,
+              output.mutable_data_ptr<scalar_t>());
+        } else {
+          align_forward_nchw<scalar_t, coord_t, acc_t>(
+              x.const_data_ptr<scalar_t>(), rp, ty, tx, s,
+              output.mutable_data_ptr<scalar_t>());
+        }
       });
   return output;
 }
@@ -290,28 +290,28 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
   const at::Tensor r = rois.to(coord_type_for(grad, rois)).contiguous();
   const AlignShape s{K, channels, height, width, pooled_height, pooled_width};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        dispatch_coord_type(r.scalar_type(), [&](auto coord_tag) {
-          using coord_t = decltype(coord_tag);
-          const coord_t* rp = r.const_data_ptr<coord_t>();
-          const coord_t scale = static_cast<coord_t>(spatial_scale);
-          const auto ty = build_align_table<coord_t, acc_t>(
-              rp, K, scale, aligned, sampling_ratio, pooled_height, height, true);
-          const auto tx = build_align_table<coord_t, acc_t>(
-              rp, K, scale, aligned, sampling_ratio, pooled_width, width, false);
-          const RoisByImage groups = group_rois_by_image(rp, K, batch_size);
-          if (channels_last) {
-            align_backward_nhwc<scalar_t, coord_t, acc_t>(
-                g.const_data_ptr<scalar_t>(), groups, ty, tx, s, batch_size,
-                grad_input.mutable_data_ptr<scalar_t>());
-          } else {
-            align_backward_nchw<scalar_t, coord_t, acc_t>(
-                g.const_data_ptr<scalar_t>(), groups, ty, tx, s, batch_size,
-                grad_input.mutable_data_ptr<scalar_t>());
-          }
-        });
+  dispatch_value_and_coord_types(
+      grad.scalar_type(), r.scalar_type(),
+      [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
+        using scalar_t = decltype(scalar_tag);
+        using coord_t = decltype(coord_tag);
+        using acc_t = decltype(acc_tag);
+        const coord_t* rp = r.const_data_ptr<coord_t>();
+        const coord_t scale = static_cast<coord_t>(spatial_scale);
+        const auto ty = build_align_table<coord_t, acc_t>(
+            rp, K, scale, aligned, sampling_ratio, pooled_height, height, true);
+        const auto tx = build_align_table<coord_t, acc_t>(
+            rp, K, scale, aligned, sampling_ratio, pooled_width, width, false);
+        const RoisByImage groups = group_rois_by_image(rp, K, batch_size);
+        if (channels_last) {
+          align_backward_nhwc<scalar_t, coord_t, acc_t>(
+              g.const_data_ptr<scalar_t>(), groups, ty, tx, s, batch_size,
+              grad_input.mutable_data_ptr<scalar_t>());
+        } else {
+          align_backward_nchw<scalar_t, coord_t, acc_t>(
+              g.const_data_ptr<scalar_t>(), groups, ty, tx, s, batch_size,
+              grad_input.mutable_data_ptr<scalar_t>());
+        }
       });
   return grad_input;
 }

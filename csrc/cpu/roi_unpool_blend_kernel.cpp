@@ -74,9 +74,10 @@ BlendGeometry<acc_t> blend_geometry(const coord_t* rois, coord_t scale,
   std::vector<math::UnpoolAxis<coord_t>> ay(K), ax(K);
   int64_t ny = 0, nx = 0;
   for (int64_t k = 0; k < K; ++k) {
-    const math::RoiFrame<coord_t> f = math::map_roi(rois + 5 * k, scale, aligned);
-    ay[k] = math::unpool_axis(f.y0, f.height, s.pooled_h, s.height);
-    ax[k] = math::unpool_axis(f.x0, f.width, s.pooled_w, s.width);
+    const math::UnpoolAxes<coord_t> a = math::unpool_axes(
+        rois + 5 * k, scale, aligned, s.pooled_h, s.pooled_w, s.height, s.width);
+    ay[k] = a.y;
+    ax[k] = a.x;
     g.image[k] = roi_batch_index(rois + 5 * k);
     g.y0[k] = ay[k].first;
     g.y1[k] = ay[k].last;
@@ -558,17 +559,6 @@ void blend_backward_rois(const BlendTensors<scalar_t>& t, const BlendGeometry<ac
 
 // --------------------------------------------------------------------- host
 
-template <typename F>
-void dispatch_blend(at::ScalarType t, at::ScalarType coord, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "roi_unpool_blend_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    dispatch_coord_type(coord, [&](auto coord_tag) {
-      using coord_t = decltype(coord_tag);
-      f(scalar_t{}, coord_t{}, acc_t{});
-    });
-  });
-}
-
 std::tuple<at::Tensor, at::Tensor> roi_unpool_blend_forward_cpu(
     const at::Tensor& base, const at::Tensor& base_logit, const at::Tensor& input,
     const at::Tensor& input_logit, const at::Tensor& rois, double spatial_scale,
@@ -593,8 +583,8 @@ std::tuple<at::Tensor, at::Tensor> roi_unpool_blend_forward_cpu(
   const at::Tensor il = input_logit.contiguous();
   const at::Tensor r = rois.to(coord_type_for(base, rois)).contiguous();
   const BlendShape s{B, C, H, W, rois.size(0), input.size(2), input.size(3)};
-  dispatch_blend(base.scalar_type(), r.scalar_type(),
-                 [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
+  dispatch_value_and_coord_types(base.scalar_type(), r.scalar_type(),
+                                 [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
     using scalar_t = decltype(scalar_tag);
     using coord_t = decltype(coord_tag);
     using acc_t = decltype(acc_tag);
@@ -648,8 +638,8 @@ roi_unpool_blend_backward_cpu(const at::Tensor& grad_out,
   const BlendShape s{B, C, H, W, K, PH, PW};
   const int64_t gi_stride[4] = {grad_input.stride(0), grad_input.stride(1),
                                 grad_input.stride(2), grad_input.stride(3)};
-  dispatch_blend(base.scalar_type(), r.scalar_type(),
-                 [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
+  dispatch_value_and_coord_types(base.scalar_type(), r.scalar_type(),
+                                 [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
     using scalar_t = decltype(scalar_tag);
     using coord_t = decltype(coord_tag);
     using acc_t = decltype(acc_tag);

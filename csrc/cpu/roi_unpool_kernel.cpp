@@ -36,9 +36,10 @@ struct UnpoolRoi {
             const UnpoolShape& s) {
     if (k == roi) return;
     k = roi;
-    const math::RoiFrame<coord_t> f = math::map_roi(rois + 5 * roi, scale, aligned);
-    ay = math::unpool_axis(f.y0, f.height, s.pooled_h, s.height);
-    ax = math::unpool_axis(f.x0, f.width, s.pooled_w, s.width);
+    const math::UnpoolAxes<coord_t> a = math::unpool_axes(
+        rois + 5 * roi, scale, aligned, s.pooled_h, s.pooled_w, s.height, s.width);
+    ay = a.y;
+    ax = a.x;
     fill(ay, &ty);
     fill(ax, &tx);
     // Transpose of tx: for each grid column, the covered columns that read it
@@ -276,18 +277,6 @@ void unpool_backward_nhwc(const scalar_t* grad, const coord_t* rois,
   });
 }
 
-template <typename F>
-void dispatch_unpool(const at::Tensor& t, const at::Tensor& r, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(),
-                                  "roi_unpool_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    dispatch_coord_type(r.scalar_type(), [&](auto coord_tag) {
-      using coord_t = decltype(coord_tag);
-      f(scalar_t{}, coord_t{}, acc_t{});
-    });
-  });
-}
-
 at::Tensor roi_unpool_forward_cpu(const at::Tensor& input, const at::Tensor& rois,
                                   double spatial_scale, int64_t height,
                                   int64_t width, bool aligned) {
@@ -309,7 +298,7 @@ at::Tensor roi_unpool_forward_cpu(const at::Tensor& input, const at::Tensor& roi
   const at::Tensor x = input.contiguous(format);
   const at::Tensor r = rois.to(coord_type_for(input, rois)).contiguous();
   const UnpoolShape s{K, C, height, width, PH, PW};
-  dispatch_unpool(x, r, [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
+  dispatch_value_and_coord_types(x.scalar_type(), r.scalar_type(), [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
     using scalar_t = decltype(scalar_tag);
     using coord_t = decltype(coord_tag);
     using acc_t = decltype(acc_tag);
@@ -347,7 +336,7 @@ at::Tensor roi_unpool_backward_cpu(const at::Tensor& grad, const at::Tensor& roi
   const at::Tensor g = grad.contiguous(format);
   const at::Tensor r = rois.to(coord_type_for(grad, rois)).contiguous();
   const UnpoolShape s{K, C, H, W, pooled_height, pooled_width};
-  dispatch_unpool(g, r, [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
+  dispatch_value_and_coord_types(g.scalar_type(), r.scalar_type(), [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
     using scalar_t = decltype(scalar_tag);
     using coord_t = decltype(coord_tag);
     using acc_t = decltype(acc_tag);

@@ -40,13 +40,10 @@ struct Geometry {
 };
 
 template <typename coord_t>
-C10_HOST_DEVICE inline void roi_axes(const Geometry<coord_t>& g, int64_t k,
-                                     math::UnpoolAxis<coord_t>* ay,
-                                     math::UnpoolAxis<coord_t>* ax) {
-  const math::RoiFrame<coord_t> f =
-      math::map_roi(g.rois + 5 * k, g.spatial_scale, g.aligned);
-  *ay = math::unpool_axis(f.y0, f.height, g.pooled_h, g.height);
-  *ax = math::unpool_axis(f.x0, f.width, g.pooled_w, g.width);
+C10_HOST_DEVICE inline math::UnpoolAxes<coord_t> roi_axes(const Geometry<coord_t>& g,
+                                                          int64_t k) {
+  return math::unpool_axes(g.rois + 5 * k, g.spatial_scale, g.aligned, g.pooled_h,
+                           g.pooled_w, g.height, g.width);
 }
 
 // Per-tile ROI lists: tile i of the B * tiles_per_image tiles lists
@@ -72,8 +69,7 @@ C10_HOST_DEVICE inline bool roi_logit(const Geometry<coord_t>& g,
                                       math::Tap<at::opmath_type<scalar_t>>* tx,
                                       at::opmath_type<scalar_t>* logit) {
   using acc_t = at::opmath_type<scalar_t>;
-  math::UnpoolAxis<coord_t> ay, ax;
-  roi_axes(g, k, &ay, &ax);
+  const auto [ay, ax] = roi_axes(g, k);
   if (!math::unpool_covers(ay, h) || !math::unpool_covers(ax, w)) return false;
   *ty = math::tap_cast<acc_t>(math::unpool_tap(ay, h));
   *tx = math::tap_cast<acc_t>(math::unpool_tap(ax, w));
@@ -158,8 +154,7 @@ C10_HOST_DEVICE inline void apply_element(const TileParams<coord_t>& p, int64_t 
   int64_t n = 0;
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t k = p.order[j];
-    math::UnpoolAxis<coord_t> ay, ax;
-    roi_axes(p.geo, k, &ay, &ax);
+    const auto [ay, ax] = roi_axes(p.geo, k);
     if (ay.first >= ay.last || ax.first >= ax.last) continue;
     if (ay.first < r1 && ay.last > r0 && ax.first < c1 && ax.last > c0) {
       p.list[start + n++] = k;
@@ -346,8 +341,7 @@ struct AreaParams {
 
 template <typename coord_t>
 C10_HOST_DEVICE inline void apply_element(const AreaParams<coord_t>& p, int64_t k) {
-  math::UnpoolAxis<coord_t> ay, ax;
-  roi_axes(p.geo, k, &ay, &ax);
+  const auto [ay, ax] = roi_axes(p.geo, k);
   p.area[k] = (ay.last - ay.first) * (ax.last - ax.first);
 }
 
@@ -392,8 +386,7 @@ C10_HOST_DEVICE inline void apply_element(const PairParams<scalar_t, coord_t>& p
     }
   }
   const int64_t k = lo;
-  math::UnpoolAxis<coord_t> ay, ax;
-  roi_axes(p.geo, k, &ay, &ax);
+  const auto [ay, ax] = roi_axes(p.geo, k);
   const int64_t local = r - pair_start(p.end, k);
   const int64_t nx = ax.last - ax.first;
   const int64_t h = ay.first + local / nx, w = ax.first + local % nx;
@@ -439,8 +432,7 @@ C10_HOST_DEVICE inline void apply_element(const GridGradParams<scalar_t, coord_t
                                           int64_t i) {
   using acc_t = at::opmath_type<scalar_t>;
   const Index4 o = unravel(i, p.channels, p.geo.pooled_h, p.geo.pooled_w, p.channels_last);
-  math::UnpoolAxis<coord_t> ay, ax;
-  roi_axes(p.geo, o.n, &ay, &ax);
+  const auto [ay, ax] = roi_axes(p.geo, o.n);
   int64_t h0, h1, w0, w1;
   math::unpool_pixel_range(ay, o.h, &h0, &h1);
   math::unpool_pixel_range(ax, o.w, &w0, &w1);

@@ -21,7 +21,7 @@
 
 #include "../common/host_checks.h"
 #include "blend_elements.h"
-#include "roi_host.h"  // strides4, dispatch_coord_type
+#include "roi_host.h"  // strides4, dispatch_value_and_coord_types
 
 namespace roi_ops {
 namespace cuda {
@@ -93,44 +93,44 @@ std::tuple<at::Tensor, at::Tensor> blend_forward(
   const at::Tensor stats = at::empty(
       {2, B * H * W}, base.options().dtype(at::toOpMathType(base.scalar_type())));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, base.scalar_type(), "roi_unpool_blend_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        dispatch_coord_type(r.scalar_type(), [&](auto coord_tag) {
-          using coord_t = decltype(coord_tag);
-          const Geometry<coord_t> geo{r.const_data_ptr<coord_t>(),
-                                      static_cast<coord_t>(spatial_scale), aligned, H,
-                                      W, input.size(2), input.size(3)};
-          const TileBuffers tiles = build_tiles(launch, geo, r, B);
-          acc_t* m = stats.mutable_data_ptr<acc_t>();
-          acc_t* z = m + B * H * W;
+  dispatch_value_and_coord_types(
+      base.scalar_type(), r.scalar_type(),
+      [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
+        using scalar_t = decltype(scalar_tag);
+        using coord_t = decltype(coord_tag);
+        using acc_t = decltype(acc_tag);
+        const Geometry<coord_t> geo{r.const_data_ptr<coord_t>(),
+                                    static_cast<coord_t>(spatial_scale), aligned, H,
+                                    W, input.size(2), input.size(3)};
+        const TileBuffers tiles = build_tiles(launch, geo, r, B);
+        acc_t* m = stats.mutable_data_ptr<acc_t>();
+        acc_t* z = m + B * H * W;
 
-          StatsParams<scalar_t, coord_t> sp;
-          sp.geo = geo;
-          sp.tiles = tiles.view();
-          sp.base_logit = bl.const_data_ptr<scalar_t>();
-          sp.input_logit = il.const_data_ptr<scalar_t>();
-          sp.m = m;
-          sp.z = z;
-          sp.base_weight = base_weight.mutable_data_ptr<scalar_t>();
-          launch(sp, B * H * W);
+        StatsParams<scalar_t, coord_t> sp;
+        sp.geo = geo;
+        sp.tiles = tiles.view();
+        sp.base_logit = bl.const_data_ptr<scalar_t>();
+        sp.input_logit = il.const_data_ptr<scalar_t>();
+        sp.m = m;
+        sp.z = z;
+        sp.base_weight = base_weight.mutable_data_ptr<scalar_t>();
+        launch(sp, B * H * W);
 
-          BlendParams<scalar_t, coord_t> p;
-          p.geo = geo;
-          p.tiles = tiles.view();
-          p.base = base.const_data_ptr<scalar_t>();
-          p.bs = strides4(base);
-          p.base_logit = bl.const_data_ptr<scalar_t>();
-          p.input = input.const_data_ptr<scalar_t>();
-          p.in = strides4(input);
-          p.input_logit = il.const_data_ptr<scalar_t>();
-          p.m = m;
-          p.z = z;
-          p.out = out.mutable_data_ptr<scalar_t>();
-          p.channels = C;
-          p.channels_last = channels_last;
-          launch(p, out.numel());
-        });
+        BlendParams<scalar_t, coord_t> p;
+        p.geo = geo;
+        p.tiles = tiles.view();
+        p.base = base.const_data_ptr<scalar_t>();
+        p.bs = strides4(base);
+        p.base_logit = bl.const_data_ptr<scalar_t>();
+        p.input = input.const_data_ptr<scalar_t>();
+        p.in = strides4(input);
+        p.input_logit = il.const_data_ptr<scalar_t>();
+        p.m = m;
+        p.z = z;
+        p.out = out.mutable_data_ptr<scalar_t>();
+        p.channels = C;
+        p.channels_last = channels_last;
+        launch(p, out.numel());
       });
   return {out, base_weight};
 }
@@ -170,98 +170,98 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_backward(
   const at::Tensor stats = at::empty({3, B * H * W}, acc_options);
   at::Tensor area = at::empty({K}, r.options().dtype(at::kLong));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, base.scalar_type(), "roi_unpool_blend_backward_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        dispatch_coord_type(r.scalar_type(), [&](auto coord_tag) {
-          using coord_t = decltype(coord_tag);
-          const Geometry<coord_t> geo{r.const_data_ptr<coord_t>(),
-                                      static_cast<coord_t>(spatial_scale), aligned, H,
-                                      W, PH, PW};
-          const TileBuffers tiles = build_tiles(launch, geo, r, B);
-          const scalar_t* gbw_ptr = has_gbw ? gbw.const_data_ptr<scalar_t>() : nullptr;
-          acc_t* m = stats.mutable_data_ptr<acc_t>();
-          acc_t* z = m + B * H * W;
-          acc_t* gout = z + B * H * W;
+  dispatch_value_and_coord_types(
+      base.scalar_type(), r.scalar_type(),
+      [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
+        using scalar_t = decltype(scalar_tag);
+        using coord_t = decltype(coord_tag);
+        using acc_t = decltype(acc_tag);
+        const Geometry<coord_t> geo{r.const_data_ptr<coord_t>(),
+                                    static_cast<coord_t>(spatial_scale), aligned, H,
+                                    W, PH, PW};
+        const TileBuffers tiles = build_tiles(launch, geo, r, B);
+        const scalar_t* gbw_ptr = has_gbw ? gbw.const_data_ptr<scalar_t>() : nullptr;
+        acc_t* m = stats.mutable_data_ptr<acc_t>();
+        acc_t* z = m + B * H * W;
+        acc_t* gout = z + B * H * W;
 
-          PixelGradParams<scalar_t, coord_t> pp;
-          pp.geo = geo;
-          pp.tiles = tiles.view();
-          pp.grad = grad_out.const_data_ptr<scalar_t>();
-          pp.gs = strides4(grad_out);
-          pp.grad_bw = gbw_ptr;
-          pp.base = base.const_data_ptr<scalar_t>();
-          pp.bs = strides4(base);
-          pp.base_logit = bl.const_data_ptr<scalar_t>();
-          pp.input = input.const_data_ptr<scalar_t>();
-          pp.in = strides4(input);
-          pp.input_logit = il.const_data_ptr<scalar_t>();
-          pp.channels = C;
-          pp.m = m;
-          pp.z = z;
-          pp.gout = gout;
-          pp.grad_base_logit = grad_base_logit.mutable_data_ptr<scalar_t>();
-          launch(pp, B * H * W);
+        PixelGradParams<scalar_t, coord_t> pp;
+        pp.geo = geo;
+        pp.tiles = tiles.view();
+        pp.grad = grad_out.const_data_ptr<scalar_t>();
+        pp.gs = strides4(grad_out);
+        pp.grad_bw = gbw_ptr;
+        pp.base = base.const_data_ptr<scalar_t>();
+        pp.bs = strides4(base);
+        pp.base_logit = bl.const_data_ptr<scalar_t>();
+        pp.input = input.const_data_ptr<scalar_t>();
+        pp.in = strides4(input);
+        pp.input_logit = il.const_data_ptr<scalar_t>();
+        pp.channels = C;
+        pp.m = m;
+        pp.z = z;
+        pp.gout = gout;
+        pp.grad_base_logit = grad_base_logit.mutable_data_ptr<scalar_t>();
+        launch(pp, B * H * W);
 
-          BaseGradParams<scalar_t> bp;
-          bp.grad = grad_out.const_data_ptr<scalar_t>();
-          bp.gs = strides4(grad_out);
-          bp.base_logit = bl.const_data_ptr<scalar_t>();
-          bp.m = m;
-          bp.z = z;
-          bp.grad_base = grad_base.mutable_data_ptr<scalar_t>();
-          bp.channels = C;
-          bp.height = H;
-          bp.width = W;
-          bp.channels_last = channels_last;
-          launch(bp, grad_base.numel());
+        BaseGradParams<scalar_t> bp;
+        bp.grad = grad_out.const_data_ptr<scalar_t>();
+        bp.gs = strides4(grad_out);
+        bp.base_logit = bl.const_data_ptr<scalar_t>();
+        bp.m = m;
+        bp.z = z;
+        bp.grad_base = grad_base.mutable_data_ptr<scalar_t>();
+        bp.channels = C;
+        bp.height = H;
+        bp.width = W;
+        bp.channels_last = channels_last;
+        launch(bp, grad_base.numel());
 
-          if (K == 0) return;
-          AreaParams<coord_t> ap{geo, area.mutable_data_ptr<int64_t>()};
-          launch(ap, K);
-          const at::Tensor end = at::cumsum(area, 0).contiguous();
-          const int64_t pairs = end[K - 1].item<int64_t>();  // one sync, as the box checks
-          const at::Tensor per_pair = at::empty({2, pairs}, acc_options);
-          acc_t* weight = per_pair.mutable_data_ptr<acc_t>();
-          acc_t* logit_grad = weight + pairs;
+        if (K == 0) return;
+        AreaParams<coord_t> ap{geo, area.mutable_data_ptr<int64_t>()};
+        launch(ap, K);
+        const at::Tensor end = at::cumsum(area, 0).contiguous();
+        const int64_t pairs = end[K - 1].item<int64_t>();  // one sync, as the box checks
+        const at::Tensor per_pair = at::empty({2, pairs}, acc_options);
+        acc_t* weight = per_pair.mutable_data_ptr<acc_t>();
+        acc_t* logit_grad = weight + pairs;
 
-          PairParams<scalar_t, coord_t> qp;
-          qp.geo = geo;
-          qp.end = end.const_data_ptr<int64_t>();
-          qp.num_rois = K;
-          qp.grad = grad_out.const_data_ptr<scalar_t>();
-          qp.gs = strides4(grad_out);
-          qp.grad_bw = gbw_ptr;
-          qp.base_logit = bl.const_data_ptr<scalar_t>();
-          qp.input = input.const_data_ptr<scalar_t>();
-          qp.in = strides4(input);
-          qp.input_logit = il.const_data_ptr<scalar_t>();
-          qp.channels = C;
-          qp.m = m;
-          qp.z = z;
-          qp.gout = gout;
-          qp.weight = weight;
-          qp.logit_grad = logit_grad;
-          launch(qp, pairs);
+        PairParams<scalar_t, coord_t> qp;
+        qp.geo = geo;
+        qp.end = end.const_data_ptr<int64_t>();
+        qp.num_rois = K;
+        qp.grad = grad_out.const_data_ptr<scalar_t>();
+        qp.gs = strides4(grad_out);
+        qp.grad_bw = gbw_ptr;
+        qp.base_logit = bl.const_data_ptr<scalar_t>();
+        qp.input = input.const_data_ptr<scalar_t>();
+        qp.in = strides4(input);
+        qp.input_logit = il.const_data_ptr<scalar_t>();
+        qp.channels = C;
+        qp.m = m;
+        qp.z = z;
+        qp.gout = gout;
+        qp.weight = weight;
+        qp.logit_grad = logit_grad;
+        launch(qp, pairs);
 
-          GridGradParams<scalar_t, coord_t> gp;
-          gp.geo = geo;
-          gp.end = end.const_data_ptr<int64_t>();
-          gp.weight = weight;
-          gp.logit_grad = logit_grad;
-          gp.grad = nullptr;
-          gp.gs = strides4(grad_out);
-          gp.out = grad_input_logit.mutable_data_ptr<scalar_t>();
-          gp.channels = 1;
-          gp.channels_last = false;
-          launch(gp, grad_input_logit.numel());
+        GridGradParams<scalar_t, coord_t> gp;
+        gp.geo = geo;
+        gp.end = end.const_data_ptr<int64_t>();
+        gp.weight = weight;
+        gp.logit_grad = logit_grad;
+        gp.grad = nullptr;
+        gp.gs = strides4(grad_out);
+        gp.out = grad_input_logit.mutable_data_ptr<scalar_t>();
+        gp.channels = 1;
+        gp.channels_last = false;
+        launch(gp, grad_input_logit.numel());
 
-          gp.grad = grad_out.const_data_ptr<scalar_t>();
-          gp.out = grad_input.mutable_data_ptr<scalar_t>();
-          gp.channels = C;
-          gp.channels_last = input_channels_last;
-          launch(gp, grad_input.numel());
-        });
+        gp.grad = grad_out.const_data_ptr<scalar_t>();
+        gp.out = grad_input.mutable_data_ptr<scalar_t>();
+        gp.channels = C;
+        gp.channels_last = input_channels_last;
+        launch(gp, grad_input.numel());
       });
   return {grad_base, grad_base_logit, grad_input, grad_input_logit};
 }

@@ -82,11 +82,8 @@ C10_HOST_DEVICE inline void align_forward_element(
   const Index4 o = unravel(i, p.channels, p.pooled_h, p.pooled_w, p.channels_last);
   const coord_t* roi = p.rois + o.n * 5;
   const int64_t b = static_cast<int64_t>(roi[0]);
-  const math::RoiFrame<coord_t> f = math::map_roi(roi, p.spatial_scale, p.aligned);
-  const math::AlignAxis<coord_t> ay =
-      math::align_axis(f.y0, f.height, p.pooled_h, p.sampling_ratio, p.height);
-  const math::AlignAxis<coord_t> ax =
-      math::align_axis(f.x0, f.width, p.pooled_w, p.sampling_ratio, p.width);
+  const auto [ay, ax] = math::align_axes(roi, p.spatial_scale, p.aligned, p.pooled_h,
+                                         p.pooled_w, p.sampling_ratio, p.height, p.width);
 
   // Only samples in [-1, size] can contribute (the CPU kernels narrow the
   // same way, so both enumerate the same samples).
@@ -139,11 +136,8 @@ template <typename coord_t>
 C10_HOST_DEVICE inline void align_footprint_element(
     const AlignFootprintParams<coord_t>& p, int64_t j) {
   const coord_t* roi = p.rois + p.order[j] * 5;
-  const math::RoiFrame<coord_t> f = math::map_roi(roi, p.spatial_scale, p.aligned);
-  const math::AlignAxis<coord_t> ay =
-      math::align_axis(f.y0, f.height, p.pooled_h, p.sampling_ratio, p.height);
-  const math::AlignAxis<coord_t> ax =
-      math::align_axis(f.x0, f.width, p.pooled_w, p.sampling_ratio, p.width);
+  const auto [ay, ax] = math::align_axes(roi, p.spatial_scale, p.aligned, p.pooled_h,
+                                         p.pooled_w, p.sampling_ratio, p.height, p.width);
   int64_t* out = p.footprint + 4 * j;
   math::align_footprint(ay, p.pooled_h, out + 0, out + 1);
   math::align_footprint(ax, p.pooled_w, out + 2, out + 3);
@@ -218,12 +212,9 @@ C10_HOST_DEVICE inline void align_backward_element(
     const int64_t* fp = p.footprint + 4 * j;
     if (o.h < fp[0] || o.h >= fp[1] || o.w < fp[2] || o.w >= fp[3]) continue;
     const int64_t k = p.order[j];
-    const math::RoiFrame<coord_t> f =
-        math::map_roi(p.rois + k * 5, p.spatial_scale, p.aligned);
-    const math::AlignAxis<coord_t> ay =
-        math::align_axis(f.y0, f.height, p.pooled_h, p.sampling_ratio, p.height);
-    const math::AlignAxis<coord_t> ax =
-        math::align_axis(f.x0, f.width, p.pooled_w, p.sampling_ratio, p.width);
+    const auto [ay, ax] = math::align_axes(p.rois + k * 5, p.spatial_scale, p.aligned,
+                                           p.pooled_h, p.pooled_w, p.sampling_ratio,
+                                           p.height, p.width);
     coord_t ylo, yhi, xlo, xhi;
     math::align_touch_window(ay, p.pooled_h, o.h, &ylo, &yhi);
     math::align_touch_window(ax, p.pooled_w, o.w, &xlo, &xhi);
@@ -293,12 +284,8 @@ C10_HOST_DEVICE inline void unpool_forward_element(
     const UnpoolForwardParams<scalar_t, coord_t>& p, int64_t i) {
   using acc_t = at::opmath_type<scalar_t>;
   const Index4 o = unravel(i, p.channels, p.height, p.width, p.channels_last);
-  const math::RoiFrame<coord_t> f =
-      math::map_roi(p.rois + o.n * 5, p.spatial_scale, p.aligned);
-  const math::UnpoolAxis<coord_t> ay =
-      math::unpool_axis(f.y0, f.height, p.pooled_h, p.height);
-  const math::UnpoolAxis<coord_t> ax =
-      math::unpool_axis(f.x0, f.width, p.pooled_w, p.width);
+  const auto [ay, ax] = math::unpool_axes(p.rois + o.n * 5, p.spatial_scale, p.aligned,
+                                          p.pooled_h, p.pooled_w, p.height, p.width);
   if (o.h < ay.first || o.h >= ay.last || o.w < ax.first || o.w >= ax.last) {
     p.output[i] = scalar_t(0);
     return;
@@ -337,12 +324,8 @@ C10_HOST_DEVICE inline void unpool_backward_element(
     const UnpoolBackwardParams<scalar_t, coord_t>& p, int64_t i) {
   using acc_t = at::opmath_type<scalar_t>;
   const Index4 o = unravel(i, p.channels, p.pooled_h, p.pooled_w, p.channels_last);
-  const math::RoiFrame<coord_t> f =
-      math::map_roi(p.rois + o.n * 5, p.spatial_scale, p.aligned);
-  const math::UnpoolAxis<coord_t> ay =
-      math::unpool_axis(f.y0, f.height, p.pooled_h, p.height);
-  const math::UnpoolAxis<coord_t> ax =
-      math::unpool_axis(f.x0, f.width, p.pooled_w, p.width);
+  const auto [ay, ax] = math::unpool_axes(p.rois + o.n * 5, p.spatial_scale, p.aligned,
+                                          p.pooled_h, p.pooled_w, p.height, p.width);
   int64_t h0, h1, w0, w1;
   math::unpool_pixel_range(ay, o.h, &h0, &h1);
   math::unpool_pixel_range(ax, o.w, &w0, &w1);

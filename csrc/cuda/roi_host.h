@@ -57,26 +57,26 @@ at::Tensor roi_align_forward(const at::Tensor& input, const at::Tensor& rois,
   const at::Tensor x = input.contiguous(format);
   const at::Tensor r = rois.to(coord_type_for(input, rois)).contiguous();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_forward_cuda", [&] {
-        dispatch_coord_type(r.scalar_type(), [&](auto coord_tag) {
-          using coord_t = decltype(coord_tag);
-          AlignForwardParams<scalar_t, coord_t> p;
-          p.input = x.const_data_ptr<scalar_t>();
-          p.in = strides4(x);
-          p.height = H;
-          p.width = W;
-          p.rois = r.const_data_ptr<coord_t>();
-          p.spatial_scale = static_cast<coord_t>(spatial_scale);
-          p.sampling_ratio = sampling_ratio;
-          p.aligned = aligned;
-          p.output = output.mutable_data_ptr<scalar_t>();
-          p.channels = C;
-          p.pooled_h = pooled_height;
-          p.pooled_w = pooled_width;
-          p.channels_last = channels_last;
-          launch(p, output.numel());
-        });
+  dispatch_value_and_coord_types(
+      input.scalar_type(), r.scalar_type(),
+      [&](auto scalar_tag, auto coord_tag, auto /*acc_tag*/) {
+        using scalar_t = decltype(scalar_tag);
+        using coord_t = decltype(coord_tag);
+        AlignForwardParams<scalar_t, coord_t> p;
+        p.input = x.const_data_ptr<scalar_t>();
+        p.in = strides4(x);
+        p.height = H;
+        p.width = W;
+        p.rois = r.const_data_ptr<coord_t>();
+        p.spatial_scale = static_cast<coord_t>(spatial_scale);
+        p.sampling_ratio = sampling_ratio;
+        p.aligned = aligned;
+        p.output = output.mutable_data_ptr<scalar_t>();
+        p.channels = C;
+        p.pooled_h = pooled_height;
+        p.pooled_w = pooled_width;
+        p.channels_last = channels_last;
+        launch(p, output.numel());
       });
   return output;
 }
@@ -117,44 +117,44 @@ at::Tensor roi_align_backward(const at::Tensor& grad, const at::Tensor& rois,
           .contiguous();
   at::Tensor footprint = at::empty({K, 4}, batch_index.options());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cuda", [&] {
-        dispatch_coord_type(r.scalar_type(), [&](auto coord_tag) {
-          using coord_t = decltype(coord_tag);
-          const coord_t scale = static_cast<coord_t>(spatial_scale);
+  dispatch_value_and_coord_types(
+      grad.scalar_type(), r.scalar_type(),
+      [&](auto scalar_tag, auto coord_tag, auto /*acc_tag*/) {
+        using scalar_t = decltype(scalar_tag);
+        using coord_t = decltype(coord_tag);
+        const coord_t scale = static_cast<coord_t>(spatial_scale);
 
-          AlignFootprintParams<coord_t> fp;
-          fp.rois = r.const_data_ptr<coord_t>();
-          fp.order = order.const_data_ptr<int64_t>();
-          fp.spatial_scale = scale;
-          fp.sampling_ratio = sampling_ratio;
-          fp.aligned = aligned;
-          fp.height = height;
-          fp.width = width;
-          fp.pooled_h = pooled_height;
-          fp.pooled_w = pooled_width;
-          fp.footprint = footprint.mutable_data_ptr<int64_t>();
-          launch(fp, K);
+        AlignFootprintParams<coord_t> fp;
+        fp.rois = r.const_data_ptr<coord_t>();
+        fp.order = order.const_data_ptr<int64_t>();
+        fp.spatial_scale = scale;
+        fp.sampling_ratio = sampling_ratio;
+        fp.aligned = aligned;
+        fp.height = height;
+        fp.width = width;
+        fp.pooled_h = pooled_height;
+        fp.pooled_w = pooled_width;
+        fp.footprint = footprint.mutable_data_ptr<int64_t>();
+        launch(fp, K);
 
-          AlignBackwardParams<scalar_t, coord_t> p;
-          p.grad = g.const_data_ptr<scalar_t>();
-          p.g = strides4(g);
-          p.pooled_h = pooled_height;
-          p.pooled_w = pooled_width;
-          p.rois = r.const_data_ptr<coord_t>();
-          p.order = order.const_data_ptr<int64_t>();
-          p.offsets = offsets.const_data_ptr<int64_t>();
-          p.footprint = footprint.const_data_ptr<int64_t>();
-          p.spatial_scale = scale;
-          p.sampling_ratio = sampling_ratio;
-          p.aligned = aligned;
-          p.grad_input = grad_input.mutable_data_ptr<scalar_t>();
-          p.channels = channels;
-          p.height = height;
-          p.width = width;
-          p.channels_last = channels_last;
-          launch(p, grad_input.numel());
-        });
+        AlignBackwardParams<scalar_t, coord_t> p;
+        p.grad = g.const_data_ptr<scalar_t>();
+        p.g = strides4(g);
+        p.pooled_h = pooled_height;
+        p.pooled_w = pooled_width;
+        p.rois = r.const_data_ptr<coord_t>();
+        p.order = order.const_data_ptr<int64_t>();
+        p.offsets = offsets.const_data_ptr<int64_t>();
+        p.footprint = footprint.const_data_ptr<int64_t>();
+        p.spatial_scale = scale;
+        p.sampling_ratio = sampling_ratio;
+        p.aligned = aligned;
+        p.grad_input = grad_input.mutable_data_ptr<scalar_t>();
+        p.channels = channels;
+        p.height = height;
+        p.width = width;
+        p.channels_last = channels_last;
+        launch(p, grad_input.numel());
       });
   return grad_input;
 }
@@ -180,25 +180,25 @@ at::Tensor roi_unpool_forward(const at::Tensor& input, const at::Tensor& rois,
   const at::Tensor x = input.contiguous(format);
   const at::Tensor r = rois.to(coord_type_for(input, rois)).contiguous();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "roi_unpool_forward_cuda", [&] {
-        dispatch_coord_type(r.scalar_type(), [&](auto coord_tag) {
-          using coord_t = decltype(coord_tag);
-          UnpoolForwardParams<scalar_t, coord_t> p;
-          p.input = x.const_data_ptr<scalar_t>();
-          p.in = strides4(x);
-          p.pooled_h = PH;
-          p.pooled_w = PW;
-          p.rois = r.const_data_ptr<coord_t>();
-          p.spatial_scale = static_cast<coord_t>(spatial_scale);
-          p.aligned = aligned;
-          p.output = output.mutable_data_ptr<scalar_t>();
-          p.channels = C;
-          p.height = height;
-          p.width = width;
-          p.channels_last = channels_last;
-          launch(p, output.numel());
-        });
+  dispatch_value_and_coord_types(
+      input.scalar_type(), r.scalar_type(),
+      [&](auto scalar_tag, auto coord_tag, auto /*acc_tag*/) {
+        using scalar_t = decltype(scalar_tag);
+        using coord_t = decltype(coord_tag);
+        UnpoolForwardParams<scalar_t, coord_t> p;
+        p.input = x.const_data_ptr<scalar_t>();
+        p.in = strides4(x);
+        p.pooled_h = PH;
+        p.pooled_w = PW;
+        p.rois = r.const_data_ptr<coord_t>();
+        p.spatial_scale = static_cast<coord_t>(spatial_scale);
+        p.aligned = aligned;
+        p.output = output.mutable_data_ptr<scalar_t>();
+        p.channels = C;
+        p.height = height;
+        p.width = width;
+        p.channels_last = channels_last;
+        launch(p, output.numel());
       });
   return output;
 }
@@ -225,25 +225,25 @@ at::Tensor roi_unpool_backward(const at::Tensor& grad, const at::Tensor& rois,
   const at::Tensor g = grad.contiguous(format);
   const at::Tensor r = rois.to(coord_type_for(grad, rois)).contiguous();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_unpool_backward_cuda", [&] {
-        dispatch_coord_type(r.scalar_type(), [&](auto coord_tag) {
-          using coord_t = decltype(coord_tag);
-          UnpoolBackwardParams<scalar_t, coord_t> p;
-          p.grad = g.const_data_ptr<scalar_t>();
-          p.g = strides4(g);
-          p.height = H;
-          p.width = W;
-          p.rois = r.const_data_ptr<coord_t>();
-          p.spatial_scale = static_cast<coord_t>(spatial_scale);
-          p.aligned = aligned;
-          p.grad_input = grad_input.mutable_data_ptr<scalar_t>();
-          p.channels = C;
-          p.pooled_h = pooled_height;
-          p.pooled_w = pooled_width;
-          p.channels_last = channels_last;
-          launch(p, grad_input.numel());
-        });
+  dispatch_value_and_coord_types(
+      grad.scalar_type(), r.scalar_type(),
+      [&](auto scalar_tag, auto coord_tag, auto /*acc_tag*/) {
+        using scalar_t = decltype(scalar_tag);
+        using coord_t = decltype(coord_tag);
+        UnpoolBackwardParams<scalar_t, coord_t> p;
+        p.grad = g.const_data_ptr<scalar_t>();
+        p.g = strides4(g);
+        p.height = H;
+        p.width = W;
+        p.rois = r.const_data_ptr<coord_t>();
+        p.spatial_scale = static_cast<coord_t>(spatial_scale);
+        p.aligned = aligned;
+        p.grad_input = grad_input.mutable_data_ptr<scalar_t>();
+        p.channels = C;
+        p.pooled_h = pooled_height;
+        p.pooled_w = pooled_width;
+        p.channels_last = channels_last;
+        launch(p, grad_input.numel());
       });
   return grad_input;
 }
