@@ -19,7 +19,6 @@ import argparse
 import datetime as _dt
 import functools
 import json
-import math
 import os
 import platform
 import subprocess

@@ -315,20 +315,16 @@ def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Ten
             f"got {a[idx].item()!r}, oracle {e[idx].item()!r}, bound {b[idx].item()!r}")
 
 
-def check_roi_align(lo: LaidOut, boxes, output_size, spatial_scale: float,
-                    sampling_ratio: int, aligned: bool, gen: torch.Generator,
-                    what: str = "roi_align") -> torch.Tensor:
-    """Forward and backward of roi_ops.roi_align on lo.x against the float64 oracle."""
+def _check_against_oracle(lo: LaidOut, boxes, run, oracle, out_shape, gen: torch.Generator,
+                          what: str) -> torch.Tensor:
+    """Forward and backward of ``run(x)`` (a roi_ops op on lo.x) against ``oracle(x64, rois, coord_dtype)``,
+    the float64 reference, each within the per-element bound the reference gives for |x| and |g|."""
     x = lo.x
     dtype, device = x.dtype, x.device
-    B, C, H, W = x.shape
-    ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
     rois = rois_of(boxes).to(device)
-    K = rois.shape[0]
-
-    out = roi_ops.roi_align(x, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+    out = run(x)
     assert out.dtype == dtype and out.device == x.device
-    assert tuple(out.shape) == (K, C, ph, pw), f"{what}: output shape {tuple(out.shape)}"
+    assert tuple(out.shape) == tuple(out_shape), f"{what}: output shape {tuple(out.shape)}"
     g = randn(out.shape, gen).to(device=device, dtype=dtype)
     gx = lo.grad_to_x(torch.autograd.grad(out, lo.leaf, g)[0])
     assert gx.dtype == dtype
@@ -336,46 +332,57 @@ def check_roi_align(lo: LaidOut, boxes, output_size, spatial_scale: float,
     cd = coord_dtype_for(dtype, boxes_dtype_of(boxes))
     x64 = x.detach().to(torch.float64).requires_grad_()
     g64 = g.to(torch.float64)
-    kw = dict(output_size=(ph, pw), spatial_scale=spatial_scale,
-              sampling_ratio=sampling_ratio, aligned=aligned, coord_dtype=cd)
-    ref = reference.roi_align(x64, rois, **kw)
+    ref = oracle(x64, rois, cd)
     ref_gx = vjp(ref, x64, g64)
     gx_bound = vjp(ref, x64, g64.abs())
     with torch.no_grad():
-        bound = reference.roi_align(x64.abs(), rois, **kw)
+        bound = oracle(x64.abs(), rois, cd)
     assert_within(out, ref, bound, dtype, f"{what} forward")
     assert_within(gx, ref_gx, gx_bound, dtype, f"{what} backward (grad input)")
     return out
+
+
+def check_roi_align(lo: LaidOut, boxes, output_size, spatial_scale: float,
+                    sampling_ratio: int, aligned: bool, gen: torch.Generator,
+                    what: str = "roi_align") -> torch.Tensor:
+    """Forward and backward of roi_ops.roi_align on lo.x against the float64 oracle."""
+    B, C, H, W = lo.x.shape
+    ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
+    return _check_against_oracle(
+        lo, boxes,
+        lambda x: roi_ops.roi_align(x, boxes, output_size, spatial_scale, sampling_ratio, aligned),
+        lambda x64, rois, cd: reference.roi_align(x64, rois, output_size=(ph, pw), spatial_scale=spatial_scale,
+                                                  sampling_ratio=sampling_ratio, aligned=aligned, coord_dtype=cd),
+        (rois_of(boxes).shape[0], C, ph, pw), gen, what)
 
 
 def check_roi_unpool(lo: LaidOut, boxes, output_size, spatial_scale: float,
                      aligned: bool, gen: torch.Generator, what: str = "roi_unpool") -> torch.Tensor:
     """Forward and backward of roi_ops.roi_unpool on lo.x against the float64 oracle."""
-    x = lo.x
-    dtype, device = x.dtype, x.device
-    K, C, PH, PW = x.shape
+    K, C, PH, PW = lo.x.shape
     h, w = (output_size, output_size) if isinstance(output_size, int) else output_size
-    rois = rois_of(boxes).to(device)
+    return _check_against_oracle(
+        lo, boxes,
+        lambda x: roi_ops.roi_unpool(x, boxes, output_size, spatial_scale, aligned),
+        lambda x64, rois, cd: reference.roi_unpool(x64, rois, output_size=(h, w), spatial_scale=spatial_scale,
+                                                   aligned=aligned, coord_dtype=cd),
+        (K, C, h, w), gen, what)
 
-    out = roi_ops.roi_unpool(x, boxes, output_size, spatial_scale, aligned)
-    assert out.dtype == dtype and out.device == x.device
-    assert tuple(out.shape) == (K, C, h, w), f"{what}: output shape {tuple(out.shape)}"
-    g = randn(out.shape, gen).to(device=device, dtype=dtype)
-    gx = lo.grad_to_x(torch.autograd.grad(out, lo.leaf, g)[0])
-    assert gx.dtype == dtype
 
-    cd = coord_dtype_for(dtype, boxes_dtype_of(boxes))
-    x64 = x.detach().to(torch.float64).requires_grad_()
-    g64 = g.to(torch.float64)
-    kw = dict(output_size=(h, w), spatial_scale=spatial_scale, aligned=aligned, coord_dtype=cd)
-    ref = reference.roi_unpool(x64, rois, **kw)
-    ref_gx = vjp(ref, x64, g64)
-    gx_bound = vjp(ref, x64, g64.abs())
-    with torch.no_grad():
-        bound = reference.roi_unpool(x64.abs(), rois, **kw)
-    assert_within(out, ref, bound, dtype, f"{what} forward")
-    assert_within(gx, ref_gx, gx_bound, dtype, f"{what} backward (grad input)")
-    return out
+def assert_layouts_bitwise_equal(op, values: torch.Tensor, dtype: torch.dtype, device, grad_out: torch.Tensor):
+    """``op(x)`` forward and backward give the same bits for every layout of LAYOUTS as for contiguous."""
+    results = {}
+    for layout in LAYOUTS:
+        lo = lay_out(values, dtype, device, layout)
+        out = op(lo.x)
+        (gleaf,) = torch.autograd.grad(out, lo.leaf, grad_out)
+        results[layout] = (out, lo.grad_to_x(gleaf))
+    ref_out, ref_grad = results["contiguous"]
+    for layout, (out, grad) in results.items():
+        for what, a, b in (("forward", out, ref_out), ("backward", grad, ref_grad)):
+            assert torch.equal(a, b), (
+                f"{what} for {layout} differs from contiguous in {int((a != b).sum())} of {a.numel()} "
+                f"elements, by up to {float((a.double() - b.double()).abs().max()):.3g}")
 
 
 def dtype_id(dtype: torch.dtype) -> str:

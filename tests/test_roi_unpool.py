@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import roi_ops
 from helpers import (
-    DEVICES, FLOAT_DTYPES, LAYOUTS, cases, check_roi_unpool, dtype_id, lay_out, make_boxes,
+    DEVICES, FLOAT_DTYPES, LAYOUTS, assert_layouts_bitwise_equal, cases, check_roi_unpool, dtype_id, lay_out,
+    make_boxes,
     make_generator, assert_native, randn, rois_of,
 )
 
@@ -132,18 +133,7 @@ def test_layouts_give_the_same_numbers(device, dtype):
                           [0, 1.1, 1.2, 5.3, 5.4]] * 3, dtype=dtype, device=device)
     values = randn((12, 5, 3, 4), gen)
     g = randn((12, 5, 9, 8), gen).to(device=device, dtype=dtype)
-    results = {}
-    for layout in LAYOUTS:
-        lo = lay_out(values, dtype, device, layout)
-        out = roi_ops.roi_unpool(lo.x, boxes, (9, 8), 1.0, True)
-        (gleaf,) = torch.autograd.grad(out, lo.leaf, g)
-        results[layout] = (out, lo.grad_to_x(gleaf))
-    ref_out, ref_grad = results["contiguous"]
-    for layout, (out, grad) in results.items():
-        for what, a, b in (("forward", out, ref_out), ("backward", grad, ref_grad)):
-            assert torch.equal(a, b), (
-                f"{what} for {layout} differs from contiguous in {int((a != b).sum())} of {a.numel()} "
-                f"elements, by up to {float((a.double() - b.double()).abs().max()):.3g}")
+    assert_layouts_bitwise_equal(lambda x: roi_ops.roi_unpool(x, boxes, (9, 8), 1.0, True), values, dtype, device, g)
 
 
 def test_output_memory_format_follows_input(device):
