@@ -111,6 +111,32 @@ struct BlendTensors {
   bool channels_last;
 };
 
+// The forward's and backward's operands as their kernels read them: base is
+// read in place (a channels_last view of token-major states is not copied),
+// the small grids are brought into the same layout, the boxes into the
+// coordinate type.
+struct BlendOperands {
+  at::Tensor base, base_logit, input, input_logit, rois;
+  bool channels_last;
+
+  BlendOperands(const at::Tensor& base_, const at::Tensor& base_logit_,
+                const at::Tensor& input_, const at::Tensor& input_logit_,
+                const at::Tensor& rois_, bool channels_last_)
+      : base(base_.contiguous(memory_format_of(channels_last_))),
+        base_logit(base_logit_.contiguous()),
+        input(input_.contiguous(memory_format_of(channels_last_))),
+        input_logit(input_logit_.contiguous()),
+        rois(rois_.to(coord_type_for(base_, rois_)).contiguous()),
+        channels_last(channels_last_) {}
+
+  template <typename scalar_t>
+  BlendTensors<scalar_t> tensors() const {
+    return {base.const_data_ptr<scalar_t>(), base_logit.const_data_ptr<scalar_t>(),
+            input.const_data_ptr<scalar_t>(), input_logit.const_data_ptr<scalar_t>(),
+            channels_last};
+  }
+};
+
 // The softmax of one output row (b, h): the ROIs covering it and, per pixel,
 // the max logit m, the normaliser z, the base weight and each ROI's weight.
 template <typename acc_t>
@@ -575,25 +601,16 @@ std::tuple<at::Tensor, at::Tensor> roi_unpool_blend_forward_cpu(
   at::Tensor base_weight = at::empty({B, H, W}, base_logit.options());
   if (B == 0 || H == 0 || W == 0) return {out, base_weight};
 
-  // base is read in place (a channels_last view of token-major states is not
-  // copied); the small grids are brought into the same layout.
-  const at::Tensor x = base.contiguous(format);
-  const at::Tensor bl = base_logit.contiguous();
-  const at::Tensor in = input.contiguous(format);
-  const at::Tensor il = input_logit.contiguous();
-  const at::Tensor r = rois.to(coord_type_for(base, rois)).contiguous();
+  const BlendOperands ops(base, base_logit, input, input_logit, rois, channels_last);
   const BlendShape s{B, C, H, W, rois.size(0), input.size(2), input.size(3)};
-  dispatch_value_and_coord_types(base.scalar_type(), r.scalar_type(),
+  dispatch_value_and_coord_types(base.scalar_type(), ops.rois.scalar_type(),
                                  [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
     using scalar_t = decltype(scalar_tag);
     using coord_t = decltype(coord_tag);
     using acc_t = decltype(acc_tag);
     const BlendGeometry<acc_t> g = blend_geometry<coord_t, acc_t>(
-        r.const_data_ptr<coord_t>(), static_cast<coord_t>(spatial_scale), aligned, s);
-    const BlendTensors<scalar_t> t{x.const_data_ptr<scalar_t>(), bl.const_data_ptr<scalar_t>(),
-                                   in.const_data_ptr<scalar_t>(), il.const_data_ptr<scalar_t>(),
-                                   channels_last};
-    blend_forward<scalar_t, acc_t>(t, g, s, out.mutable_data_ptr<scalar_t>(),
+        ops.rois.const_data_ptr<coord_t>(), static_cast<coord_t>(spatial_scale), aligned, s);
+    blend_forward<scalar_t, acc_t>(ops.tensors<scalar_t>(), g, s, out.mutable_data_ptr<scalar_t>(),
                                    base_weight.mutable_data_ptr<scalar_t>());
   });
   return {out, base_weight};
@@ -628,26 +645,20 @@ roi_unpool_blend_backward_cpu(const at::Tensor& grad_out,
   at::Tensor grad_input = at::empty({K, C, PH, PW}, input.options(), input_format);
   at::Tensor grad_input_logit = at::empty({K, PH, PW}, input_logit.options());
 
-  const at::Tensor x = base.contiguous(format);
+  const BlendOperands ops(base, base_logit, input, input_logit, rois, channels_last);
   const at::Tensor g = grad_out.contiguous(format);
   const at::Tensor gbw = has_gbw ? grad_base_weight->contiguous() : at::Tensor();
-  const at::Tensor bl = base_logit.contiguous();
-  const at::Tensor in = input.contiguous(format);
-  const at::Tensor il = input_logit.contiguous();
-  const at::Tensor r = rois.to(coord_type_for(base, rois)).contiguous();
   const BlendShape s{B, C, H, W, K, PH, PW};
   const int64_t gi_stride[4] = {grad_input.stride(0), grad_input.stride(1),
                                 grad_input.stride(2), grad_input.stride(3)};
-  dispatch_value_and_coord_types(base.scalar_type(), r.scalar_type(),
+  dispatch_value_and_coord_types(base.scalar_type(), ops.rois.scalar_type(),
                                  [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
     using scalar_t = decltype(scalar_tag);
     using coord_t = decltype(coord_tag);
     using acc_t = decltype(acc_tag);
     const BlendGeometry<acc_t> geo = blend_geometry<coord_t, acc_t>(
-        r.const_data_ptr<coord_t>(), static_cast<coord_t>(spatial_scale), aligned, s);
-    const BlendTensors<scalar_t> t{x.const_data_ptr<scalar_t>(), bl.const_data_ptr<scalar_t>(),
-                                   in.const_data_ptr<scalar_t>(), il.const_data_ptr<scalar_t>(),
-                                   channels_last};
+        ops.rois.const_data_ptr<coord_t>(), static_cast<coord_t>(spatial_scale), aligned, s);
+    const BlendTensors<scalar_t> t = ops.tensors<scalar_t>();
     const scalar_t* gbw_ptr = has_gbw ? gbw.const_data_ptr<scalar_t>() : nullptr;
     const int64_t pixels = B * H * W;
     std::vector<acc_t> stats(3 * pixels);
