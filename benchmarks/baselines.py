@@ -48,6 +48,12 @@ def _normalise(pos: Tensor, size: int) -> Tensor:
     return pos * (2.0 / (size - 1)) - 1.0
 
 
+def _normalise_edges(pos: Tensor, size: int) -> Tensor:
+    # align_corners=False: -1 and +1 are the outer edges of the first and last pixel. Unlike the form above,
+    # a position off a one-pixel axis stays off it (and reads zeros padding).
+    return (2.0 * pos + 1.0) / size - 1.0
+
+
 def grid_sample_roi_align(
     input: Tensor,
     rois: Tensor,
@@ -85,8 +91,8 @@ def grid_sample_roi_align(
     xs = torch.where((xs >= -1) & (xs <= W), xs.clamp(0, W - 1), -2.0)
     grid = torch.stack(
         [
-            _normalise(xs, W)[:, None, :].expand(K, PH * g, PW * g),
-            _normalise(ys, H)[:, :, None].expand(K, PH * g, PW * g),
+            _normalise_edges(xs, W)[:, None, :].expand(K, PH * g, PW * g),
+            _normalise_edges(ys, H)[:, :, None].expand(K, PH * g, PW * g),
         ],
         dim=-1,
     ).to(input.dtype)
@@ -101,7 +107,7 @@ def grid_sample_roi_align(
             grid[sel].reshape(1, n * PH * g, PW * g, 2),
             mode="bilinear",
             padding_mode="zeros",
-            align_corners=True,
+            align_corners=False,
         )  # [1, C, n*PH*g, PW*g]; each ROI's rows are a whole number of g x g bins
         bins = F.avg_pool2d(samples, g) if g > 1 else samples  # [1, C, n*PH, PW]
         out[sel] = bins.view(C, n, PH, PW).transpose(0, 1)

@@ -662,13 +662,14 @@ def test_grid_sample_baselines_agree_with_reference(aligned, scale):
 def test_grid_sample_roi_align_baseline_follows_the_edge_rule(aligned):
     # Boxes across every border and beyond it: samples in [-1, 0) and (H-1, H] read the edge pixel, samples
     # past -1 or H read 0 (the spec's rule), which the baseline gets by clamping and parking coordinates.
+    # One-pixel axes too, where a parked sample must still read 0.
     bl = _load_baselines()
     gen = torch.Generator().manual_seed(15)
-    B, C, H, W = 2, 3, 9, 11
     boxes = [(-3.0, -2.5, 4.0, 5.0), (6.0, 5.5, 14.0, 12.0), (-6.0, 2.0, 17.0, 4.5), (10.2, 8.4, 11.3, 9.6)]
-    rois = make_rois(boxes, B, 1.0)
-    x = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64)
-    for sr in (1, 2, 3):
-        expected = ref.roi_align(x, rois, (3, 4), 1.0, sr, aligned)
-        torch.testing.assert_close(bl.grid_sample_roi_align(x, rois, (3, 4), 1.0, sr, aligned), expected,
-                                   rtol=0, atol=1e-12)
+    for B, C, H, W in ((2, 3, 9, 11), (2, 3, 1, 11), (2, 3, 9, 1)):
+        rois = make_rois(boxes, B, 1.0)
+        x = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64)
+        for sr in (1, 2, 3):
+            expected = ref.roi_align(x, rois, (3, 4), 1.0, sr, aligned)
+            torch.testing.assert_close(bl.grid_sample_roi_align(x, rois, (3, 4), 1.0, sr, aligned), expected,
+                                       rtol=0, atol=1e-12, msg=lambda m: f"{H}x{W} map, sampling_ratio={sr}: {m}")
