@@ -9,14 +9,23 @@ Environment:
                          when torch has CUDA and nvcc is found).
   DEBUG=1                -O0 -g build.
   ROI_OPS_SANITIZE=1     build with AddressSanitizer + UBSan (see `make sanitize`).
+
+Every build of the extension also writes roi_ops/_build_info.py (the torch it
+was compiled against), which roi_ops/_ops.py checks before loading _C, and a
+binary's metadata (wheel, `pip install .`, editable) pins that torch release;
+only the sdist keeps the range TORCH_RANGE (docs/build.md, "Packaging").
 """
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The torch releases the sources build against (the sdist's requirement).
+TORCH_RANGE = "torch>=2.4"
+BUILD_INFO = ("roi_ops", "_build_info.py")
 
 
 def _want_cuda(torch):
@@ -30,8 +39,7 @@ def _want_cuda(torch):
     )
 
 
-def _extensions():
-    import torch
+def _extensions(torch, with_cuda):
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     debug = os.environ.get("DEBUG", "0") == "1"
@@ -53,7 +61,7 @@ def _extensions():
         link += ["-fsanitize=address,undefined"]
     extra = {"cxx": cxx}
     ext_cls = CppExtension
-    if _want_cuda(torch):
+    if with_cuda:
         # kernels (*.cu, nvcc) and their host side (*.cpp: checks, dispatch,
         # registration, compiled once by the host compiler)
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
@@ -74,10 +82,72 @@ def _extensions():
     ]
 
 
-def _cmdclass():
+def _public_version(version):
+    return str(version).split("+", 1)[0]
+
+
+def _torch_requirement(torch):
+    """The torch requirement written into this build's metadata.
+
+    An sdist is built against whatever torch the installing user has, so it
+    keeps the range; everything else here compiles roi_ops._C, which only
+    loads into the torch release it was compiled against, so its metadata
+    pins that release (`torch==2.13.0` also matches 2.13.0+cpu/+cu128).
+    """
+    commands = [a for a in sys.argv[1:] if not a.startswith("-")]
+    if "sdist" in commands:
+        binaries = {"bdist_wheel", "build", "build_ext", "install", "develop", "editable_wheel"}
+        if binaries & set(commands):
+            sys.exit("setup.py: build the sdist and a binary in separate calls "
+                     "(`python -m build` does): their torch requirements differ")
+        return TORCH_RANGE
+    return f"torch=={_public_version(torch.__version__)}"
+
+
+def _build_info_source(torch, with_cuda):
+    return (
+        "# Written by setup.py when roi_ops._C was compiled: the torch it was\n"
+        "# compiled against. roi_ops/_ops.py checks it before loading _C.\n"
+        f"TORCH_VERSION = {str(torch.__version__)!r}\n"
+        f"TORCH_CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}\n"
+        f"WITH_CUDA = {bool(with_cuda)!r}\n"
+    )
+
+
+def _cmdclass(torch, with_cuda):
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class build_ext(BuildExtension.with_options(use_ninja=True)):
+        """BuildExtension, then roi_ops/_build_info.py beside the built _C
+        (in build_lib, which goes into the wheel, and, for in-place and
+        editable builds, in the source tree the package is imported from)."""
+
+        def run(self):
+            super().run()
+            targets = [os.path.join(self.build_lib, *BUILD_INFO)]
+            if self.inplace:
+                targets.append(os.path.join(ROOT, *BUILD_INFO))
+            for path in targets:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(_build_info_source(torch, with_cuda))
+
+        def get_outputs(self):
+            return super().get_outputs() + [os.path.join(self.build_lib, *BUILD_INFO)]
+
+    return {"build_ext": build_ext}
 
 
-setup(ext_modules=_extensions(), cmdclass=_cmdclass())
+def main():
+    import torch
+
+    with_cuda = _want_cuda(torch)
+    setup(
+        ext_modules=_extensions(torch, with_cuda),
+        cmdclass=_cmdclass(torch, with_cuda),
+        install_requires=[_torch_requirement(torch)],
+    )
+
+
+if __name__ == "__main__":
+    main()

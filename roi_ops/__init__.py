@@ -8,12 +8,11 @@ instance-control adapter built on them.
 >>> pasted = roi_ops.roi_unpool(crops, boxes, (64, 64), aligned=True)  # [1, 8, 64, 64]
 """
 from . import reference
+from ._version import __version__
 from ._ops import native_available, native_import_error
 from .functional import roi_align, roi_unpool
 from ._blend import roi_unpool_blend
 from .modules import RoIAlign, RoIUnpool
-
-__version__ = "0.1.0"
 
 __all__ = [
     "roi_align",
