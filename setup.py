@@ -20,7 +20,16 @@ import os
 import shutil
 import sys
 
+import setuptools
 from setuptools import setup
+
+# pyproject.toml's SPDX `license` needs setuptools>=77. With
+# --no-build-isolation pip does not install [build-system] requires, and a
+# fresh venv on Python <= 3.11 comes with an older setuptools: say so here
+# instead of failing later on pyproject validation.
+if int(setuptools.__version__.split(".")[0]) < 77:
+    sys.exit(f"roi-ops: building needs setuptools>=77, found {setuptools.__version__}: "
+             "pip install 'setuptools>=77' ninja   (then rerun with --no-build-isolation)")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The torch releases the sources build against (the sdist's requirement).

@@ -60,8 +60,8 @@ def _torch_mismatch_message(reason: str, built_torch: str) -> str:
         f"{reason}, and a compiled PyTorch extension only loads into the torch release it was "
         "built against. Fix it one of two ways:\n"
         f"  - install the torch this build needs:  pip install torch=={_public_version(built_torch)}\n"
-        "  - rebuild roi-ops against the installed torch (needs a C++ compiler, setuptools>=77, "
-        "wheel and ninja):\n"
+        "  - rebuild roi-ops against the installed torch (needs a C++ compiler and "
+        "setuptools>=77; ninja speeds it up):\n"
         f"      pip install --no-build-isolation --no-deps --force-reinstall <roi_ops-{__version__}.tar.gz or a checkout>\n"
         f"    (from a package index: --no-binary roi-ops roi-ops=={__version__}; in a checkout: make build)"
     )
@@ -121,7 +121,7 @@ def native_available(device_type: str = "cpu") -> bool:
     return device_type in NATIVE_DEVICE_TYPES
 
 
-def native_import_error():
+def native_import_error() -> Optional[ImportError]:
     """Why the extension failed to load (None when it loaded)."""
     return _IMPORT_ERROR
 
