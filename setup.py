@@ -95,22 +95,36 @@ def _public_version(version):
     return str(version).split("+", 1)[0]
 
 
-def _torch_requirement(torch):
-    """The torch requirement written into this build's metadata.
+def _torch_requirement(torch, commands):
+    """The torch requirement written into the metadata by ``commands``.
 
     An sdist is built against whatever torch the installing user has, so it
     keeps the range; everything else here compiles roi_ops._C, which only
     loads into the torch release it was compiled against, so its metadata
     pins that release (`torch==2.13.0` also matches 2.13.0+cpu/+cu128).
     """
-    commands = [a for a in sys.argv[1:] if not a.startswith("-")]
-    if "sdist" in commands:
-        binaries = {"bdist_wheel", "build", "build_ext", "install", "develop", "editable_wheel"}
-        if binaries & set(commands):
-            sys.exit("setup.py: build the sdist and a binary in separate calls "
-                     "(`python -m build` does): their torch requirements differ")
-        return TORCH_RANGE
-    return f"torch=={_public_version(torch.__version__)}"
+    if "sdist" not in commands:
+        return f"torch=={_public_version(torch.__version__)}"
+    if set(commands) - {"sdist", "egg_info"}:
+        sys.exit("setup.py: build the sdist and other distributions in separate calls "
+                 f"(`python -m build` does), not {' '.join(commands)}: their torch requirements differ")
+    return TORCH_RANGE
+
+
+def _distclass(torch):
+    from setuptools.dist import Distribution
+
+    class RoiOpsDistribution(Distribution):
+        """Sets the torch requirement from the commands actually parsed
+        (before any of them writes metadata)."""
+
+        def run_commands(self):
+            requirement = _torch_requirement(torch, self.commands)
+            self.install_requires = [requirement]
+            self.metadata.install_requires = [requirement]
+            super().run_commands()
+
+    return RoiOpsDistribution
 
 
 def _build_info_source(torch, with_cuda):
@@ -154,7 +168,8 @@ def main():
     setup(
         ext_modules=_extensions(torch, with_cuda),
         cmdclass=_cmdclass(torch, with_cuda),
-        install_requires=[_torch_requirement(torch)],
+        install_requires=[_torch_requirement(torch, [])],  # the pin; sdist: see _distclass
+        distclass=_distclass(torch),
     )
 
 
