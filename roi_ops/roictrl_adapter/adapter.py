@@ -33,7 +33,7 @@ from torch import nn
 from .block import BoxEncoder, ROICtrlBlock
 from .instances import ROICtrlInstances
 
-__all__ = ["DEFAULT_GRID_SIZES", "ROICtrlAdapter"]
+__all__ = ["DEFAULT_GRID_SIZES", "ROICtrlAdapter", "installed_adapter", "unwrap_unet"]
 
 #: ROI grid side by the layer's downsampling factor relative to the image (the paper's setting).
 DEFAULT_GRID_SIZES = {8: 25, 16: 19, 32: 13, 64: 7}
@@ -123,6 +123,33 @@ def _levels(unet: nn.Module) -> dict[str, int]:
     return levels
 
 
+def unwrap_unet(unet: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (``OptimizedModule._orig_mod``), or ``unet`` itself.
+
+    Hooks go on the original module: the compiled wrapper calls its ``forward``, so they run (and are traced)
+    either way, and they are removed from the same module by ``uninstall``.
+    """
+    while isinstance(getattr(unet, "_orig_mod", None), nn.Module):
+        unet = unet._orig_mod
+    return unet
+
+
+def _device_and_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype] | tuple[None, None]:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return None, None
+
+
+def installed_adapter(unet: nn.Module) -> "ROICtrlAdapter | None":
+    """The :class:`ROICtrlAdapter` whose hooks are on ``unet`` (a compiled UNet is unwrapped), or ``None``."""
+    for hook in unwrap_unet(unet)._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, ROICtrlAdapter):
+            return owner
+    return None
+
+
 def _top_level(name: str) -> str:
     parts = name.split(".")
     return parts[0] if parts[0] == "mid_block" else ".".join(parts[:2])
@@ -183,6 +210,9 @@ class ROICtrlAdapter(nn.Module):
     ) -> "ROICtrlAdapter":
         """One block per cross-attention ``BasicTransformerBlock`` of ``unet``, with its width and downsampling.
 
+        The adapter is created on the UNet's device and in its dtype (a ``torch.compile``d UNet is unwrapped).
+        For training a float16 UNet under autocast, keep the adapter in float32 with ``adapter.float()``.
+
         Args:
             grid_sizes: ROI grid side by downsampling factor (image pixels per feature pixel); defaults to
                 :data:`DEFAULT_GRID_SIZES` ``{8: 25, 16: 19, 32: 13, 64: 7}``.
@@ -190,6 +220,7 @@ class ROICtrlAdapter(nn.Module):
             kwargs: the remaining constructor arguments (``position_dim``, ...).
         """
         grid_sizes = dict(DEFAULT_GRID_SIZES if grid_sizes is None else grid_sizes)
+        unet = unwrap_unet(unet)
         levels = _levels(unet)
         specs = []
         for name, block in _transformer_blocks(unet):
@@ -210,7 +241,8 @@ class ROICtrlAdapter(nn.Module):
             )
         if not specs:
             raise ValueError(f"{type(unet).__name__} has no cross-attention transformer block to attach ROICtrl to")
-        return cls(specs, **kwargs)
+        device, dtype = _device_and_dtype(unet)
+        return cls(specs, **kwargs).to(device=device, dtype=dtype)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -243,6 +275,7 @@ class ROICtrlAdapter(nn.Module):
 
     def check_compatible(self, unet: nn.Module) -> None:
         """Raise ``ValueError`` saying what differs if ``unet`` is not the kind of UNet this adapter was built for."""
+        unet = unwrap_unet(unet)
         found = dict(_transformer_blocks(unet))
         names = [s.name for s in self.specs]
         missing = [n for n in names if n not in found]
@@ -266,9 +299,22 @@ class ROICtrlAdapter(nn.Module):
                 raise ValueError(f"block {spec.name!r} has norm_type {norm_type!r}; supported: {_SUPPORTED_NORMS}")
 
     def install(self, unet: nn.Module) -> "ROICtrlAdapter":
-        """Attach to ``unet`` (hooks only). Returns ``self``. Raises if already installed or if shapes differ."""
+        """Attach to ``unet`` (hooks only). Returns ``self``.
+
+        A ``torch.compile``d UNet is unwrapped: the hooks go on its original module. Raises ``RuntimeError`` if
+        this adapter is already installed, or if ``unet`` already carries another adapter (two would each see
+        the instance entry removed by the other, so the second would silently do nothing); ``ValueError`` if
+        the shapes differ.
+        """
         if self._handles:
             raise RuntimeError("ROICtrlAdapter is already installed; call uninstall() first")
+        unet = unwrap_unet(unet)
+        other = installed_adapter(unet)
+        if other is not None:
+            raise RuntimeError(
+                f"this {type(unet).__name__} already has a ROICtrlAdapter installed ({other.extra_repr()}); "
+                "call uninstall() on that one first"
+            )
         self.check_compatible(unet)
         handles, states, sizes_by_parent = [], [], {}
         try:
@@ -300,7 +346,7 @@ class ROICtrlAdapter(nn.Module):
         """Remove every hook; the UNet is then exactly what it was before :meth:`install`."""
         if not self._handles:
             raise RuntimeError("ROICtrlAdapter is not installed")
-        if unet is not None and (self._unet_ref is None or self._unet_ref() is not unet):
+        if unet is not None and (self._unet_ref is None or self._unet_ref() is not unwrap_unet(unet)):
             raise ValueError("ROICtrlAdapter.uninstall got a different UNet from the one it is installed on")
         for h in self._handles:
             h.remove()
@@ -418,7 +464,11 @@ class ROICtrlAdapter(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> "ROICtrlAdapter":
-        """Load what :meth:`save_pretrained` wrote. With ``unet``, also check that it fits (clear ``ValueError``)."""
+        """Load what :meth:`save_pretrained` wrote. With ``unet``, also check that it fits (clear ``ValueError``).
+
+        ``device`` and ``dtype`` default to the ``unet``'s when one is given (else the adapter stays on the CPU in
+        the file's dtype).
+        """
         from safetensors.torch import load_file
 
         config_path = os.path.join(directory, CONFIG_NAME)
@@ -447,6 +497,9 @@ class ROICtrlAdapter(nn.Module):
         adapter.load_state_dict(state)
         if unet is not None:
             adapter.check_compatible(unet)
+            unet_device, unet_dtype = _device_and_dtype(unwrap_unet(unet))
+            device = unet_device if device is None else device
+            dtype = unet_dtype if dtype is None else dtype
         return adapter.to(device=device, dtype=dtype)
 
 
@@ -455,3 +508,29 @@ def _record_size(sizes: dict, module, args, kwargs):
     if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 4:
         H, W = hidden_states.shape[-2:]
         sizes[H * W] = (H, W)
+
+
+def load_adapter(
+    path: str | os.PathLike,
+    unet: nn.Module | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> ROICtrlAdapter:
+    """Load a ROICtrl adapter from ``path``, whatever form it is in; the one entry point the CLI uses.
+
+    Accepted: a folder written by :meth:`ROICtrlAdapter.save_pretrained` (``config.json`` +
+    ``roictrl_adapter.safetensors``) or the path of that weights file. With ``unet`` the adapter is checked
+    against it and put on its device and dtype (``device``/``dtype`` override). Not installed.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(path) if os.path.isfile(path) else path
+    if os.path.isfile(os.path.join(folder, CONFIG_NAME)) and (
+        not os.path.isfile(path) or os.path.basename(path) == WEIGHTS_NAME
+    ):
+        return ROICtrlAdapter.from_pretrained(folder, unet=unet, device=device, dtype=dtype)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"adapter path {path!r}: no such file or folder")
+    raise ValueError(
+        f"adapter path {path!r} is not a ROICtrlAdapter folder: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
+        "(as ROICtrlAdapter.save_pretrained writes) or the path of that weights file"
+    )

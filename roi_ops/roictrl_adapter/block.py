@@ -199,6 +199,9 @@ class ROICtrlBlock(nn.Module):
         self.guide_ff_norm = nn.LayerNorm(dim)
         self.guide_ff = FeedForward(dim, ff_mult)
         self.guide_ff_gate = nn.Parameter(torch.zeros(()))
+        # Set by ROICtrlPipeline(return_blend_maps=True): keep (base_logit, inst_logit, rois) of the last call.
+        self.keep_blend_logits = False
+        self.blend_logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, grid={self.grid}, fused_blend={self.fused_blend}"
@@ -263,6 +266,8 @@ class ROICtrlBlock(nn.Module):
         grid_values = x.transpose(1, 2).reshape(K, C, P, P)
         base = global_out.reshape(B, H, W, C).permute(0, 3, 1, 2)
         out, base_weight = self._blend(base, base_logit, grid_values, inst_logit, rois, 1.0, True)
+        if self.keep_blend_logits:
+            self.blend_logits = (base_logit.detach(), inst_logit.detach(), rois)
         return out.permute(0, 2, 3, 1).reshape(B, T, C), base_weight, rois
 
     def box_guidance(

@@ -4,7 +4,8 @@ The UNet receives it the diffusers way, as one entry of ``cross_attention_kwargs
 
     unet(latents, t, text, cross_attention_kwargs={"roictrl": {"boxes": ..., "masks": ..., "embeddings": ...}})
 
-Either a plain dict or a :class:`ROICtrlInstances` is accepted. The dataclass validates once and keeps the
+Either a plain dict or a :class:`ROICtrlInstances` is accepted; the dict may use the official release's key names
+``instance_boxes`` / ``instance_masks`` / ``instance_embeddings`` too. The dataclass validates once and keeps the
 compacted list of valid instances (padded slots dropped), so the per-layer work never touches padding.
 """
 
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 _KEYS = ("boxes", "embeddings", "masks", "scale")
+# The official ROICtrl release names the same entries instance_boxes / instance_masks / instance_embeddings.
+ALIASES = {"instance_boxes": "boxes", "instance_embeddings": "embeddings", "instance_masks": "masks"}
 
 
 def _shape(t: object) -> str:
@@ -127,15 +130,24 @@ class ROICtrlInstances:
         if isinstance(data, cls):
             return data
         if isinstance(data, Mapping):
-            unknown = sorted(set(data) - set(_KEYS))
+            unknown = sorted(set(data) - set(_KEYS) - set(ALIASES))
             if unknown:
-                raise ValueError(f"roictrl got unknown keys {unknown}; expected some of {list(_KEYS)}")
+                raise ValueError(
+                    f"roictrl got unknown keys {unknown}; expected some of {list(_KEYS)} "
+                    f"(or the official names {list(ALIASES)})"
+                )
+            data = dict(data)
+            for alias, key in ALIASES.items():
+                if alias in data:
+                    if key in data:
+                        raise ValueError(f"roictrl got both {key!r} and its official alias {alias!r}; pass one")
+                    data[key] = data.pop(alias)
             missing = [k for k in ("boxes", "embeddings") if k not in data]
             if missing:
                 raise ValueError(
                     f"roictrl needs keys {missing} (expected boxes, embeddings and optionally masks, scale)"
                 )
-            return cls(**dict(data))
+            return cls(**data)
         raise TypeError(
             "cross_attention_kwargs['roictrl'] must be a ROICtrlInstances or a dict with keys boxes, embeddings, "
             f"masks, scale; got {type(data).__name__}"
