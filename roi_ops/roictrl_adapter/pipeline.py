@@ -425,7 +425,8 @@ class ROICtrlPipeline:
         beta = roictrl_scheduled_sampling_beta
         if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= float(beta) <= 1.0:
             raise ValueError(f"roictrl_scheduled_sampling_beta must be a number in [0, 1], got {beta!r}")
-        n_images = kwargs.get("num_images_per_prompt", 1) or 1
+        n_images = kwargs.get("num_images_per_prompt")
+        n_images = 1 if n_images is None else n_images
         if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
             raise ValueError(f"num_images_per_prompt must be a positive int, got {n_images!r}")
         if prompt is not None:
