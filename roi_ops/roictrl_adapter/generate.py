@@ -93,11 +93,11 @@ def read_layout(path: str | os.PathLike) -> dict[str, Any]:
 def _source(name: str, value: str) -> dict[str, Any]:
     """from_pretrained keywords for a local folder (never downloads) or a hub id (may download)."""
     if os.path.exists(value):
-        return {"pretrained_model_name_or_path": value, "local_files_only": True}
+        return {"local_files_only": True}
     if _HUB_ID.match(value):
         print(f"roi-ops generate: {name} {value!r} is not a local path; loading it from the Hugging Face Hub",
               file=sys.stderr)
-        return {"pretrained_model_name_or_path": value}
+        return {}
     raise ValueError(f"{name} {value!r}: no such file or folder (and not a Hub id of the form owner/name)")
 
 
@@ -107,8 +107,10 @@ def load_pipeline(model: str, controlnet: str | None, device: str, dtype):
 
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
     if controlnet is not None:
-        kwargs["controlnet"] = ControlNetModel.from_pretrained(**_source("--controlnet", controlnet), torch_dtype=dtype)
-    pipe = AutoPipelineForText2Image.from_pretrained(**_source("--model", model), **kwargs)
+        kwargs["controlnet"] = ControlNetModel.from_pretrained(
+            controlnet, **_source("--controlnet", controlnet), torch_dtype=dtype
+        )
+    pipe = AutoPipelineForText2Image.from_pretrained(model, **_source("--model", model), **kwargs)
     return pipe.to(device)
 
 

@@ -273,6 +273,7 @@ class _CallState:
         return self.by_batch[batch]
 
     def unet_pre_hook(self, module, args, kwargs):
+        module = unwrap_unet(module)  # the arguments are read by the name of the UNet's own forward
         sample = _get_arg(module, args, kwargs, "sample")
         t = _get_arg(module, args, kwargs, "timestep")
         t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
@@ -485,8 +486,10 @@ class ROICtrlPipeline:
             self.adapter.enabled = True
             for block in self.adapter.blocks:
                 block.keep_blend_logits = return_blend_maps
-            handles.append(unet.register_forward_pre_hook(state.unet_pre_hook, with_kwargs=True))
-            handles.append(unet.register_forward_hook(state.unet_post_hook, with_kwargs=True))
+            # On the module the pipeline calls: for a torch.compile'd UNet that is the wrapper, whose own hooks
+            # run eagerly around the compiled forward (step counting is Python state, not graph code).
+            handles.append(self.pipe.unet.register_forward_pre_hook(state.unet_pre_hook, with_kwargs=True))
+            handles.append(self.pipe.unet.register_forward_hook(state.unet_post_hook, with_kwargs=True))
             output = self.pipe(prompt, **kwargs)
         finally:
             for h in handles:

@@ -23,7 +23,7 @@ import os
 import torch
 
 IMAGE_SIZE = 64
-TEXT_LEN = 12  # tokenizer.model_max_length: the prompt embeddings are [B, 12, D]
+TEXT_LEN = 32  # tokenizer.model_max_length: the prompt embeddings are [B, 32, D] (one token per character)
 SD_UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
