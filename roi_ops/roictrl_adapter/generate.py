@@ -139,6 +139,26 @@ def draw_boxes(image, instances: list, colors=None):
     return out
 
 
+def _expected_size(model: str, layout: dict, control_image) -> tuple[int, int] | None:
+    """``(height, width)`` the pipeline will use, known before loading it: the layout's, the control image's, or a
+    local model's default (its UNet's sample size x the VAE factor, from their config files); else ``None``."""
+    height, width = layout.get("height"), layout.get("width")
+    if (height is None or width is None) and control_image is not None:
+        width, height = width or control_image.size[0], height or control_image.size[1]
+    if height is None or width is None:
+        try:
+            with open(os.path.join(model, "unet", "config.json")) as f:
+                sample = json.load(f)["sample_size"]
+            with open(os.path.join(model, "vae", "config.json")) as f:
+                factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+        except (OSError, KeyError, TypeError, ValueError):
+            return None
+        if not isinstance(sample, int):
+            return None
+        height, width = height or sample * factor, width or sample * factor
+    return int(height), int(width)
+
+
 def boxes_path(out: str | os.PathLike) -> Path:
     out = Path(out)
     return out.with_name(out.stem + ".boxes.png")
@@ -186,15 +206,18 @@ def run(args: argparse.Namespace) -> int:
             call["image"] = Image.open(args.control_image).convert("RGB")
         except (FileNotFoundError, OSError) as e:
             return _fail(f"--control-image {args.control_image!r}: {e}")
+    opts = dict(
+        box_format=layout.get("box_format", "xyxy"), box_units=layout.get("box_units", "normalized"),
+        clip_boxes=args.clip_boxes,
+    )
+    size = _expected_size(args.model, layout, call.get("image"))
     try:
+        if size is not None:  # check the layout before the (slow) model load; the pipeline checks it again
+            normalize_instances(layout.get("instances", []), 1, width=size[1], height=size[0], **opts)
         pipe = load_pipeline(args.model, args.controlnet, device, dtype)
         adapter = load_adapter(args.adapter, pipe.unet)
         roictrl = ROICtrlPipeline.from_pipe(pipe, adapter)
         pipe.set_progress_bar_config(desc="denoising", disable=False)
-        opts = dict(
-            box_format=layout.get("box_format", "xyxy"), box_units=layout.get("box_units", "normalized"),
-            clip_boxes=args.clip_boxes,
-        )
         image = roictrl(
             prompt, instances=layout.get("instances", []), roictrl_scheduled_sampling_beta=args.beta,
             roictrl_scale=args.scale, **opts, **call,
