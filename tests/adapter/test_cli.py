@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import tiny_pipelines as tp
@@ -129,6 +130,8 @@ def _bad_layout(root, tmp_path, content):
         (lambda r, t: ["--adapter", str(t / "nope")], "--adapter .*: no such file or folder"),
         (lambda r, t: ["--adapter", str(r / "layout.json")], "is not a ROICtrlAdapter folder"),
         (lambda r, t: ["--model", str(t / "no-model")], "--model .*: no such file or folder"),
+        pytest.param(lambda r, t: ["--device", "cuda"], "--device cuda but no CUDA device is available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")),
     ],
 )
 def test_generate_bad_inputs_say_what_is_wrong(files, tmp_path, capsys, change, message):

@@ -370,10 +370,16 @@ def test_from_pipe_checks_the_adapter(sd, tmp_path):
         ROICtrlPipeline.from_pipe(pipe, "adapter")
     with pytest.raises(TypeError, match="has no 'unet'"):
         ROICtrlPipeline.from_pipe(object(), tp.make_pipeline_adapter(pipe))
-    # the adapter follows the UNet's dtype
+    # the adapter follows the UNet's dtype, at from_pipe and at to()
     adapter = tp.make_pipeline_adapter(pipe).double()
-    ROICtrlPipeline.from_pipe(pipe, adapter)
+    wrapped = ROICtrlPipeline.from_pipe(pipe, adapter)
     assert all(p.dtype == torch.float32 for p in adapter.parameters())
+    assert wrapped.scheduler is pipe.scheduler and wrapped.pipe is pipe  # the rest is the pipeline's
+    try:
+        wrapped.to(torch.float64)
+        assert all(p.dtype == torch.float64 for p in adapter.parameters())
+    finally:
+        pipe.to(torch.float32)
 
 
 # ------------------------------------------------------------------ other pipeline classes
