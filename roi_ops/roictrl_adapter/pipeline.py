@@ -162,7 +162,8 @@ def normalize_instances(
             row.append(Instance(box, inst.caption))
         out.append(row)
     if clipped:
-        warnings.warn(f"clip_boxes=True clamped {len(clipped)} box(es) to the image: {', '.join(clipped)}", stacklevel=3)
+        message = f"clip_boxes=True clamped {len(clipped)} box(es) to the image: {', '.join(clipped)}"
+        warnings.warn(message, stacklevel=3)
     return out
 
 
@@ -246,7 +247,7 @@ class _CallState:
         self.beta, self.image_hw, self.pixel_boxes = cutoff_beta, image_hw, pixel_boxes
         self.by_batch: dict[int, ROICtrlInstances] = {}
         self.step, self.last_t, self.cutoff = -1, None, None
-        self.maps = maps
+        self.maps = maps  # per UNet call the adapter ran on: the sum of the instance weight maps, and the count
         self.map_sum: torch.Tensor | None = None
         self.map_count = 0
         self.active_steps: list[int] = []
@@ -285,6 +286,7 @@ class _CallState:
                     f"ROICtrlPipeline converted pixel boxes for a {self.image_hw[1]}x{self.image_hw[0]} image but "
                     f"the pipeline generates {lat_w * f}x{lat_h * f}; pass height= and width= explicitly"
                 )
+            self.image_hw = (lat_h * f, lat_w * f)  # what is generated; the blend maps take this size
             steps = _schedule_length(self.pipe.scheduler.timesteps)
             self.cutoff = int(self.beta * steps)
         if t != self.last_t:  # a new denoising step (second-order schedulers call twice with one timestep)
@@ -415,8 +417,9 @@ class ROICtrlPipeline:
             roictrl_scheduled_sampling_beta: the adapter acts on the first ``int(beta * steps)`` denoising steps
                 only (the official knob; 1.0 = all steps, 0 = none).
             roictrl_scale: strength of the adapter (0 = off, 1 = as trained).
-            return_blend_maps: also return each instance's blending weight, averaged over layers and the steps the
-                adapter ran on: ``output.blend_maps``, a list with one ``Tensor[n_instances, height, width]`` per
+            return_blend_maps: also return each instance's blending weight, averaged over layers and the UNet
+                calls the adapter ran on: ``output.blend_maps``, a list with one
+                ``Tensor[n_instances, height, width]`` per
                 generated image (in the order of ``output.images``); with ``return_dict=False`` it is appended
                 to the returned tuple.
 
