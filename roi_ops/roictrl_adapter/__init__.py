@@ -19,8 +19,12 @@ See docs/adapter.md.
 from .adapter import DEFAULT_GRID_SIZES, BlockSpec, ROICtrlAdapter
 from .block import BoxEncoder, ROICtrlBlock, blend, coverage
 from .instances import ROICtrlInstances
+from .official import is_official_checkpoint, load_adapter
+from .options import OFFICIAL_CONFIG, ArchitectureOptions
 
 __all__ = [
+    "OFFICIAL_CONFIG",
+    "ArchitectureOptions",
     "DEFAULT_GRID_SIZES",
     "BlockSpec",
     "BoxEncoder",
@@ -29,4 +33,6 @@ __all__ = [
     "ROICtrlInstances",
     "blend",
     "coverage",
+    "is_official_checkpoint",
+    "load_adapter",
 ]
