@@ -448,7 +448,8 @@ class ROICtrlAdapter(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> "ROICtrlAdapter":
-        """Load what :meth:`save_pretrained` wrote. With ``unet``, also check that it fits (clear ``ValueError``)."""
+        """Load what :meth:`save_pretrained` wrote, in eval mode. With ``unet``, also check that it fits (clear
+        ``ValueError``)."""
         from safetensors.torch import load_file
 
         config_path = os.path.join(directory, CONFIG_NAME)
@@ -477,7 +478,8 @@ class ROICtrlAdapter(nn.Module):
         adapter.load_state_dict(state)
         if unet is not None:
             adapter.check_compatible(unet)
-        return adapter.to(device=device, dtype=dtype)
+        # Eval mode, as diffusers' from_pretrained: dropout (the official configuration has some) off until train().
+        return adapter.to(device=device, dtype=dtype).eval()
 
     @classmethod
     def from_official(

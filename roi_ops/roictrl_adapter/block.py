@@ -181,7 +181,7 @@ def coverage(
         ones = torch.ones(boxes.shape[0], 1, 1, 1, device=boxes.device)
         pasted = roi_ops.roi_unpool(ones, boxes, (H, W), spatial_scale=1.0, aligned=aligned)[:, 0]
     counts = torch.zeros(batch_size, H, W, device=boxes.device)
-    return counts.index_put((boxes[:, 0].long(),), pasted, accumulate=True) > 0
+    return counts.index_put((boxes[:, 0].long(),), pasted.to(counts.dtype), accumulate=True) > 0
 
 
 class BoxEncoder(nn.Module):
@@ -211,6 +211,7 @@ class BoxEncoder(nn.Module):
             raise ValueError(f"BoxEncoder fourier must be 'pow2_pi' or 'gligen', got {fourier!r}")
         self.num_freqs, self.fourier = num_freqs, fourier
         k = torch.arange(num_freqs, dtype=torch.float32)
+        # Computed in float32 as the official code does (its float64 runs use these rounded values too).
         freqs = (2.0**k) * math.pi if fourier == "pow2_pi" else 100.0 ** (k / num_freqs)
         self.register_buffer("freqs", freqs, persistent=False)
         self.mlp = nn.Sequential(
@@ -225,7 +226,9 @@ class BoxEncoder(nn.Module):
 
     def features(self, boxes: torch.Tensor) -> torch.Tensor:
         """The Fourier features ``Tensor[K, 8 * num_freqs]`` that enter the MLP."""
-        angles = boxes.float().unsqueeze(-1) * self.freqs  # [K, 4, F]
+        # float32 features (float64 for a float64 encoder): the box coordinates need the precision.
+        dtype = torch.float64 if self.mlp[0].weight.dtype == torch.float64 else torch.float32
+        angles = boxes.to(dtype).unsqueeze(-1) * self.freqs.to(dtype)  # [K, 4, F]
         if self.fourier == "pow2_pi":
             return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
         return torch.stack([angles.sin(), angles.cos()], dim=-1).permute(0, 2, 3, 1).flatten(1)  # [K, F, 2, 4]

@@ -248,7 +248,7 @@ def from_official(
 
     Every official key must map to one adapter parameter with the same shape, every adapter parameter must get
     one: otherwise ``ValueError`` with the missing keys, the unexpected keys and the shape / dtype mismatches
-    (each named). Values are copied exactly (cast to ``dtype`` if given).
+    (each named). Values are copied exactly (cast to ``dtype`` if given). The adapter comes back in eval mode.
     """
     state = _normalise(_read(path_or_state_dict))
     if unet is None:
@@ -280,7 +280,8 @@ def from_official(
     with torch.no_grad():
         for theirs, ours in expected.items():
             own[ours].copy_(state[theirs].reshape(own[ours].shape))
-    return adapter.to(device=device, dtype=dtype)
+    # Eval mode, as a loaded diffusers model: the official dropout (0.2) acts only after adapter.train().
+    return adapter.to(device=device, dtype=dtype).eval()
 
 
 def load_adapter(
