@@ -53,16 +53,10 @@ def blend(
     This version materialises ``[B, max ROIs per image, C, H, W]`` and reads the ROI count back to the host; it is
     the readable reference for the fused op, which the adapter uses unless ``fused_blend=False``.
     """
-    out, base_weight, _ = _blend_dense(base, base_logit, input, input_logit, boxes, spatial_scale, aligned, unpool)
-    return out, base_weight
-
-
-def _blend_dense(base, base_logit, input, input_logit, boxes, spatial_scale, aligned, unpool):
-    """:func:`blend`, also returning ``BoolTensor[B, H, W]``: pixels covered by any ROI of their image."""
     B, C, H, W = base.shape
     K = input.shape[0]
     if K == 0:
-        return base, base.new_ones(B, H, W), torch.zeros(B, H, W, dtype=torch.bool, device=base.device)
+        return base, base.new_ones(B, H, W)
     if unpool == "official":
         pasted = roi_unpool_quantized(
             torch.cat([input, input_logit.unsqueeze(1).to(input.dtype)], dim=1), boxes, (H, W), spatial_scale
@@ -104,7 +98,7 @@ def _blend_dense(base, base_logit, input, input_logit, boxes, spatial_scale, ali
     mixed = w_base.unsqueeze(1) * base + (weights[:, 1:].to(base.dtype).unsqueeze(2) * dense_value).sum(1)
     out = torch.where(any_covered.unsqueeze(1), mixed, base)
     base_weight = torch.where(any_covered, w_base, torch.ones_like(w_base))
-    return out, base_weight, any_covered
+    return out, base_weight
 
 
 def _quantized_axis(lo: torch.Tensor, hi: torch.Tensor, pooled: int, size: int):

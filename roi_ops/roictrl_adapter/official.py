@@ -204,14 +204,12 @@ def is_official_checkpoint(path_or_state_dict: str | os.PathLike | Mapping[str, 
             return False
         if not os.path.exists(path):
             raise FileNotFoundError(f"no file at {path!r}")
-    try:
-        keys = _read(path_or_state_dict, keys_only=True)
-    except (ValueError, RuntimeError, OSError, EOFError):
-        return False  # not a state dict this reader understands
-    except Exception as exc:  # torch.load raises pickle / safetensors errors of several kinds
-        if type(exc).__module__.startswith(("pickle", "_pickle", "safetensors")):
+        try:
+            keys = _read(path, keys_only=True)
+        except Exception:  # safetensors / torch.load / pickle errors of many kinds: not a checkpoint we can read
             return False
-        raise
+    else:
+        keys = _read(path_or_state_dict)
     return any(isinstance(k, str) and _strip(k).endswith(_MARKERS) for k in keys)
 
 

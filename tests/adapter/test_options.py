@@ -153,3 +153,23 @@ def test_seeded_slot_order_is_fixed_and_differs_from_identity():
     ga = a._gate_logits(base_logit, inst_logit, rois, inst, (6, 6))
     gc = c._gate_logits(base_logit, inst_logit, rois, inst, (6, 6))
     assert not torch.equal(ga[1], gc[1])
+
+
+def test_official_configuration_guides_a_batch_without_any_instance():
+    """guide_empty_samples: instance data with every mask 0 still runs the guidance (null tokens only), as the
+    release does whenever the roictrl argument is given; the default configuration leaves such a call bitwise."""
+    unet = make_unet("sd15")
+    sample, t, text, _ = unet_inputs("sd15")
+    data = make_instances(2, 2, 32, masks=[[0, 0], [0, 0]])
+    with torch.no_grad():
+        base = unet(sample, t, text).sample
+    outs = {}
+    for preset in ("official", None):
+        adapter = make_adapter(unet, "sd15", preset=preset).eval().install(unet)
+        try:
+            with torch.no_grad():
+                outs[preset] = unet(sample, t, text, cross_attention_kwargs={"roictrl": data}).sample
+        finally:
+            adapter.uninstall()
+    assert torch.isfinite(outs["official"]).all() and (outs["official"] - base).abs().amax(dim=(1, 2, 3)).gt(1e-4).all()
+    assert torch.equal(outs[None], base)
