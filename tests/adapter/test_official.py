@@ -236,10 +236,10 @@ def test_exact_unpool_difference_is_measured(comparison):
     """The one remaining difference, our exact unpool instead of the quantised one with zeroed rims, measured on
     the UNet output (docs/official.md reports the number of benchmarks/official_differences.py)."""
     outs, _ = comparison
-    diff = _rel(outs["exact"], outs["reference"])
-    effect = _rel(outs["reference"], outs["base"])
-    print(f"exact vs official unpool: relative L2 difference {diff:.3e} (adapter's own effect {effect:.3e})")
-    assert 1e-6 < diff < effect
+    change = float((outs["exact"] - outs["reference"]).norm())
+    effect = float((outs["reference"] - outs["base"]).norm())
+    print(f"exact vs official unpool: |exact - official| / |official - base| = {change / effect:.3e}")
+    assert 1e-6 < change / effect < 0.5
 
 
 def test_random_slot_order_reproduces_the_official_rng_stream(comparison, small_state):
