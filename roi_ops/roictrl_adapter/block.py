@@ -148,7 +148,8 @@ def roi_unpool_quantized(
     my, in_y, sum_y = _quantized_axis(b[:, 2], b[:, 4], PH, H)
     mx, in_x, sum_x = _quantized_axis(b[:, 1], b[:, 3], PW, W)
     keep = (in_y[:, :, None] & in_x[:, None, :]) & ((1 - sum_y[:, :, None] * sum_x[:, None, :]) < 1e-5)
-    out = torch.matmul(torch.matmul(my.to(input.dtype).unsqueeze(1), input), mx.to(input.dtype).transpose(1, 2).unsqueeze(1))
+    rows = torch.matmul(my.to(input.dtype).unsqueeze(1), input)  # [K, C, H, PW]
+    out = torch.matmul(rows, mx.to(input.dtype).transpose(1, 2).unsqueeze(1))  # [K, C, H, W]
     return out * keep.unsqueeze(1).to(input.dtype)
 
 

@@ -157,7 +157,8 @@ def roifuser(w, prefix, heads, normed, hidden, attn_out, attn2, boxes, masks, em
     P = GRIDS[ds]
     px = torch.tensor([image_size[1], image_size[0]] * 2, dtype=normed.dtype)
     boxes_px = boxes.to(normed.dtype) * px  # [B, 30, 4] image pixels
-    rois = torch.cat([torch.arange(B, dtype=normed.dtype).repeat_interleave(SLOTS).unsqueeze(1), boxes_px.flatten(0, 1)], 1)
+    index = torch.arange(B, dtype=normed.dtype).repeat_interleave(SLOTS).unsqueeze(1)
+    rois = torch.cat([index, boxes_px.flatten(0, 1)], 1)
     fmap = normed.transpose(1, 2).reshape(B, C, H, W)
     crops = reference.roi_align(fmap, rois, (P, P), spatial_scale=1.0 / ds, sampling_ratio=2, aligned=True)
     tokens = crops.flatten(2).transpose(1, 2)  # [B*30, P*P, C]
@@ -187,7 +188,8 @@ def roifuser(w, prefix, heads, normed, hidden, attn_out, attn2, boxes, masks, em
     hidden = hidden + fused.flatten(2).transpose(1, 2)
     pos = _linear(objs.to(hidden.dtype), w, prefix + "context_proj")
     ctx = _ln(torch.cat([hidden, pos], dim=1), w, prefix + "norm2")
-    hidden = hidden + torch.tanh(w[prefix + "alpha_coord_self_attn"]) * _attention(ctx, w, prefix + "coord_self_attn", heads)[:, :T]
+    coord = _attention(ctx, w, prefix + "coord_self_attn", heads)[:, :T]
+    hidden = hidden + torch.tanh(w[prefix + "alpha_coord_self_attn"]) * coord
     hp, gate_ff = _linear(_ln(hidden, w, prefix + "norm3"), w, prefix + "ff.net.0.proj").chunk(2, dim=-1)
     ff = _linear(hp * F.gelu(gate_ff), w, prefix + "ff.net.2")
     return hidden + torch.tanh(w[prefix + "alpha_dense"]) * ff
@@ -203,8 +205,9 @@ class OfficialUNet:
         self.data = None
 
     def set(self, boxes, masks, embeddings, latent_size):
-        objs = position_net(self.w, boxes.double(), masks).to(boxes.dtype)
-        self.data = dict(boxes=boxes, masks=masks, emb=embeddings, image_size=[latent_size[0] * 8, latent_size[1] * 8], objs=objs)
+        objs = position_net(self.w, boxes, masks)
+        image_size = [latent_size[0] * 8, latent_size[1] * 8]
+        self.data = dict(boxes=boxes, masks=masks, emb=embeddings, image_size=image_size, objs=objs)
 
     def __enter__(self):
         ref = self
