@@ -20,9 +20,13 @@ Whole pipelines: ``ROICtrlPipeline.from_pipe(pipe, adapter)(prompt, instances=[{
 from .adapter import DEFAULT_GRID_SIZES, BlockSpec, ROICtrlAdapter, load_adapter
 from .block import BoxEncoder, ROICtrlBlock, blend, coverage
 from .instances import ROICtrlInstances
+from .official import is_official_checkpoint
+from .options import OFFICIAL_CONFIG, ArchitectureOptions
 from .pipeline import Instance, ROICtrlPipeline, normalize_instances
 
 __all__ = [
+    "OFFICIAL_CONFIG",
+    "ArchitectureOptions",
     "DEFAULT_GRID_SIZES",
     "BlockSpec",
     "BoxEncoder",
@@ -33,6 +37,7 @@ __all__ = [
     "ROICtrlPipeline",
     "blend",
     "coverage",
+    "is_official_checkpoint",
     "load_adapter",
     "normalize_instances",
 ]

@@ -32,6 +32,7 @@ from torch import nn
 
 from .block import BoxEncoder, ROICtrlBlock
 from .instances import ROICtrlInstances
+from .options import OFFICIAL_CONFIG, ArchitectureOptions
 
 __all__ = ["DEFAULT_GRID_SIZES", "ROICtrlAdapter", "installed_adapter", "unwrap_unet"]
 
@@ -171,6 +172,10 @@ class ROICtrlAdapter(nn.Module):
         fused_blend: blend with the fused ``roi_ops.roi_unpool_blend`` op (default), whose memory does not grow
             with the instance count; ``False`` uses the unfused :func:`blend` (same function, materialises
             ``[B, N, C, H, W]`` per layer). Also settable later: ``adapter.fused_blend = False``.
+        options: the architecture options of :class:`~roi_ops.roictrl_adapter.options.ArchitectureOptions`
+            (``ff_activation``, ``fourier_embedding``, ``position_padding``, ``channel_gate``, ``max_instances``,
+            ``slot_order``, ``slot_seed``, ``sampling_ratio``, ``guide_empty_samples``, ``dropout``, ``unpool``);
+            the defaults are roi-ops' design, ``OFFICIAL_CONFIG`` the official release's (docs/official.md).
     """
 
     def __init__(
@@ -181,17 +186,31 @@ class ROICtrlAdapter(nn.Module):
         position_hidden_dim: int = 512,
         ff_mult: int = 4,
         fused_blend: bool = True,
+        **options: Any,
     ):
         super().__init__()
         specs = [b if isinstance(b, BlockSpec) else BlockSpec(**b) for b in blocks]
         if not specs:
             raise ValueError("ROICtrlAdapter blocks must list at least one cross-attention block, got none")
+        unknown = sorted(set(options) - set(ArchitectureOptions.names()))
+        if unknown:
+            raise TypeError(
+                f"ROICtrlAdapter got unknown arguments {unknown}; architecture options are "
+                f"{list(ArchitectureOptions.names())}"
+            )
+        self.options = ArchitectureOptions(**options)
         self.specs = specs
         self.position_dim, self.fourier_freqs = position_dim, fourier_freqs
         self.position_hidden_dim, self.ff_mult = position_hidden_dim, ff_mult
-        self.box_encoder = BoxEncoder(position_dim, fourier_freqs, position_hidden_dim)
+        self.box_encoder = BoxEncoder(
+            position_dim,
+            fourier_freqs,
+            position_hidden_dim,
+            fourier=self.options.fourier_embedding,
+            null_token=self.options.position_padding == "null_token",
+        )
         self.blocks = nn.ModuleList(
-            ROICtrlBlock(s.dim, s.heads, position_dim, s.grid, ff_mult, bool(fused_blend)) for s in specs
+            ROICtrlBlock(s.dim, s.heads, position_dim, s.grid, ff_mult, bool(fused_blend), self.options) for s in specs
         )
         #: False makes every hook pass the UNet's own computation through untouched.
         self.enabled = True
@@ -206,19 +225,27 @@ class ROICtrlAdapter(nn.Module):
         unet: nn.Module,
         grid_sizes: Mapping[int, int] | None = None,
         vae_scale_factor: int = 8,
+        preset: str | None = None,
         **kwargs: Any,
     ) -> "ROICtrlAdapter":
         """One block per cross-attention ``BasicTransformerBlock`` of ``unet``, with its width and downsampling.
 
-        The adapter is created on the UNet's device and in its dtype (a ``torch.compile``d UNet is unwrapped).
+        The adapter is created on the UNet's device and in its dtype (a ``torch.compile``d UNet is unwrapped; a
+        UNet on the ``meta`` device, a structure without weights, gets a CPU float32 adapter to load weights into).
         For training a float16 UNet under autocast, keep the adapter in float32 with ``adapter.float()``.
 
         Args:
             grid_sizes: ROI grid side by downsampling factor (image pixels per feature pixel); defaults to
                 :data:`DEFAULT_GRID_SIZES` ``{8: 25, 16: 19, 32: 13, 64: 7}``.
             vae_scale_factor: image pixels per latent pixel (8 for SD1.5 and SDXL).
-            kwargs: the remaining constructor arguments (``position_dim``, ...).
+            preset: ``None``/``"default"`` (roi-ops' design) or ``"official"`` (``OFFICIAL_CONFIG``: the official
+                release's architecture, whose weights :meth:`from_official` loads); ``kwargs`` override it.
+            kwargs: the remaining constructor arguments (``position_dim``, options such as ``unpool``, ...).
         """
+        if preset == "official":
+            kwargs = {**OFFICIAL_CONFIG, **kwargs}
+        elif preset not in (None, "default"):
+            raise ValueError(f"ROICtrlAdapter.from_unet preset must be None, 'default' or 'official', got {preset!r}")
         grid_sizes = dict(DEFAULT_GRID_SIZES if grid_sizes is None else grid_sizes)
         unet = unwrap_unet(unet)
         levels = _levels(unet)
@@ -242,6 +269,8 @@ class ROICtrlAdapter(nn.Module):
         if not specs:
             raise ValueError(f"{type(unet).__name__} has no cross-attention transformer block to attach ROICtrl to")
         device, dtype = _device_and_dtype(unet)
+        if device is not None and device.type == "meta":  # a structure-only UNet: the weights get loaded into it
+            device, dtype = None, None
         return cls(specs, **kwargs).to(device=device, dtype=dtype)
 
     @property
@@ -253,6 +282,7 @@ class ROICtrlAdapter(nn.Module):
             "position_hidden_dim": self.position_hidden_dim,
             "ff_mult": self.ff_mult,
             "fused_blend": self.fused_blend,
+            **self.options.to_dict(),
         }
 
     @property
@@ -377,7 +407,8 @@ class ROICtrlAdapter(nn.Module):
         data = cak.pop(KWARG)  # never reaches attn1/attn2, so no processor warns about it
         if self.enabled and data is not None:
             instances = ROICtrlInstances.coerce(data)
-            if instances.num_instances > 0 and instances.scale != 0.0:
+            active = instances.num_instances > 0 or self.options.guide_empty_samples
+            if active and instances.scale != 0.0:
                 state.instances = instances
         return _set_arg(module, args, kwargs, "cross_attention_kwargs", cak)
 
@@ -410,6 +441,7 @@ class ROICtrlAdapter(nn.Module):
                 f"{hidden_states.device}/{hidden_states.dtype} at {spec.name!r}; move it with adapter.to(...)"
             )
         position_tokens = self.box_encoder(instances.instance_boxes.to(hidden_states.device))
+        null_position = self.box_encoder.null_token() if self.box_encoder.null_feature is not None else None
         out, stats = self.blocks[i](
             hidden_states,
             state.residual,
@@ -420,6 +452,7 @@ class ROICtrlAdapter(nn.Module):
             position_tokens,
             encoder_hidden_states=encoder_hidden_states,
             attn_kwargs=kwargs,
+            null_position=null_position,
         )
         state.stats = stats
         return out
@@ -468,7 +501,8 @@ class ROICtrlAdapter(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> "ROICtrlAdapter":
-        """Load what :meth:`save_pretrained` wrote. With ``unet``, also check that it fits (clear ``ValueError``).
+        """Load what :meth:`save_pretrained` wrote, in eval mode. With ``unet``, also check that it fits (clear
+        ``ValueError``).
 
         ``device`` and ``dtype`` default to the ``unet``'s when one is given (else the adapter stays on the CPU in
         the file's dtype).
@@ -504,7 +538,22 @@ class ROICtrlAdapter(nn.Module):
             unet_device, unet_dtype = _device_and_dtype(unwrap_unet(unet))
             device = unet_device if device is None else device
             dtype = unet_dtype if dtype is None else dtype
-        return adapter.to(device=device, dtype=dtype)
+        # Eval mode, as diffusers' from_pretrained: dropout (the official configuration has some) off until train().
+        return adapter.to(device=device, dtype=dtype).eval()
+
+    @classmethod
+    def from_official(
+        cls,
+        path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
+        unet: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> "ROICtrlAdapter":
+        """Load the official ROICtrl release (``ROICtrl_sdv14_30K.safetensors``) into an adapter in the official
+        configuration; see :func:`roi_ops.roictrl_adapter.official.from_official` (``unet=None``: the SD1.x
+        block structure; ``kwargs``: ``device``, ``dtype``, option overrides such as ``unpool="exact"``)."""
+        from .official import from_official
+
+        return from_official(path_or_state_dict, unet, **kwargs)
 
 
 def _record_size(sizes: dict, module, args, kwargs):
@@ -523,7 +572,8 @@ def load_adapter(
     """Load a ROICtrl adapter from ``path``, whatever form it is in; the one entry point the CLI uses.
 
     Accepted: a folder written by :meth:`ROICtrlAdapter.save_pretrained` (``config.json`` +
-    ``roictrl_adapter.safetensors``) or the path of that weights file. With ``unet`` the adapter is checked
+    ``roictrl_adapter.safetensors``), the path of that weights file, or the official ROICtrl release file
+    (detected by :func:`~roi_ops.roictrl_adapter.official.is_official_checkpoint`, loaded by ``from_official``). With ``unet`` the adapter is checked
     against it and put on its device and dtype (``device``/``dtype`` override). Not installed.
     """
     path = os.fspath(path)
@@ -534,7 +584,11 @@ def load_adapter(
         return ROICtrlAdapter.from_pretrained(folder, unet=unet, device=device, dtype=dtype)
     if not os.path.exists(path):
         raise FileNotFoundError(f"adapter path {path!r}: no such file or folder")
+    from .official import from_official, is_official_checkpoint
+
+    if is_official_checkpoint(path):
+        return from_official(path, unet, device=device, dtype=dtype)
     raise ValueError(
-        f"adapter path {path!r} is not a ROICtrlAdapter folder: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
-        "(as ROICtrlAdapter.save_pretrained writes) or the path of that weights file"
+        f"adapter path {path!r} is not a ROICtrlAdapter folder (expected {CONFIG_NAME} and {WEIGHTS_NAME}, as "
+        "ROICtrlAdapter.save_pretrained writes), the path of that weights file, or an official ROICtrl checkpoint"
     )

@@ -42,7 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="diffusers folder of an SD1.x/SD2.x/SDXL checkpoint")
-    p.add_argument("--adapter", required=True, help="ROICtrl adapter folder (as ROICtrlAdapter.save_pretrained writes)")
+    p.add_argument("--adapter", required=True, help="ROICtrl adapter: a folder as ROICtrlAdapter.save_pretrained writes it, or the official release file (ROICtrl_sdv14_30K.safetensors, detected by its keys)")
     p.add_argument("--layout", required=True, help="layout JSON file (format below)")
     p.add_argument("--out", required=True, help="output image path (PNG); the boxes overlay goes beside it")
     p.add_argument("--prompt", help="global prompt (overrides the layout's)")

@@ -43,6 +43,7 @@ class ROICtrlInstances:
     Derived attributes (computed once in ``__post_init__``; ``K`` = number of valid instances):
         ``batch_index`` ``LongTensor[K]``, ``instance_boxes`` ``Tensor[K, 4]``, ``instance_embeddings``
         ``Tensor[K, L, D]``, ``slot_index`` ``LongTensor[K]`` (rank of the instance within its sample),
+        ``slot_position`` ``LongTensor[K]`` (its slot ``n`` in the padded ``[B, N]`` input),
         ``sample_index`` ``LongTensor[S]`` (sorted samples with at least one instance), ``num_instances`` (K),
         ``max_instances_per_sample``.
     """
@@ -56,6 +57,7 @@ class ROICtrlInstances:
     instance_boxes: torch.Tensor = field(init=False, repr=False)
     instance_embeddings: torch.Tensor = field(init=False, repr=False)
     slot_index: torch.Tensor = field(init=False, repr=False)
+    slot_position: torch.Tensor = field(init=False, repr=False)
     sample_index: torch.Tensor = field(init=False, repr=False)
     num_instances: int = field(init=False, repr=False)
     max_instances_per_sample: int = field(init=False, repr=False)
@@ -116,6 +118,7 @@ class ROICtrlInstances:
         object.__setattr__(self, "instance_boxes", inst_boxes)
         object.__setattr__(self, "instance_embeddings", emb[b_idx, n_idx])
         object.__setattr__(self, "slot_index", slot)
+        object.__setattr__(self, "slot_position", n_idx)
         object.__setattr__(self, "sample_index", (counts > 0).nonzero().flatten())
         object.__setattr__(self, "num_instances", int(idx.shape[0]))
         object.__setattr__(self, "max_instances_per_sample", int(counts.max()) if B > 0 else 0)
