@@ -1,7 +1,8 @@
 // Host emulation of the CUDA backend, for machines without a GPU.
 //
-// Compiles the CUDA backend's own host functions (csrc/cuda/roi_host.h) and
-// element bodies (csrc/cuda/roi_elements.h) with the host compiler, and
+// Compiles the CUDA backend's own host functions (csrc/cuda/roi_host.h,
+// csrc/cuda/blend_host.h) and element bodies (csrc/cuda/roi_elements.h,
+// csrc/cuda/blend_elements.h) with the host compiler, and
 // runs every "kernel" as a loop over its element indices instead of a grid
 // launch. Everything but the launch (checks, ROI sorting, footprints, strides,
 // layouts, dtype dispatch, the per-element math) is the code the GPU runs, so
@@ -10,10 +11,13 @@
 // --fmad=false, as the CUDA build uses), so results match the GPU's.
 //
 // The ops are registered as roi_ops_emu::* for CPU tensors, beside (not in
-// place of) the real roi_ops::* ops.
+// place of) the real roi_ops::* ops: one per op that csrc/cuda/roi_ops_cuda.cpp
+// registers for CUDA, with the same host function and the same schema
+// (tools/test_cuda_emulate.py fails when one is missing or differs).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cuda/blend_host.h"
 #include "cuda/roi_host.h"
 
 namespace roi_ops {
@@ -52,6 +56,15 @@ TORCH_LIBRARY(roi_ops_emu, m) {
   m.def(
       "_roi_unpool_backward(Tensor grad, Tensor rois, float spatial_scale, "
       "SymInt pooled_height, SymInt pooled_width, bool aligned) -> Tensor");
+  m.def(
+      "roi_unpool_blend(Tensor base, Tensor base_logit, Tensor input, "
+      "Tensor input_logit, Tensor rois, float spatial_scale, bool aligned) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "_roi_unpool_blend_backward(Tensor grad_out, Tensor? grad_base_weight, "
+      "Tensor base, Tensor base_logit, Tensor input, Tensor input_logit, "
+      "Tensor rois, float spatial_scale, bool aligned) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(roi_ops_emu, CPU, m) {
@@ -59,6 +72,8 @@ TORCH_LIBRARY_IMPL(roi_ops_emu, CPU, m) {
   m.impl("_roi_align_backward", TORCH_FN(roi_align_backward<HostLauncher>));
   m.impl("roi_unpool", TORCH_FN(roi_unpool_forward<HostLauncher>));
   m.impl("_roi_unpool_backward", TORCH_FN(roi_unpool_backward<HostLauncher>));
+  m.impl("roi_unpool_blend", TORCH_FN(blend::blend_forward<HostLauncher>));
+  m.impl("_roi_unpool_blend_backward", TORCH_FN(blend::blend_backward<HostLauncher>));
 }
 
 }  // namespace cuda
