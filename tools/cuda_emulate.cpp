@@ -15,10 +15,13 @@
 // registers for CUDA, with the same host function and the same schema
 // (tools/test_cuda_emulate.py fails when one is missing or differs).
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "cuda/blend_host.h"
 #include "cuda/roi_host.h"
+
+#include <string>
 
 namespace roi_ops {
 namespace cuda {
@@ -40,31 +43,17 @@ struct HostLauncher {
 
 }  // namespace
 
+// Every op here takes the schema of the real roi_ops op, read from the
+// dispatcher (so roi_ops._C must be loaded first, as `import roi_ops` does):
+// one definition of each schema, csrc/ops.cpp.
 TORCH_LIBRARY(roi_ops_emu, m) {
-  m.def(
-      "roi_align(Tensor input, Tensor rois, float spatial_scale, "
-      "SymInt pooled_height, SymInt pooled_width, int sampling_ratio, "
-      "bool aligned) -> Tensor");
-  m.def(
-      "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, "
-      "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, "
-      "SymInt channels, SymInt height, SymInt width, int sampling_ratio, "
-      "bool aligned) -> Tensor");
-  m.def(
-      "roi_unpool(Tensor input, Tensor rois, float spatial_scale, "
-      "SymInt height, SymInt width, bool aligned) -> Tensor");
-  m.def(
-      "_roi_unpool_backward(Tensor grad, Tensor rois, float spatial_scale, "
-      "SymInt pooled_height, SymInt pooled_width, bool aligned) -> Tensor");
-  m.def(
-      "roi_unpool_blend(Tensor base, Tensor base_logit, Tensor input, "
-      "Tensor input_logit, Tensor rois, float spatial_scale, bool aligned) "
-      "-> (Tensor, Tensor)");
-  m.def(
-      "_roi_unpool_blend_backward(Tensor grad_out, Tensor? grad_base_weight, "
-      "Tensor base, Tensor base_logit, Tensor input, Tensor input_logit, "
-      "Tensor rois, float spatial_scale, bool aligned) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+  for (const char* name : {"roi_align", "_roi_align_backward", "roi_unpool",
+                           "_roi_unpool_backward", "roi_unpool_blend",
+                           "_roi_unpool_blend_backward"}) {
+    const auto real = c10::Dispatcher::singleton().findSchemaOrThrow(
+        (std::string("roi_ops::") + name).c_str(), "");
+    m.def(real.schema().cloneWithName(std::string("roi_ops_emu::") + name, ""));
+  }
 }
 
 TORCH_LIBRARY_IMPL(roi_ops_emu, CPU, m) {

@@ -3,9 +3,11 @@
 tools/cuda_emulate.cpp compiles the CUDA backend's host functions and
 per-element kernel bodies with the host compiler and registers them as
 ``torch.ops.roi_ops_emu.*`` (CPU tensors); only the grid launch is replaced by
-a loop. These tests hold that code to the float64 oracle, to the CPU kernels,
-to the adjoint identity and to the shared error contract, on random and
-adversarial boxes, every dtype and layout. Run by ``make cuda-check`` (not by
+a loop. These tests check that every op registered for CUDA is emulated, and
+hold that code (roi_align, roi_unpool and the fused roi_unpool_blend, forward
+and backward) to the float64 oracles, to the CPU kernels, to the adjoint
+identity and to the shared error contract, on random and adversarial boxes,
+every dtype and layout. Run by ``make cuda-check`` (not by
 the default ``pytest``, whose testpaths is ``tests/``); tests/test_cuda.py is
 the same kind of check on a real GPU.
 """
