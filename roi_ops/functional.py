@@ -14,6 +14,7 @@ from ._validation import (
     check_feature_tensor,
     check_roi_values,
     check_scalars,
+    check_scale_for,
     convert_boxes,
 )
 
@@ -25,6 +26,15 @@ _warned_fallback = set()
 def _use_native(device: torch.device) -> bool:
     if _ops.native_available(device.type):
         return True
+    if device.type == "meta":
+        # shape inference: the ops' fake kernels serve meta tensors; the
+        # reference would need the box values, which meta tensors do not hold
+        if _ops.native_import_error() is None:
+            return True
+        raise RuntimeError(
+            "roi_ops: tensors on the 'meta' device need the native extension "
+            f"(its fake kernels infer the shapes), which is not loaded: {_ops.native_import_error()}"
+        )
     if device.type not in _warned_fallback:
         _warned_fallback.add(device.type)
         why = _ops.native_import_error()
@@ -73,6 +83,7 @@ def roi_align(
     ph, pw = as_size_pair(op, "output_size", output_size)
     check_scalars(op, spatial_scale, aligned, sampling_ratio)
     rois = convert_boxes(op, boxes, input.device, batch_size=input.shape[0])
+    check_scale_for(op, spatial_scale, input, rois)
     if _use_native(input.device):
         return torch.ops.roi_ops.roi_align(
             input, rois, float(spatial_scale), ph, pw, int(sampling_ratio), aligned
@@ -121,6 +132,7 @@ def roi_unpool(
             f"{op}: input must have one grid per box: input.shape[0] is "
             f"{input.shape[0]} but boxes hold {rois.shape[0]} boxes"
         )
+    check_scale_for(op, spatial_scale, input, rois)
     if _use_native(input.device):
         return torch.ops.roi_ops.roi_unpool(
             input, rois, float(spatial_scale), height, width, aligned
