@@ -256,7 +256,7 @@ def fuzz_case(draw):
     return dict(op=op, input_shape=grid, **common)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=100 if SANITIZED else 300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(case=fuzz_case())
 def test_fuzz_extreme_arguments(worker, case):
