@@ -66,11 +66,13 @@ def roi_align(
         boxes: ``Tensor[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)``, or a
             list of ``B`` tensors ``Tensor[K_b, 4]`` (the position in the list
             is the batch index). Image pixel units.
-        output_size: ``(PH, PW)`` or ``int``: the grid of each ROI.
+        output_size: ``(PH, PW)`` or ``int``: the grid of each ROI (sides
+            at most 65536).
         spatial_scale: multiplies box coordinates to reach feature units
-            (e.g. 1/8 for a stride-8 map).
-        sampling_ratio: samples per bin along each axis; ``<= 0`` picks
-            ``ceil(roi_size / output_size)`` adaptively.
+            (e.g. 1/8 for a stride-8 map); positive and finite also in the
+            coordinate dtype.
+        sampling_ratio: samples per bin along each axis, at most 1024;
+            ``<= 0`` picks ``ceil(roi_size / output_size)`` adaptively.
         aligned: shift boxes by -0.5 pixel so that pixel centres sit on
             integer coordinates (the correct alignment; False keeps the
             legacy Detectron behaviour, including boxes of at least 1 pixel).
@@ -114,7 +116,8 @@ def roi_unpool(
         boxes: ``Tensor[K, 5]`` or a list of ``Tensor[K_b, 4]``, as for
             :func:`roi_align` (the batch index is checked, not used: each box
             gets its own output map).
-        output_size: ``(H, W)`` or ``int``: the feature map size.
+        output_size: ``(H, W)`` or ``int``: the feature map size (sides at
+            most 65536).
         spatial_scale: multiplies box coordinates to reach feature units.
         aligned: the same half-pixel shift as :func:`roi_align`; use the same
             value for both to make them inverse to each other.

@@ -28,6 +28,7 @@ whereas the native kernels only read the cells a sample touches.
 from __future__ import annotations
 
 import math
+import struct
 from typing import Optional, Tuple
 
 import torch
@@ -120,7 +121,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def check_spatial_scale(op: str, spatial_scale: float, coord: torch.dtype) -> None:
     """spatial_scale must stay positive and finite once cast to the coordinate
     dtype (1e-50 is 0 and 1e39 is inf in float32); mirror of the C++ check."""
-    in_coord = float(torch.tensor(float(spatial_scale), dtype=coord))
+    in_coord = float(spatial_scale)
+    if coord != torch.float64:
+        # the C cast to float, in pure Python (no tensor, so no host read-back in traced or profiled code)
+        try:
+            in_coord = struct.unpack("f", struct.pack("f", in_coord))[0]
+        except OverflowError:
+            in_coord = math.copysign(math.inf, in_coord)
     if not (math.isfinite(in_coord) and in_coord > 0):
         raise ValueError(
             f"{op}: spatial_scale must be positive and finite in the coordinate dtype "
