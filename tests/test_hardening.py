@@ -213,7 +213,7 @@ def test_blend_refuses_overflowing_boxes_by_name(worker):
 
 
 def test_worker_limits_hold(worker):
-    # the harness itself: a hang is reported as a timeout, memory beyond the limit as an error
+    # the harness itself: an allocation beyond the worker's 1 GiB of headroom fails as an error
     answer = worker.call({"code": "import torch\nx = torch.ones(1 << 29, dtype=torch.float64)"})  # 4 GiB
     assert answer["status"] == "error", answer
 

@@ -63,8 +63,8 @@ inline void check_input_and_rois(const char* op, const at::Tensor& input,
 }
 
 // Value checks that keep kernels in bounds: finite coordinates and integral
-// batch indices in [0, batch_size). One small reduction over rois (a device
-// sync on CUDA, negligible next to the kernels).
+// batch indices in [0, batch_size). One small reduction over rois
+// (check_box_operands runs it on the host copy of rois).
 inline void check_roi_values(const char* op, const at::Tensor& rois,
                              int64_t batch_size) {
   if (rois.size(0) == 0) return;
@@ -297,8 +297,8 @@ struct AlignSampling {
 };
 
 // Per-box checks on the mapped geometry, through the kernels' own math on a
-// host copy of rois in the coordinate dtype (K rows: a copy, or one transfer
-// from the GPU, negligible next to the kernels):
+// host copy of rois (`rois` on the CPU: check_box_operands transfers them)
+// converted to the coordinate dtype:
 //  - every box's mapped edges and extent are finite (math::roi_frame_finite);
 //  - with `align`, no bin has more than math::align_visit_limit samples on
 //    the map along an axis (only possible when the coordinates are too large
@@ -311,7 +311,7 @@ inline void check_roi_geometry(const char* op, const at::Tensor& rois,
                                const AlignSampling* align = nullptr) {
   const int64_t K = rois.size(0);
   if (K == 0) return;
-  const at::Tensor host = rois.to(at::kCPU, coord).contiguous();
+  const at::Tensor host = rois.to(coord).contiguous();
   const char* coord_name = coord == at::kDouble ? "float64" : "float32";
   dispatch_coord_type(coord, [&](auto coord_tag) {
     using T = decltype(coord_tag);
@@ -380,8 +380,11 @@ inline void check_box_operands(const char* op, const at::Tensor& like,
   const at::ScalarType coord = coord_type_for(like, rois);
   check_spatial_scale(op, spatial_scale, coord);
   if (align != nullptr) check_sampling_ratio(op, align->sampling_ratio);
-  check_roi_values(op, rois, batch_size);
-  check_roi_geometry(op, rois, coord, spatial_scale, aligned, align);
+  // One transfer of the K x 5 table (the only host sync of the checks on
+  // CUDA); every value check then runs on the host copy.
+  const at::Tensor host = rois.is_cpu() ? rois : rois.cpu();
+  check_roi_values(op, host, batch_size);
+  check_roi_geometry(op, host, coord, spatial_scale, aligned, align);
 }
 
 // The output of an op whose size comes from a size argument (`what` names
