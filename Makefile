@@ -62,7 +62,7 @@ cmake-test: $(STAMP)
 # sanitizer runtimes preloaded into the (uninstrumented) Python.
 SANITIZE_DIR := build/sanitize
 SANITIZE_EXAMPLES ?= 40
-SANITIZE_TESTS ?= tests/test_roi_align.py tests/test_roi_unpool.py tests/test_validation.py tests/test_properties.py tests/test_blend.py
+SANITIZE_TESTS ?= tests/test_roi_align.py tests/test_roi_unpool.py tests/test_validation.py tests/test_properties.py tests/test_blend.py tests/test_hardening.py
 sanitize: $(STAMP)
 	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)
 	ROI_OPS_SANITIZE=1 ROI_OPS_WITH_CUDA=0 MAX_JOBS=2 $(PY) setup.py -q build_ext \

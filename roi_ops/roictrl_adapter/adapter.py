@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .block import BoxEncoder, ROICtrlBlock
+from .checkpoint import architecture_mismatch, read_safetensors_header, validate_config
 from .instances import ROICtrlInstances
 from .options import OFFICIAL_CONFIG, ArchitectureOptions
 
@@ -324,6 +325,11 @@ class ROICtrlAdapter(nn.Module):
                     f"caption width {spec.cross_attention_dim}, the UNet has width {attn.query_dim} and caption "
                     f"width {attn.cross_attention_dim}"
                 )
+            if attn.heads != spec.heads:  # same shapes, different attention: refuse rather than run another model
+                raise ValueError(
+                    f"ROICtrlAdapter does not fit block {spec.name!r}: adapter expects {spec.heads} attention heads, "
+                    f"the UNet has {attn.heads}"
+                )
             norm_type = getattr(found[spec.name], "norm_type", None)
             if norm_type not in _SUPPORTED_NORMS:
                 raise ValueError(f"block {spec.name!r} has norm_type {norm_type!r}; supported: {_SUPPORTED_NORMS}")
@@ -392,9 +398,13 @@ class ROICtrlAdapter(nn.Module):
         if not self.enabled:
             return None
         cak = _get_arg(module, args, kwargs, "cross_attention_kwargs")
-        if isinstance(cak, Mapping) and cak.get(KWARG) is not None and not isinstance(cak[KWARG], ROICtrlInstances):
-            cak = {**cak, KWARG: ROICtrlInstances.coerce(cak[KWARG])}
-            return _set_arg(module, args, kwargs, "cross_attention_kwargs", cak)
+        if isinstance(cak, Mapping) and cak.get(KWARG) is not None:
+            instances = ROICtrlInstances.coerce(cak[KWARG])
+            for spec in self.specs:  # fail before the first layer runs, naming the width the UNet expects
+                instances.check_embedding_width(spec.cross_attention_dim, f"block {spec.name!r}")
+            if instances is not cak[KWARG]:
+                cak = {**cak, KWARG: instances}
+                return _set_arg(module, args, kwargs, "cross_attention_kwargs", cak)
         return None
 
     def _block_pre_hook(self, i, module, args, kwargs):
@@ -427,6 +437,7 @@ class ROICtrlAdapter(nn.Module):
         encoder_hidden_states = args[1] if len(args) > 1 else kwargs.pop("encoder_hidden_states", None)
         kwargs.pop("attention_mask", None)
         spec = self.specs[i]
+        instances.check_embedding_width(spec.cross_attention_dim, f"block {spec.name!r}")
         size = state.sizes.get(hidden_states.shape[1])
         if size is None or state.residual is None:
             raise RuntimeError(
@@ -488,10 +499,14 @@ class ROICtrlAdapter(nn.Module):
         from safetensors.torch import save_file
 
         os.makedirs(save_directory, exist_ok=True)
+        config = self.config
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-            json.dump({"_class_name": type(self).__name__, "format_version": 1, **self.config}, f, indent=2)
+            json.dump({"_class_name": type(self).__name__, "format_version": 1, **config}, f, indent=2)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        # the config also rides in the weights' header: from_pretrained refuses a config.json whose
+        # architecture was edited while every shape still fits (e.g. another head count)
+        metadata = {"format": "pt", "roictrl_config": json.dumps(config, sort_keys=True)}
+        save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata=metadata)
 
     @classmethod
     def from_pretrained(
@@ -506,33 +521,51 @@ class ROICtrlAdapter(nn.Module):
 
         ``device`` and ``dtype`` default to the ``unet``'s when one is given (else the adapter stays on the CPU in
         the file's dtype).
+
+        The folder is untrusted input: ``config.json`` is checked key by key (types, ranges, relations; see
+        :mod:`roi_ops.roictrl_adapter.checkpoint`), the safetensors header is read and checked (float dtypes,
+        shapes, offsets, total size against the file) and compared with the shapes the config implies and with
+        the config saved beside the weights, all before any parameter is allocated.
         """
         from safetensors.torch import load_file
 
         config_path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}; expected a ROICtrlAdapter save")
-        with open(config_path) as f:
-            config = json.load(f)
-        if config.pop("_class_name", None) != cls.__name__:
-            raise ValueError(f"{config_path} does not describe a {cls.__name__}")
-        config.pop("format_version", None)
-        adapter = cls(**config)
-        state = load_file(os.path.join(directory, WEIGHTS_NAME))
-        own = adapter.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        wrong = [
-            (k, tuple(state[k].shape), tuple(v.shape))
-            for k, v in own.items()
-            if k in state and state[k].shape != v.shape
-        ]
+        with open(config_path, "rb") as f:
+            raw = f.read(16 * 1024 * 1024 + 1)
+        try:
+            config = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{config_path} is not a JSON file of at most 16 MiB ({exc})") from None
+        validate_config(config, config_path)
+        if config["_class_name"] != cls.__name__:
+            raise ValueError(f"{config_path} does not describe a {cls.__name__}, got {config['_class_name']!r}")
+        kwargs = {k: v for k, v in config.items() if k not in ("_class_name", "format_version")}
+        weights_path = os.path.join(directory, WEIGHTS_NAME)
+        header, metadata = read_safetensors_header(weights_path)
+        if "roictrl_config" in metadata:
+            try:
+                saved = json.loads(metadata["roictrl_config"])
+            except json.JSONDecodeError:
+                saved = None
+            diffs = architecture_mismatch(kwargs, saved) if isinstance(saved, dict) else ["unreadable"]
+            if diffs:
+                raise ValueError(
+                    f"{config_path} does not describe the model its weights were saved with: {diffs[:3]}"
+                )
+        with torch.device("meta"):  # the shapes the config implies, without allocating them
+            own = {k: tuple(v.shape) for k, v in cls(**kwargs).state_dict().items()}
+        missing = sorted(set(own) - set(header))
+        unexpected = sorted(set(header) - set(own))
+        wrong = [(k, tuple(header[k]["shape"]), v) for k, v in own.items() if k in header and tuple(header[k]["shape"]) != v]
         if missing or unexpected or wrong:
             raise ValueError(
                 f"weights in {os.fspath(directory)!r} do not match its config: missing {missing[:3]}, "
                 f"unexpected {unexpected[:3]}, wrong shapes (name, file, expected) {wrong[:3]}"
             )
-        adapter.load_state_dict(state)
+        adapter = cls(**kwargs)
+        adapter.load_state_dict(load_file(weights_path))
         if unet is not None:
             adapter.check_compatible(unet)
             unet_device, unet_dtype = _device_and_dtype(unwrap_unet(unet))

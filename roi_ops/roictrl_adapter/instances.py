@@ -101,22 +101,32 @@ class ROICtrlInstances:
         idx = valid.nonzero()  # [K, 2], row-major: grouped by sample, in slot order
         b_idx, n_idx = idx[:, 0], idx[:, 1]
         inst_boxes = boxes[b_idx, n_idx]
+        inst_emb = emb[b_idx, n_idx]
         if inst_boxes.numel():
             x1, y1, x2, y2 = inst_boxes.unbind(-1)
             bad = ~torch.isfinite(inst_boxes).all(-1)
             bad |= (inst_boxes < 0).any(-1) | (inst_boxes > 1).any(-1) | (x2 < x1) | (y2 < y1)
-            if bool(bad.any()):
+            bad_emb = ~torch.isfinite(inst_emb.flatten(1)).all(-1)
+            # one host sync for both verdicts
+            verdict = torch.stack([bad.any(), bad_emb.any()]).tolist()
+            if verdict[0]:
                 k = int(bad.nonzero()[0, 0])
                 raise ValueError(
                     "roictrl boxes of valid instances must be finite (x1, y1, x2, y2) with 0 <= x1 <= x2 <= 1 and "
                     f"0 <= y1 <= y2 <= 1, got {inst_boxes[k].tolist()} for sample {int(b_idx[k])}, slot {int(n_idx[k])}"
+                )
+            if verdict[1]:
+                k = int(bad_emb.nonzero()[0, 0])
+                raise ValueError(
+                    "roictrl embeddings of valid instances must be finite (no NaN or inf), got non-finite values "
+                    f"for sample {int(b_idx[k])}, slot {int(n_idx[k])}"
                 )
         counts = valid.sum(1)
         # Rank of each valid instance among the valid instances of its sample.
         slot = (valid.long().cumsum(1) - 1)[b_idx, n_idx]
         object.__setattr__(self, "batch_index", b_idx)
         object.__setattr__(self, "instance_boxes", inst_boxes)
-        object.__setattr__(self, "instance_embeddings", emb[b_idx, n_idx])
+        object.__setattr__(self, "instance_embeddings", inst_emb)
         object.__setattr__(self, "slot_index", slot)
         object.__setattr__(self, "slot_position", n_idx)
         object.__setattr__(self, "sample_index", (counts > 0).nonzero().flatten())
@@ -126,6 +136,16 @@ class ROICtrlInstances:
     @property
     def batch_size(self) -> int:
         return self.boxes.shape[0]
+
+    def check_embedding_width(self, width: int, layer: str) -> None:
+        """Raise ``ValueError`` unless the caption embeddings are ``width`` wide, the ``cross_attention_dim`` of
+        ``layer`` (they feed its cross-attention's key and value projections)."""
+        got = self.embeddings.shape[-1]
+        if got != width:
+            raise ValueError(
+                f"roictrl embeddings must be Tensor[B, N, L, {width}]: {layer} takes caption embeddings of width "
+                f"{width} (its cross_attention_dim), got Tensor{list(self.embeddings.shape)}"
+            )
 
     @classmethod
     def coerce(cls, data: object) -> "ROICtrlInstances":
