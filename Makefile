@@ -3,6 +3,7 @@
 #   make test    - build and run the test suite (what CI runs)
 #   make demo    - build and write the demo picture
 #   make bench   - CPU benchmarks (JSON under benchmarks/results/)
+#   make test-random - the hypothesis tests on random cases, seed printed (mk/hypothesis.mk)
 #   make sanitize - the CPU kernels under AddressSanitizer + UBSan, hypothesis tests
 #   make cmake-test - the LibTorch (C++ only) build and its ctest smoke test
 SHELL := /bin/bash
@@ -60,7 +61,8 @@ cmake-test: $(STAMP)
 # normal build is untouched), then the op tests run against that copy with the
 # sanitizer runtimes preloaded into the (uninstrumented) Python.
 SANITIZE_DIR := build/sanitize
-SANITIZE_TESTS ?= tests/test_roi_align.py tests/test_roi_unpool.py tests/test_validation.py tests/test_properties.py tests/test_blend.py
+SANITIZE_EXAMPLES ?= 40
+SANITIZE_TESTS ?= tests/test_roi_align.py tests/test_roi_unpool.py tests/test_validation.py tests/test_properties.py tests/test_blend.py tests/test_hardening.py
 sanitize: $(STAMP)
 	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)
 	ROI_OPS_SANITIZE=1 ROI_OPS_WITH_CUDA=0 MAX_JOBS=2 $(PY) setup.py -q build_ext \
@@ -70,8 +72,11 @@ sanitize: $(STAMP)
 	@# of sys.path) holds the normal build, which must not be the one tested
 	cd $(SANITIZE_DIR)/lib && LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 \
 	  $(CURDIR)/$(PY) -c "import roi_ops._C as c, sys; sys.exit(0 if '$(SANITIZE_DIR)' in c.__file__ else 'loaded ' + c.__file__)"
+	@# hypothesis profile "thorough" (random cases) from a printed seed: mk/hypothesis.mk
+	@echo "hypothesis seed $(HYPOTHESIS_SEED) (replay: make sanitize HYPOTHESIS_SEED=$(HYPOTHESIS_SEED))"
 	cd $(SANITIZE_DIR)/lib && \
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	HYPOTHESIS_PROFILE=thorough HYPOTHESIS_MAX_EXAMPLES=$(SANITIZE_EXAMPLES) \
 	  $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider --rootdir $(CURDIR) -c $(CURDIR)/pyproject.toml \
-	  -k "not compile" $(addprefix $(CURDIR)/,$(SANITIZE_TESTS))
+	  --hypothesis-seed=$(HYPOTHESIS_SEED) -k "not compile" $(addprefix $(CURDIR)/,$(SANITIZE_TESTS))

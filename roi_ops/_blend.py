@@ -23,6 +23,7 @@ from ._validation import (
     check_feature_tensor,
     check_roi_values,
     check_scalars,
+    check_scale_for,
     convert_boxes,
 )
 from .functional import _use_native
@@ -49,7 +50,7 @@ _warned_no_blend_kernel = set()
 def _use_blend_kernel(device: torch.device) -> bool:
     if not _use_native(device):  # warns once about the pure-PyTorch fallback
         return False
-    if device.type in _BLEND_DEVICE_TYPES:
+    if device.type in _BLEND_DEVICE_TYPES or device.type == "meta":  # meta: fake kernel
         return True
     if device.type not in _warned_no_blend_kernel:
         _warned_no_blend_kernel.add(device.type)
@@ -223,6 +224,7 @@ def roi_unpool_blend(
             f"{op}: input must have one grid per box: input.shape[0] is {K} "
             f"but boxes hold {rois.shape[0]} boxes"
         )
+    check_scale_for(op, spatial_scale, base, rois)
     if _use_blend_kernel(base.device):
         out, base_weight = torch.ops.roi_ops.roi_unpool_blend(
             base, base_logit, input, input_logit, rois, float(spatial_scale), aligned

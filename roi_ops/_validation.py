@@ -14,6 +14,8 @@ from typing import List, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .reference import MAX_OUTPUT_SIDE, MAX_SAMPLING_RATIO, check_spatial_scale, coord_dtype_for
+
 BoxesLike = Union[Tensor, Sequence[Tensor]]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -39,7 +41,8 @@ def check_feature_tensor(op: str, name: str, x, ndim: int) -> None:
 
 
 def as_size_pair(op: str, name: str, size) -> Tuple[int, int]:
-    """``int`` or ``(int, int)``, both positive."""
+    """``int`` or ``(int, int)``, both positive and at most MAX_OUTPUT_SIDE
+    (checked before anything is allocated from them)."""
     if isinstance(size, (numbers.Integral, torch.SymInt)) and not isinstance(size, bool):
         pair = (size, size)
     elif (
@@ -55,6 +58,10 @@ def as_size_pair(op: str, name: str, size) -> Tuple[int, int]:
         raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {size!r}")
     if not all(s > 0 for s in pair):
         raise ValueError(f"{op}: {name} must be positive, got {tuple(pair)}")
+    if not all(s <= MAX_OUTPUT_SIDE for s in pair):
+        raise ValueError(
+            f"{op}: {name} must be at most {MAX_OUTPUT_SIDE} per side, got {tuple(pair)}"
+        )
     return pair
 
 
@@ -67,6 +74,11 @@ def check_scalars(op: str, spatial_scale, aligned, sampling_ratio=0) -> None:
         )
     if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, numbers.Integral):
         raise TypeError(f"{op}: sampling_ratio must be an int, got {sampling_ratio!r}")
+    if sampling_ratio > MAX_SAMPLING_RATIO:
+        raise ValueError(
+            f"{op}: sampling_ratio must be at most {MAX_SAMPLING_RATIO} samples per bin along "
+            f"each axis (or <= 0 for the adaptive count), got {sampling_ratio}"
+        )
     if not isinstance(aligned, bool):
         raise TypeError(f"{op}: aligned must be a bool, got {aligned!r}")
 
@@ -132,3 +144,9 @@ def check_roi_values(op: str, rois: Tensor, batch_size=None) -> None:
             f"{op}: rois[:, 0] (batch index) must be whole numbers in [0, {upper}), "
             "got values outside that set"
         )
+
+
+def check_scale_for(op: str, spatial_scale, features: Tensor, rois: Tensor) -> None:
+    """spatial_scale positive and finite in the coordinate dtype of ``features``
+    and ``rois`` (float32 unless one is float64), as the kernels use it."""
+    check_spatial_scale(op, spatial_scale, coord_dtype_for(features, rois))

@@ -14,6 +14,7 @@ from ._validation import (
     check_feature_tensor,
     check_roi_values,
     check_scalars,
+    check_scale_for,
     convert_boxes,
 )
 
@@ -25,6 +26,15 @@ _warned_fallback = set()
 def _use_native(device: torch.device) -> bool:
     if _ops.native_available(device.type):
         return True
+    if device.type == "meta":
+        # shape inference: the ops' fake kernels serve meta tensors; the
+        # reference would need the box values, which meta tensors do not hold
+        if _ops.native_import_error() is None:
+            return True
+        raise RuntimeError(
+            "roi_ops: tensors on the 'meta' device need the native extension "
+            f"(its fake kernels infer the shapes), which is not loaded: {_ops.native_import_error()}"
+        )
     if device.type not in _warned_fallback:
         _warned_fallback.add(device.type)
         why = _ops.native_import_error()
@@ -56,11 +66,13 @@ def roi_align(
         boxes: ``Tensor[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)``, or a
             list of ``B`` tensors ``Tensor[K_b, 4]`` (the position in the list
             is the batch index). Image pixel units.
-        output_size: ``(PH, PW)`` or ``int``: the grid of each ROI.
+        output_size: ``(PH, PW)`` or ``int``: the grid of each ROI (sides
+            at most 65536).
         spatial_scale: multiplies box coordinates to reach feature units
-            (e.g. 1/8 for a stride-8 map).
-        sampling_ratio: samples per bin along each axis; ``<= 0`` picks
-            ``ceil(roi_size / output_size)`` adaptively.
+            (e.g. 1/8 for a stride-8 map); positive and finite also in the
+            coordinate dtype.
+        sampling_ratio: samples per bin along each axis, at most 1024;
+            ``<= 0`` picks ``ceil(roi_size / output_size)`` adaptively.
         aligned: shift boxes by -0.5 pixel so that pixel centres sit on
             integer coordinates (the correct alignment; False keeps the
             legacy Detectron behaviour, including boxes of at least 1 pixel).
@@ -73,6 +85,7 @@ def roi_align(
     ph, pw = as_size_pair(op, "output_size", output_size)
     check_scalars(op, spatial_scale, aligned, sampling_ratio)
     rois = convert_boxes(op, boxes, input.device, batch_size=input.shape[0])
+    check_scale_for(op, spatial_scale, input, rois)
     if _use_native(input.device):
         return torch.ops.roi_ops.roi_align(
             input, rois, float(spatial_scale), ph, pw, int(sampling_ratio), aligned
@@ -103,7 +116,8 @@ def roi_unpool(
         boxes: ``Tensor[K, 5]`` or a list of ``Tensor[K_b, 4]``, as for
             :func:`roi_align` (the batch index is checked, not used: each box
             gets its own output map).
-        output_size: ``(H, W)`` or ``int``: the feature map size.
+        output_size: ``(H, W)`` or ``int``: the feature map size (sides at
+            most 65536).
         spatial_scale: multiplies box coordinates to reach feature units.
         aligned: the same half-pixel shift as :func:`roi_align`; use the same
             value for both to make them inverse to each other.
@@ -121,6 +135,7 @@ def roi_unpool(
             f"{op}: input must have one grid per box: input.shape[0] is "
             f"{input.shape[0]} but boxes hold {rois.shape[0]} boxes"
         )
+    check_scale_for(op, spatial_scale, input, rois)
     if _use_native(input.device):
         return torch.ops.roi_ops.roi_unpool(
             input, rois, float(spatial_scale), height, width, aligned

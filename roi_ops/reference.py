@@ -27,6 +27,8 @@ whereas the native kernels only read the cells a sample touches.
 
 from __future__ import annotations
 
+import math
+import struct
 from typing import Optional, Tuple
 
 import torch
@@ -42,12 +44,32 @@ __all__ = [
     "coord_dtype_for",
     "accumulate_dtype_for",
     "MAX_SAMPLES_PER_BIN",
+    "MAX_SAMPLING_RATIO",
+    "MAX_OUTPUT_SIDE",
+    "align_visit_limit",
+    "check_spatial_scale",
+    "check_roi_geometry",
 ]
 
 # Adaptive grids wider than this many samples per bin are clamped; must equal
 # kMaxSamplesPerBin in csrc/common/roi_math.h. Only boxes ~10^12 pixels wide
 # are affected.
 MAX_SAMPLES_PER_BIN = 1 << 40
+
+# Largest explicit sampling_ratio; must equal kMaxSamplingRatio.
+MAX_SAMPLING_RATIO = 1024
+
+# Largest side of a grid or map an op allocates from a size argument; must
+# equal kMaxOutputSide.
+MAX_OUTPUT_SIDE = 1 << 16
+
+
+def align_visit_limit(size: int) -> int:
+    """Most samples of one ROI-Align bin that may land on an axis of ``size``
+    pixels (mirror of math::align_visit_limit): an adaptive grid puts at most
+    ``2 * size + 3`` there, an explicit one at most MAX_SAMPLING_RATIO; more
+    means coordinates too large for the coordinate dtype to separate samples."""
+    return max(MAX_SAMPLING_RATIO, 2 * size + 8)
 
 # Samples enumerated per chunk when building the ROI-Align matrices (bounds the
 # temporary memory whatever the box size).
@@ -92,15 +114,62 @@ def _empty_result(source: Tensor, shape, dtype: torch.dtype) -> Tensor:
     return torch.zeros(shape, dtype=dtype, device=source.device) + source.reshape(-1)[:0].sum().to(dtype)
 
 
-def _feature_frame(rois: Tensor, spatial_scale: float, aligned: bool, coord: torch.dtype):
-    """(x1', y1', rw, rh), each Tensor[K] in the coordinate dtype."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_spatial_scale(op: str, spatial_scale: float, coord: torch.dtype) -> None:
+    """spatial_scale must stay positive and finite once cast to the coordinate
+    dtype (1e-50 is 0 and 1e39 is inf in float32); mirror of the C++ check."""
+    in_coord = float(spatial_scale)
+    if coord != torch.float64:
+        # the C cast to float, in pure Python (no tensor, so no host read-back in traced or profiled code)
+        try:
+            in_coord = struct.unpack("f", struct.pack("f", in_coord))[0]
+        except OverflowError:
+            in_coord = math.copysign(math.inf, in_coord)
+    if not (math.isfinite(in_coord) and in_coord > 0):
+        raise ValueError(
+            f"{op}: spatial_scale must be positive and finite in the coordinate dtype "
+            f"{_dtype_name(coord)}, got {spatial_scale!r} ({in_coord!r} in {_dtype_name(coord)})"
+        )
+
+
+def _mapped_edges(rois: Tensor, spatial_scale: float, aligned: bool, coord: torch.dtype):
+    """(x1', y1', x2', y2'), each Tensor[K] in the coordinate dtype (math::map_edges)."""
     box = rois[:, 1:5].detach().to(coord)
     scale = torch.tensor(spatial_scale, dtype=coord, device=rois.device)
     offset = 0.5 if aligned else 0.0
-    x1 = box[:, 0] * scale - offset
-    y1 = box[:, 1] * scale - offset
-    x2 = box[:, 2] * scale - offset
-    y2 = box[:, 3] * scale - offset
+    return tuple(box[:, i] * scale - offset for i in range(4))
+
+
+def check_roi_geometry(op: str, rois: Tensor, spatial_scale: float, aligned: bool,
+                       coord: torch.dtype) -> None:
+    """Every box's mapped edges and extent are finite in the coordinate dtype
+    (math::roi_frame_finite); raises ValueError naming the first box that is not."""
+    if rois.shape[0] == 0:
+        return
+    x1, y1, x2, y2 = _mapped_edges(rois, spatial_scale, aligned, coord)
+    parts = torch.stack([x1, y1, x2, y2, x2 - x1, y2 - y1], dim=1)
+    bad = ~torch.isfinite(parts).all(1)
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0, 0])
+        e = [float(v) for v in parts[k].tolist()]
+        raise ValueError(
+            f"{op}: rois[{k}] = {tuple(float(v) for v in rois[k].tolist())} is not a finite box "
+            f"in the feature frame: with spatial_scale = {spatial_scale!r} its edges are "
+            f"{tuple(e[:4])} and its width and height {tuple(e[4:])} in {_dtype_name(coord)}; every edge "
+            "and both extents must be finite"
+        )
+
+
+def _feature_frame(rois: Tensor, spatial_scale: float, aligned: bool, coord: torch.dtype,
+                   op: str = "roi_ops.reference"):
+    """(x1', y1', rw, rh), each Tensor[K] in the coordinate dtype; refuses
+    (ValueError) a spatial_scale or a box that is not finite there."""
+    check_spatial_scale(op, spatial_scale, coord)
+    check_roi_geometry(op, rois, spatial_scale, aligned, coord)
+    x1, y1, x2, y2 = _mapped_edges(rois, spatial_scale, aligned, coord)
     rw = x2 - x1
     rh = y2 - y1
     if not aligned:
@@ -215,15 +284,29 @@ def _align_taps(y: Tensor, size: int, valid: Tensor):
     return lo, hi, w_lo, w_hi
 
 
-def _align_matrix(axis: _AlignAxis, acc: torch.dtype) -> Tensor:
+def _align_matrix(axis: _AlignAxis, acc: torch.dtype, rois: Tensor, name: str) -> Tensor:
     """Dense [K, P, size] matrix: row (k, p) holds the summed tap weights of
-    bin p's samples, each divided by the samples per bin."""
+    bin p's samples, each divided by the samples per bin.
+
+    Refuses (ValueError naming the box) a bin with more than
+    align_visit_limit(size) samples on the map, as the native host checks do."""
     k, pooled = axis.bin_start.shape
     device = axis.bin_start.device
-    m = torch.zeros((k, pooled, axis.size), dtype=acc, device=device)
     if k == 0 or axis.size == 0:
-        return m
+        return torch.zeros((k, pooled, axis.size), dtype=acc, device=device)
     first, count = _contributing_range(axis)
+    limit = align_visit_limit(axis.size)
+    over = (count > limit).any(1)
+    if bool(over.any()):
+        r = int(over.nonzero()[0, 0])
+        raise ValueError(
+            f"roi_align: rois[{r}] = {tuple(float(v) for v in rois[r].tolist())} is too large for "
+            f"{_dtype_name(axis.bin.dtype)} coordinates: {int(count[r].max())} samples "
+            f"of one bin land on the feature map along {name}, more than the limit "
+            f"max({MAX_SAMPLING_RATIO}, 2 * size + 8) = {limit}, because the coordinate dtype cannot "
+            "tell them apart; use float64 boxes or clip the box to the image"
+        )
+    m = torch.zeros((k, pooled, axis.size), dtype=acc, device=device)
     longest = int(count.max())
     if longest == 0:
         return m
@@ -257,9 +340,14 @@ def roi_align_matrices(
     """
     H, W = input_size
     PH, PW = output_size
-    x1, y1, rw, rh = _feature_frame(rois, spatial_scale, aligned, coord_dtype)
-    my = _align_matrix(_AlignAxis(y1, rh, PH, sampling_ratio, H), accumulate_dtype)
-    mx = _align_matrix(_AlignAxis(x1, rw, PW, sampling_ratio, W), accumulate_dtype)
+    if sampling_ratio > MAX_SAMPLING_RATIO:
+        raise ValueError(
+            f"roi_align: sampling_ratio must be at most {MAX_SAMPLING_RATIO} samples per bin "
+            f"along each axis (or <= 0 for the adaptive count), got {sampling_ratio}"
+        )
+    x1, y1, rw, rh = _feature_frame(rois, spatial_scale, aligned, coord_dtype, "roi_align")
+    my = _align_matrix(_AlignAxis(y1, rh, PH, sampling_ratio, H), accumulate_dtype, rois, "y")
+    mx = _align_matrix(_AlignAxis(x1, rw, PW, sampling_ratio, W), accumulate_dtype, rois, "x")
     return my, mx
 
 
@@ -358,8 +446,10 @@ def _unpool_axis(start: Tensor, extent: Tensor, pooled: int, size: int):
 
 
 def _unpool_matrix(start: Tensor, extent: Tensor, pooled: int, size: int, acc: torch.dtype):
-    covered, lo, hi, w_lo, w_hi = _unpool_axis(start, extent, pooled, size)
+    covered, lo, hi, w_lo, w_hi = _unpool_axis(start, extent, max(pooled, 1), size)
     m = torch.zeros((start.shape[0], size, pooled), dtype=acc, device=start.device)
+    if pooled == 0:  # an empty grid pastes nothing (covered pixels read no cell)
+        return covered, m
     m.scatter_add_(2, lo[..., None], w_lo.to(acc)[..., None])
     m.scatter_add_(2, hi[..., None], w_hi.to(acc)[..., None])
     return covered, m
@@ -383,7 +473,7 @@ def roi_unpool_matrices(
     """
     PH, PW = input_size
     H, W = output_size
-    x1, y1, rw, rh = _feature_frame(rois, spatial_scale, aligned, coord_dtype)
+    x1, y1, rw, rh = _feature_frame(rois, spatial_scale, aligned, coord_dtype, "roi_unpool")
     cov_y, wy = _unpool_matrix(y1, rh, PH, H, accumulate_dtype)
     cov_x, wx = _unpool_matrix(x1, rw, PW, W, accumulate_dtype)
     return cov_y, cov_x, wy, wx
@@ -399,7 +489,7 @@ def roi_unpool_coverage(
     """Tensor[K, H, W] bool: pixel (h, w) is covered by ROI k
     (``y1' <= h < y1' + rh`` and ``x1' <= w < x1' + rw``)."""
     H, W = output_size
-    x1, y1, rw, rh = _feature_frame(rois, spatial_scale, aligned, coord_dtype)
+    x1, y1, rw, rh = _feature_frame(rois, spatial_scale, aligned, coord_dtype, "roi_unpool")
     cov_y = _unpool_axis(y1, rh, 1, H)[0]
     cov_x = _unpool_axis(x1, rw, 1, W)[0]
     return cov_y[:, :, None] & cov_x[:, None, :]

@@ -1,9 +1,13 @@
 """pytest set-up for the roi-ops tests: hypothesis profiles and shared fixtures.
 
 Hypothesis profiles (choose with HYPOTHESIS_PROFILE=<name>):
-  ci        (default) few examples, derandomized: reproducible and fast on 2 cores
+  ci        (default) few examples, derandomized: the same cases on every run, fast on 2 cores
   dev       more examples, random seeds: for local bug hunting
-  thorough  many examples, for a nightly or a sanitizer run with time to spare
+  random    random seeds and no example database, so that pytest's --hypothesis-seed=N alone replays a
+            run: CI's randomised property run (make test-random prints its seed)
+  thorough  many examples, random seeds: make sanitize (with a printed seed), a nightly
+HYPOTHESIS_MAX_EXAMPLES=<n> overrides the chosen profile's example count (the Makefile targets size their
+runs with it).
 """
 from __future__ import annotations
 
@@ -24,8 +28,13 @@ _COMMON = dict(
 )
 settings.register_profile("ci", max_examples=15, derandomize=True, **_COMMON)
 settings.register_profile("dev", max_examples=100, **_COMMON)
+settings.register_profile("random", max_examples=30, database=None, **_COMMON)
 settings.register_profile("thorough", max_examples=1000, **_COMMON)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+if os.environ.get("HYPOTHESIS_MAX_EXAMPLES"):
+    settings.register_profile(_PROFILE, settings.get_profile(_PROFILE),
+                              max_examples=int(os.environ["HYPOTHESIS_MAX_EXAMPLES"]))
+settings.load_profile(_PROFILE)
 
 
 def pytest_report_header(config):
@@ -38,7 +47,8 @@ def pytest_report_header(config):
         return f"roi_ops: import failed: {exc!r}"
     return (f"roi_ops native kernels: {native}" + (f" (import error: {why})" if why else "")
             + f"; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-            f"hypothesis profile {settings.get_current_profile_name()}")
+            f"hypothesis profile {settings.get_current_profile_name()} "
+            f"({settings().max_examples} examples, derandomize={settings().derandomize})")
 
 
 @pytest.fixture

@@ -142,7 +142,8 @@ def affine_case(draw):
     def axis(size, pooled):
         # first and last sample positions s0 < s1, at least a pixel apart
         s0 = draw(st.floats(margin, size - 2 - margin))
-        s1 = draw(st.floats(s0 + 1, size - 1 - margin))
+        # min(): s0 + 1 can round above the upper bound when s0 is drawn at its own
+        s1 = draw(st.floats(min(s0 + 1, size - 1 - margin), size - 1 - margin))
         step = (s1 - s0) / (pooled - 1)
         start = s0 - 0.5 * step
         return (start + 0.5) / scale, (start + pooled * step + 0.5) / scale

@@ -119,16 +119,24 @@ def test_matches_oracle_explicit_adversarial_boxes(device, dtype, aligned, sampl
 def test_huge_boxes_do_not_hang(device):
     # a loop over every adaptive sample would take hours: run it in a child
     # process so a regression fails here instead of hanging the suite
+    # Past ~1e10 pixels, thousands of samples round onto each position near
+    # the map (float32 sample indices, float32 coordinates): such a box is
+    # refused by name (docs/ops.md, "Bounded work"); smaller ones compute.
     code = textwrap.dedent(f"""
         import torch, roi_ops
         x = torch.randn(2, 3, 8, 8, device="{device}", requires_grad=True)
         for big in (1e6, 1e8, 1e12, 3e38):
-            boxes = torch.tensor([[0, -big, -big, big, big], [1, 2.0, -big, 3.0, big],
-                                  [1, -big, 0.5, big, 7.0]], device="{device}")
-            for aligned in (False, True):
-                out = roi_ops.roi_align(x, boxes, (2, 3), 0.5, -1, aligned)
-                out.backward(torch.ones_like(out))
-                assert torch.isfinite(out).all() and torch.isfinite(x.grad).all(), big
+            for dtype in (torch.float32, torch.float64):
+                boxes = torch.tensor([[0, -big, -big, big, big], [1, 2.0, -big, 3.0, big],
+                                      [1, -big, 0.5, big, 7.0]], device="{device}", dtype=dtype)
+                for aligned in (False, True):
+                    try:
+                        out = roi_ops.roi_align(x, boxes, (2, 3), 0.5, -1, aligned)
+                    except ValueError as e:
+                        assert big >= 1e12 and "samples of one bin land on the feature map" in str(e), e
+                        continue
+                    out.backward(torch.ones_like(out))
+                    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all(), big
         print("ok")
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)

@@ -1,7 +1,8 @@
 // Host emulation of the CUDA backend, for machines without a GPU.
 //
-// Compiles the CUDA backend's own host functions (csrc/cuda/roi_host.h) and
-// element bodies (csrc/cuda/roi_elements.h) with the host compiler, and
+// Compiles the CUDA backend's own host functions (csrc/cuda/roi_host.h,
+// csrc/cuda/blend_host.h) and element bodies (csrc/cuda/roi_elements.h,
+// csrc/cuda/blend_elements.h) with the host compiler, and
 // runs every "kernel" as a loop over its element indices instead of a grid
 // launch. Everything but the launch (checks, ROI sorting, footprints, strides,
 // layouts, dtype dispatch, the per-element math) is the code the GPU runs, so
@@ -10,11 +11,17 @@
 // --fmad=false, as the CUDA build uses), so results match the GPU's.
 //
 // The ops are registered as roi_ops_emu::* for CPU tensors, beside (not in
-// place of) the real roi_ops::* ops.
+// place of) the real roi_ops::* ops: one per op that csrc/cuda/roi_ops_cuda.cpp
+// registers for CUDA, with the same host function and the same schema
+// (tools/test_cuda_emulate.py fails when one is missing or differs).
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "cuda/blend_host.h"
 #include "cuda/roi_host.h"
+
+#include <string>
 
 namespace roi_ops {
 namespace cuda {
@@ -36,22 +43,17 @@ struct HostLauncher {
 
 }  // namespace
 
+// Every op here takes the schema of the real roi_ops op, read from the
+// dispatcher (so roi_ops._C must be loaded first, as `import roi_ops` does):
+// one definition of each schema, csrc/ops.cpp.
 TORCH_LIBRARY(roi_ops_emu, m) {
-  m.def(
-      "roi_align(Tensor input, Tensor rois, float spatial_scale, "
-      "SymInt pooled_height, SymInt pooled_width, int sampling_ratio, "
-      "bool aligned) -> Tensor");
-  m.def(
-      "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, "
-      "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, "
-      "SymInt channels, SymInt height, SymInt width, int sampling_ratio, "
-      "bool aligned) -> Tensor");
-  m.def(
-      "roi_unpool(Tensor input, Tensor rois, float spatial_scale, "
-      "SymInt height, SymInt width, bool aligned) -> Tensor");
-  m.def(
-      "_roi_unpool_backward(Tensor grad, Tensor rois, float spatial_scale, "
-      "SymInt pooled_height, SymInt pooled_width, bool aligned) -> Tensor");
+  for (const char* name : {"roi_align", "_roi_align_backward", "roi_unpool",
+                           "_roi_unpool_backward", "roi_unpool_blend",
+                           "_roi_unpool_blend_backward"}) {
+    const auto real = c10::Dispatcher::singleton().findSchemaOrThrow(
+        (std::string("roi_ops::") + name).c_str(), "");
+    m.def(real.schema().cloneWithName(std::string("roi_ops_emu::") + name, ""));
+  }
 }
 
 TORCH_LIBRARY_IMPL(roi_ops_emu, CPU, m) {
@@ -59,6 +61,8 @@ TORCH_LIBRARY_IMPL(roi_ops_emu, CPU, m) {
   m.impl("_roi_align_backward", TORCH_FN(roi_align_backward<HostLauncher>));
   m.impl("roi_unpool", TORCH_FN(roi_unpool_forward<HostLauncher>));
   m.impl("_roi_unpool_backward", TORCH_FN(roi_unpool_backward<HostLauncher>));
+  m.impl("roi_unpool_blend", TORCH_FN(blend::blend_forward<HostLauncher>));
+  m.impl("_roi_unpool_blend_backward", TORCH_FN(blend::blend_backward<HostLauncher>));
 }
 
 }  // namespace cuda

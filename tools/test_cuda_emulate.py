@@ -3,9 +3,11 @@
 tools/cuda_emulate.cpp compiles the CUDA backend's host functions and
 per-element kernel bodies with the host compiler and registers them as
 ``torch.ops.roi_ops_emu.*`` (CPU tensors); only the grid launch is replaced by
-a loop. These tests hold that code to the float64 oracle, to the CPU kernels,
-to the adjoint identity and to the shared error contract, on random and
-adversarial boxes, every dtype and layout. Run by ``make cuda-check`` (not by
+a loop. These tests check that every op registered for CUDA is emulated, and
+hold that code (roi_align, roi_unpool and the fused roi_unpool_blend, forward
+and backward) to the float64 oracles, to the CPU kernels, to the adjoint
+identity and to the shared error contract, on random and adversarial boxes,
+every dtype and layout. Run by ``make cuda-check`` (not by
 the default ``pytest``, whose testpaths is ``tests/``); tests/test_cuda.py is
 the same kind of check on a real GPU.
 """
@@ -314,3 +316,188 @@ def test_bins_much_smaller_than_a_pixel(emu, pooled, sampling_ratio):
         (ref_gx,) = torch.autograd.grad(ref, x64, g)
         torch.testing.assert_close(out, ref.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(gx, ref_gx, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------ every CUDA op
+
+def _registrations(path, namespace, key):
+    """{op name: host function} of the TORCH_LIBRARY_IMPL(namespace, key, m) blocks of one file."""
+    import re
+
+    text = open(path).read()
+    found = {}
+    for block in re.finditer(r"TORCH_LIBRARY_IMPL\(\s*%s\s*,\s*%s\s*,\s*\w+\s*\)\s*\{(.*?)\n\}" % (namespace, key),
+                             text, re.S):
+        for name, fn in re.findall(r'\.impl\(\s*"(\w+)"\s*,\s*TORCH_FN\(\s*([\w:]+)\s*<', block.group(1)):
+            found[name] = fn
+    return found
+
+
+def test_every_cuda_op_is_emulated(emu):
+    """Every op csrc/cuda registers for CUDA has an emulated twin driven by the
+    same host function, with the real op's schema; an op added to the CUDA
+    backend without emulation fails here."""
+    cuda_dir = os.path.join(ROOT, "csrc", "cuda")
+    on_cuda = {}
+    for name in sorted(os.listdir(cuda_dir)):
+        if name.endswith((".cpp", ".cu", ".h", ".cuh")):
+            on_cuda.update(_registrations(os.path.join(cuda_dir, name), "roi_ops", "CUDA"))
+    # the parser must see the registrations it is meant to check
+    assert {"roi_align", "roi_unpool", "roi_unpool_blend"} <= set(on_cuda), on_cuda
+    emulated = _registrations(os.path.join(ROOT, "tools", "cuda_emulate.cpp"), "roi_ops_emu", "CPU")
+    missing = sorted(set(on_cuda) - set(emulated))
+    assert not missing, f"registered for CUDA but not emulated in tools/cuda_emulate.cpp: {missing}"
+    for name, fn in on_cuda.items():
+        assert emulated[name] == fn, f"{name}: CUDA runs {fn}, the emulation {emulated[name]}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"roi_ops_emu::{name}", "CPU"), name
+        real = str(getattr(torch.ops.roi_ops, name).default._schema)
+        mine = str(getattr(emu, name).default._schema)
+        assert mine.replace("roi_ops_emu::", "roi_ops::") == real, (mine, real)
+
+
+# --------------------------------------------------- fused paste-back + blend
+
+import test_blend as TB  # noqa: E402  (tests/test_blend.py: the explicit blend oracle, tolerances)
+
+
+def _blend_operands(case, dtype, layout, logit_scale, gen):
+    rois = _rois(case, dtype)
+    K, (ph, pw) = rois.shape[0], case.pooled
+    shape = (case.batch, case.channels, case.height, case.width)
+    base = H.lay_out(H.randn(shape, gen), dtype, "cpu", layout).x.detach()
+    bl = (H.randn((case.batch, case.height, case.width), gen) * logit_scale).to(dtype)
+    inp = H.lay_out(H.randn((K, case.channels, ph, pw), gen), dtype, "cpu", layout).x.detach()
+    il = (H.randn((K, ph, pw), gen) * logit_scale).to(dtype)
+    return base, bl, inp, il, rois
+
+
+def _check_blend(emu, case, dtype, layout, aligned, logit_scale, with_gbw):
+    """Forward and backward of the emulated blend against the float64 oracles
+    (roi_ops.reference and the explicit composition of tests/test_blend.py) and
+    the CPU kernel; uncovered pixels are exactly base / 1 / grad / 0."""
+    gen = H.make_generator(case.seed)
+    base, bl, inp, il, rois = _blend_operands(case, dtype, layout, logit_scale, gen)
+    s = case.spatial_scale
+    out, bw = emu.roi_unpool_blend(base, bl, inp, il, rois, s, aligned)
+    g = H.lay_out(H.randn(base.shape, gen), dtype, "cpu", layout).x.detach()
+    gbw = H.randn(bl.shape, gen).to(dtype) if with_gbw else None
+    grads = emu._roi_unpool_blend_backward(g, gbw, base, bl, inp, il, rois, s, aligned)
+
+    cd = H.coord_dtype_for(dtype, rois.dtype)
+    x64 = [t.to(torch.float64).requires_grad_() for t in (base, bl, inp, il)]
+    r64 = rois.to(torch.float64)
+    cot = (g.double(), gbw.double() if with_gbw else torch.zeros(bl.shape, dtype=torch.float64))
+    for name, oracle in (("reference", reference.roi_unpool_blend), ("explicit", TB.explicit_blend)):
+        r_out, r_bw = oracle(*x64, r64, s, aligned, coord_dtype=cd)
+        r_grads = torch.autograd.grad((r_out, r_bw), x64, cot, allow_unused=True)
+        TB._assert_close(out, r_out, dtype, f"emulated blend out vs {name}")
+        TB._assert_close(bw, r_bw, dtype, f"emulated blend base_weight vs {name}")
+        for label, a, e, t in zip(("base", "base_logit", "input", "input_logit"), grads, r_grads, x64):
+            e = torch.zeros_like(t) if e is None else e
+            assert a.dtype == dtype and a.shape == t.shape, label
+            TB._assert_close(a, e, dtype, f"emulated blend grad {label} vs {name}")
+
+    # the CPU kernel computes the same function; outputs in the same memory format
+    cpu_out, cpu_bw = torch.ops.roi_ops.roi_unpool_blend(base, bl, inp, il, rois, s, aligned)
+    cpu_grads = torch.ops.roi_ops._roi_unpool_blend_backward(g, gbw, base, bl, inp, il, rois, s, aligned)
+    for label, a, c in zip(("out", "base_weight", "grad base", "grad base_logit", "grad input",
+                            "grad input_logit"), (out, bw, *grads), (cpu_out, cpu_bw, *cpu_grads)):
+        TB._assert_close(a, c, dtype, f"emulated vs CPU blend {label}")
+        assert a.stride() == c.stride(), label
+
+    # pixels no ROI covers: the global output and its gradient pass through bitwise
+    covered = torch.zeros(bl.shape, dtype=torch.bool)
+    if rois.shape[0]:
+        cov = reference.roi_unpool_coverage(r64, (case.height, case.width), s, aligned, cd)
+        covered.index_put_((rois[:, 0].long(),), cov, accumulate=True)
+    free = ~covered
+    assert torch.equal(out.permute(0, 2, 3, 1)[free], base.permute(0, 2, 3, 1)[free])
+    assert bool((bw[free] == 1).all())
+    assert torch.equal(grads[0].permute(0, 2, 3, 1)[free], g.permute(0, 2, 3, 1)[free])
+    assert bool((grads[1][free] == 0).all())
+    return out, bw, grads
+
+
+@pytest.mark.parametrize("dtype", H.FLOAT_DTYPES, ids=H.dtype_id)
+@given(case=H.cases(adversarial=True, max_size=9, max_pooled=5),
+       layout=st.sampled_from(LAYOUTS), aligned=st.booleans(),
+       logit_scale=st.sampled_from([1.0, 40.0]), with_gbw=st.booleans())
+@SETTINGS
+def test_roi_unpool_blend_matches_oracle(emu, dtype, case, layout, aligned, logit_scale, with_gbw):
+    _check_blend(emu, case, dtype, layout, aligned, logit_scale, with_gbw)
+
+
+@pytest.mark.parametrize("with_gbw", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_blend_many_rois_across_tiles(emu, layout, with_gbw):
+    """Maps of several 16 x 16 tiles, ROIs spanning tile borders, interleaved
+    batch indices, an image without ROIs and more ROIs than a tile list
+    usually holds: every tile's list must hold exactly the ROIs that meet it."""
+    from helpers import Case
+
+    k, B = 23, 3
+    gen = H.make_generator(11)
+    xy = torch.rand((k, 4), generator=gen, dtype=torch.float64) * torch.tensor([50.0, 40, 50, 40]) - 4
+    batch = torch.tensor([(2 * i) % B for i in range(k)], dtype=torch.float64)
+    batch[batch == 1] = 2  # image 1 gets no ROI
+    rows = [tuple(r) for r in torch.cat([batch[:, None], xy], 1).tolist()]
+    rows += [(0, 0.0, 0.0, 37.0, 35.0), (2, 15.5, 15.5, 16.5, 16.5)]  # whole map; one pixel at a tile corner
+    case = Case(B, 3, 35, 37, (3, 4), (3, 4), 1.0, -1, rows, "tensor", torch.float64, 5)
+    for aligned in (False, True):
+        _, bw, _ = _check_blend(emu, case, torch.float64, layout, aligned, 3.0, with_gbw)
+        assert bool((bw[1] == 1).all()) and bool((bw[0] < 1).any())
+
+
+def test_blend_every_element_written_and_thread_independent(emu, restore_threads):
+    """Outputs and gradients are torch.empty: an element no 'thread' wrote
+    would show as garbage that differs between runs. Same bits with 1 and 2 threads."""
+    gen = H.make_generator(4)
+    rows = [(1, 3.3, 2.1, 30.2, 20.7), (0, -8.0, 5.0, 20.0, 60.0), (1, 0.0, 0.0, 33.9, 17.9),
+            (0, 10.0, 10.0, 10.5, 11.0), (1, 30.0, 31.0, 29.0, 12.0)]
+    rois = torch.tensor(rows, dtype=torch.float32)
+    base = H.randn((2, 5, 18, 34), gen).float().contiguous(memory_format=torch.channels_last)
+    bl, inp = H.randn((2, 18, 34), gen).float(), H.randn((5, 5, 3, 4), gen).float()
+    il, g, gbw = H.randn((5, 3, 4), gen).float(), H.randn(base.shape, gen).float(), H.randn(bl.shape, gen).float()
+    runs = []
+    for threads in (1, 2, 1):
+        torch.set_num_threads(threads)
+        out, bw = emu.roi_unpool_blend(base, bl, inp, il, rois, 0.5, True)
+        grads = emu._roi_unpool_blend_backward(g, gbw, base, bl, inp, il, rois, 0.5, True)
+        runs.append((out, bw, *grads))
+    for later in runs[1:]:
+        for a, b in zip(runs[0], later):
+            assert torch.equal(a, b)
+
+
+def test_blend_empty_cases(emu):
+    base, bl = torch.randn(2, 3, 5, 6), torch.randn(2, 5, 6)
+    none = torch.zeros(0, 5)
+    out, bw = emu.roi_unpool_blend(base, bl, torch.zeros(0, 3, 2, 2), torch.zeros(0, 2, 2), none, 1.0, True)
+    assert torch.equal(out, base) and bool((bw == 1).all())
+    g = torch.randn_like(base)
+    gb, gbl, gi, gil = emu._roi_unpool_blend_backward(g, None, base, bl, torch.zeros(0, 3, 2, 2),
+                                                      torch.zeros(0, 2, 2), none, 1.0, True)
+    assert torch.equal(gb, g) and bool((gbl == 0).all()) and gi.shape == (0, 3, 2, 2) and gil.shape == (0, 2, 2)
+    one = torch.tensor([[1.0, 0, 0, 3, 3]])
+    out, bw = emu.roi_unpool_blend(base[:, :0], bl, torch.zeros(1, 0, 2, 2), torch.zeros(1, 2, 2), one, 1.0, True)
+    assert out.shape == (2, 0, 5, 6) and bool((bw[1, :3, :3] < 1).all())
+    out, bw = emu.roi_unpool_blend(base[:0], bl[:0], torch.zeros(0, 3, 2, 2), torch.zeros(0, 2, 2), none, 1.0, True)
+    assert out.shape == (0, 3, 5, 6) and bw.shape == (0, 5, 6)
+
+
+def test_blend_bad_input_raises(emu):
+    base, bl = torch.randn(2, 1, 4, 4), torch.randn(2, 4, 4)
+    inp, il = torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 2)
+    for rois, match in (([[2.0, 0, 0, 1, 1]], "batch index"), ([[0.0, float("nan"), 0, 1, 1]], "finite")):
+        r = torch.tensor(rois)
+        with pytest.raises(ValueError, match=match):
+            emu.roi_unpool_blend(base, bl, inp, il, r, 1.0, False)
+        with pytest.raises(ValueError, match=match):
+            emu._roi_unpool_blend_backward(torch.zeros_like(base), None, base, bl, inp, il, r, 1.0, False)
+    with pytest.raises(ValueError, match="base_logit must be"):
+        emu.roi_unpool_blend(base, bl[:1], inp, il, torch.zeros(1, 5), 1.0, False)
+    with pytest.raises(TypeError, match="dtype"):
+        emu.roi_unpool_blend(base, bl.double(), inp, il, torch.zeros(1, 5), 1.0, False)
+    with pytest.raises(ValueError, match="grad_out must have base's shape"):
+        emu._roi_unpool_blend_backward(torch.zeros(2, 1, 4, 3), None, base, bl, inp, il, torch.zeros(1, 5),
+                                       1.0, False)

@@ -13,9 +13,16 @@
 #include <ATen/ops/floor.h>
 #include <ATen/ops/stack.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 
+#include <cmath>
+#include <initializer_list>
+#include <limits>
 #include <optional>
+#include <sstream>
 #include <utility>
+
+#include "roi_math.h"
 
 namespace roi_ops {
 
@@ -56,8 +63,8 @@ inline void check_input_and_rois(const char* op, const at::Tensor& input,
 }
 
 // Value checks that keep kernels in bounds: finite coordinates and integral
-// batch indices in [0, batch_size). One small reduction over rois (a device
-// sync on CUDA, negligible next to the kernels).
+// batch indices in [0, batch_size). One small reduction over rois
+// (check_box_operands runs it on the host copy of rois).
 inline void check_roi_values(const char* op, const at::Tensor& rois,
                              int64_t batch_size) {
   if (rois.size(0) == 0) return;
@@ -79,6 +86,37 @@ inline void check_roi_values(const char* op, const at::Tensor& rois,
 
 inline void check_positive(const char* op, const char* name, int64_t v) {
   TORCH_CHECK_VALUE(v > 0, op, ": ", name, " must be positive, got ", v);
+}
+
+// A size argument the op allocates from: positive and at most
+// math::kMaxOutputSide, checked before anything is allocated.
+inline void check_output_side(const char* op, const char* name, int64_t v) {
+  check_positive(op, name, v);
+  TORCH_CHECK_VALUE(v <= math::kMaxOutputSide, op, ": ", name, " must be at most ",
+                    math::kMaxOutputSide, ", got ", v);
+}
+
+// spatial_scale as the kernels use it: cast to the coordinate dtype, where a
+// positive finite double can become 0 (1e-50 in float32) or inf (1e39).
+inline void check_spatial_scale(const char* op, double spatial_scale,
+                                at::ScalarType coord) {
+  const double in_coord =
+      coord == at::kDouble ? spatial_scale
+                           : static_cast<double>(static_cast<float>(spatial_scale));
+  const char* coord_name = coord == at::kDouble ? "float64" : "float32";
+  TORCH_CHECK_VALUE(std::isfinite(in_coord) && in_coord > 0, op,
+                    ": spatial_scale must be positive and finite in the coordinate "
+                    "dtype ", coord_name, ", got ", spatial_scale, " (", in_coord, " in ",
+                    coord_name, ")");
+}
+
+// sampling_ratio <= 0 is the adaptive count; an explicit one is bounded so
+// that the work per bin is known before any kernel starts.
+inline void check_sampling_ratio(const char* op, int64_t sampling_ratio) {
+  TORCH_CHECK_VALUE(sampling_ratio <= math::kMaxSamplingRatio, op,
+                    ": sampling_ratio must be at most ", math::kMaxSamplingRatio,
+                    " samples per bin along each axis (or <= 0 for the adaptive "
+                    "count), got ", sampling_ratio);
 }
 
 inline void check_non_negative(const char* op, const char* name, int64_t v) {
@@ -167,8 +205,8 @@ inline void check_roi_align_args(const char* op, const at::Tensor& input,
                                  const at::Tensor& rois, int64_t pooled_height,
                                  int64_t pooled_width) {
   check_input_and_rois(op, input, "input", 4, rois);
-  check_positive(op, "pooled_height", pooled_height);
-  check_positive(op, "pooled_width", pooled_width);
+  check_output_side(op, "pooled_height", pooled_height);
+  check_output_side(op, "pooled_width", pooled_width);
 }
 
 inline void check_roi_align_backward_args(const char* op, const at::Tensor& grad,
@@ -182,6 +220,8 @@ inline void check_roi_align_backward_args(const char* op, const at::Tensor& grad
                         grad.size(2) == pooled_height && grad.size(3) == pooled_width,
                     op, ": grad must be Tensor[", K, ", ", channels, ", ",
                     pooled_height, ", ", pooled_width, "], got Tensor", grad.sizes());
+  check_output_side(op, "pooled_height", pooled_height);
+  check_output_side(op, "pooled_width", pooled_width);
   check_non_negative(op, "batch_size", batch_size);
   check_non_negative(op, "channels", channels);
   check_non_negative(op, "height", height);
@@ -192,8 +232,8 @@ inline void check_roi_unpool_args(const char* op, const at::Tensor& input,
                                   const at::Tensor& rois, int64_t height,
                                   int64_t width) {
   check_input_and_rois(op, input, "input", 4, rois);
-  check_positive(op, "height", height);
-  check_positive(op, "width", width);
+  check_output_side(op, "height", height);
+  check_output_side(op, "width", width);
   TORCH_CHECK_VALUE(input.size(0) == rois.size(0), op,
                     ": input must have one grid per ROI: input.shape[0] == ",
                     input.size(0), " but rois has ", rois.size(0), " rows");
@@ -204,8 +244,13 @@ inline void check_roi_unpool_backward_args(const char* op, const at::Tensor& gra
                                            int64_t pooled_height,
                                            int64_t pooled_width) {
   check_input_and_rois(op, grad, "grad", 4, rois);
-  check_positive(op, "pooled_height", pooled_height);
-  check_positive(op, "pooled_width", pooled_width);
+  // 0 is an empty grid, which the forward accepts: its gradient is empty too
+  check_non_negative(op, "pooled_height", pooled_height);
+  check_non_negative(op, "pooled_width", pooled_width);
+  TORCH_CHECK_VALUE(pooled_height <= math::kMaxOutputSide &&
+                        pooled_width <= math::kMaxOutputSide,
+                    op, ": pooled_height and pooled_width must be at most ",
+                    math::kMaxOutputSide, ", got ", pooled_height, " and ", pooled_width);
   TORCH_CHECK_VALUE(grad.size(0) == rois.size(0), op,
                     ": grad.shape[0] must equal the ", rois.size(0),
                     " rows of rois, got ", grad.size(0));
@@ -243,6 +288,131 @@ void dispatch_value_and_coord_types(at::ScalarType value, at::ScalarType coord,
       f(scalar_t{}, decltype(coord_tag){}, acc_t{});
     });
   });
+}
+
+// ROI-Align's sampling arguments, for the per-box work bound in
+// check_roi_geometry (pooled sizes and the feature map's extent).
+struct AlignSampling {
+  int64_t pooled_h, pooled_w, sampling_ratio, height, width;
+};
+
+// Per-box checks on the mapped geometry, through the kernels' own math on a
+// host copy of rois (`rois` on the CPU: check_box_operands transfers them)
+// converted to the coordinate dtype:
+//  - every box's mapped edges and extent are finite (math::roi_frame_finite);
+//  - with `align`, no bin has more than math::align_visit_limit samples on
+//    the map along an axis (only possible when the coordinates are too large
+//    for the coordinate dtype to separate the samples), so the work of every
+//    kernel is bounded before it starts.
+// Call after check_roi_values (finite coordinates, valid batch indices).
+inline void check_roi_geometry(const char* op, const at::Tensor& rois,
+                               at::ScalarType coord, double spatial_scale,
+                               bool aligned,
+                               const AlignSampling* align = nullptr) {
+  const int64_t K = rois.size(0);
+  if (K == 0) return;
+  const at::Tensor host = rois.to(coord).contiguous();
+  const char* coord_name = coord == at::kDouble ? "float64" : "float32";
+  dispatch_coord_type(coord, [&](auto coord_tag) {
+    using T = decltype(coord_tag);
+    const T* r = host.const_data_ptr<T>();
+    const T scale = static_cast<T>(spatial_scale);
+    // "(v0, v1, ...)" with every digit the coordinate dtype holds
+    const auto tuple = [](std::initializer_list<T> values) {
+      std::ostringstream s;
+      s.precision(std::numeric_limits<T>::max_digits10);
+      const char* sep = "(";
+      for (const T v : values) {
+        s << sep << v;
+        sep = ", ";
+      }
+      s << ")";
+      return s.str();
+    };
+    for (int64_t k = 0; k < K; ++k) {
+      const T* roi = r + 5 * k;
+      const auto row = [&] { return tuple({roi[0], roi[1], roi[2], roi[3], roi[4]}); };
+      if (!math::roi_frame_finite(roi, scale, aligned)) {
+        const math::RoiEdges<T> e = math::map_edges(roi, scale, aligned);
+        TORCH_CHECK_VALUE(false, op, ": rois[", k, "] = ", row(),
+                          " is not a finite box in the feature frame: with "
+                          "spatial_scale = ", spatial_scale, " its edges are ",
+                          tuple({e.x0, e.y0, e.x1, e.y1}), " and its width and height ",
+                          tuple({e.x1 - e.x0, e.y1 - e.y0}), " in ", coord_name,
+                          "; every edge and both extents must be finite");
+      }
+      if (align == nullptr) continue;
+      const math::AlignAxes<T> axes = math::align_axes(
+          roi, scale, aligned, align->pooled_h, align->pooled_w,
+          align->sampling_ratio, align->height, align->width);
+      const math::AlignAxis<T>* pair[2] = {&axes.y, &axes.x};
+      const int64_t pooled[2] = {align->pooled_h, align->pooled_w};
+      for (int axis = 0; axis < 2; ++axis) {
+        const math::AlignAxis<T>& a = *pair[axis];
+        const int64_t limit = math::align_visit_limit(a.size);
+        if (a.grid <= limit) continue;  // at most grid samples per bin anyway
+        for (int64_t p = 0; p < pooled[axis]; ++p) {
+          int64_t first, last;
+          math::align_sample_range(a, p, T(-1), static_cast<T>(a.size), &first, &last);
+          TORCH_CHECK_VALUE(
+              last - first <= limit, op, ": rois[", k, "] = ", row(),
+              " is too large for ", coord_name, " coordinates: ", last - first,
+              " samples of one bin land on the feature map along ", axis == 0 ? "y" : "x",
+              ", more than the limit max(", math::kMaxSamplingRatio,
+              ", 2 * size + 8) = ", limit,
+              ", because the coordinate dtype cannot tell them apart; use float64 "
+              "boxes or clip the box to the image");
+        }
+      }
+    }
+  });
+}
+
+// Every check on the values of the box operands, in one call per host
+// function (`like` is the feature operand that, with rois, fixes the
+// coordinate dtype): spatial_scale in that dtype, finite coordinates and
+// batch indices, finite mapped boxes and, for ROI-Align (`align`), the
+// sampling_ratio bound and the per-box sample bound.
+inline void check_box_operands(const char* op, const at::Tensor& like,
+                               const at::Tensor& rois, int64_t batch_size,
+                               double spatial_scale, bool aligned,
+                               const AlignSampling* align = nullptr) {
+  const at::ScalarType coord = coord_type_for(like, rois);
+  check_spatial_scale(op, spatial_scale, coord);
+  if (align != nullptr) check_sampling_ratio(op, align->sampling_ratio);
+  // One transfer of the K x 5 table (the only host sync of the checks on
+  // CUDA); every value check then runs on the host copy.
+  const at::Tensor host = rois.is_cpu() ? rois : rois.cpu();
+  check_roi_values(op, host, batch_size);
+  check_roi_geometry(op, host, coord, spatial_scale, aligned, align);
+}
+
+// The output of an op whose size comes from a size argument (`what` names
+// it): an element count that overflows int64, or memory the allocator
+// refuses, is reported as that argument's error before any work starts.
+inline at::Tensor empty_output(const char* op, const char* what, at::IntArrayRef sizes,
+                               const at::TensorOptions& options,
+                               at::MemoryFormat format, bool zeroed = false) {
+  int64_t numel = 1;
+  for (const int64_t s : sizes) {
+    TORCH_CHECK_VALUE(!c10::mul_overflows(numel, s, &numel), op, ": the output Tensor",
+                      sizes, " (from ", what, ") has more elements than int64 can count");
+  }
+  const auto describe = [&] {
+    return c10::str(op, ": cannot allocate the output Tensor", sizes, " (from ", what,
+                    ", ", numel, " elements of ",
+                    c10::elementSize(c10::typeMetaToScalarType(options.dtype())),
+                    " bytes): ");
+  };
+  try {
+    at::Tensor out = at::empty(sizes, options.memory_format(format));
+    if (zeroed) out.zero_();
+    return out;
+  } catch (const c10::OutOfMemoryError& e) {  // device allocators
+    TORCH_CHECK_WITH(OutOfMemoryError, false, describe(), e.what_without_backtrace());
+  } catch (const c10::Error& e) {  // the CPU allocator reports a plain error
+    TORCH_CHECK(false, describe(), e.what_without_backtrace());
+  }
 }
 
 }  // namespace roi_ops

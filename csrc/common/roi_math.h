@@ -24,6 +24,27 @@ namespace math {
 // integer conversion below defined-behaviour limits.
 constexpr int64_t kMaxSamplesPerBin = int64_t(1) << 40;
 
+// Largest explicit sampling_ratio (samples per bin along each axis). Work is
+// bounded before it starts: a kernel visits at most this many samples of a
+// bin per axis (the CUDA forward their product per output element).
+constexpr int64_t kMaxSamplingRatio = 1024;
+
+// Largest side of any grid or map an op allocates from a size argument
+// (ROI-Align's output_size, ROI-Unpool's output_size): 2^16, far beyond any
+// feature map, and small enough that per-row tables stay proportionate.
+constexpr int64_t kMaxOutputSide = int64_t(1) << 16;
+
+// Most samples of one bin, along one axis of `size` pixels, that may land in
+// [-1, size]. An adaptive grid steps by bin / ceil(bin) >= 1/2 pixel, so it
+// puts at most 2 * size + 3 samples there; an explicit grid at most
+// kMaxSamplingRatio. Only a box whose coordinates are so large that the
+// coordinate dtype cannot tell its sample positions apart exceeds this (many
+// samples rounding onto one position): that box is refused as bad input.
+C10_HOST_DEVICE inline int64_t align_visit_limit(int64_t size) {
+  const int64_t adaptive = 2 * size + 8;
+  return adaptive > kMaxSamplingRatio ? adaptive : kMaxSamplingRatio;
+}
+
 C10_HOST_DEVICE inline float floor_(float v) { return ::floorf(v); }
 C10_HOST_DEVICE inline double floor_(double v) { return ::floor(v); }
 C10_HOST_DEVICE inline float ceil_(float v) { return ::ceilf(v); }
@@ -50,6 +71,12 @@ C10_HOST_DEVICE inline T abs_(T v) {
   return v < T(0) ? -v : v;
 }
 
+// Finite (not inf, not NaN), without <cmath>'s host/device overloads.
+template <typename T>
+C10_HOST_DEVICE inline bool is_finite_(T v) {
+  return (v - v) == T(0);
+}
+
 // Absolute bound (generous: 16 ulps) on the rounding error of a position
 // computed from numbers of magnitude up to `magnitude`. Range helpers widen
 // their windows by it so that a position that rounds across a window edge is
@@ -67,18 +94,43 @@ struct RoiFrame {
   T width, height;    // extent; torchvision's max(., 1) rule applied when !aligned
 };
 
+// The four mapped edges of one row (batch_index, x1, y1, x2, y2).
+template <typename T>
+struct RoiEdges {
+  T x0, y0, x1, y1;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline RoiEdges<T> map_edges(const T* roi, T spatial_scale,
+                                             bool aligned) {
+  const T offset = aligned ? T(0.5) : T(0);
+  return {roi[1] * spatial_scale - offset, roi[2] * spatial_scale - offset,
+          roi[3] * spatial_scale - offset, roi[4] * spatial_scale - offset};
+}
+
+// The spec's validity rule for a box's geometry: its mapped edges and its
+// extent (x2' - x1', y2' - y1') are finite in the coordinate dtype. A finite
+// box can fail it (0 - (-3e38) + 3e38 overflows float32; so does a
+// coordinate times a large spatial_scale); the host functions refuse such a
+// box by name before any kernel runs.
+template <typename T>
+C10_HOST_DEVICE inline bool roi_frame_finite(const T* roi, T spatial_scale,
+                                             bool aligned) {
+  const RoiEdges<T> e = map_edges(roi, spatial_scale, aligned);
+  return is_finite_(e.x0) && is_finite_(e.y0) && is_finite_(e.x1) &&
+         is_finite_(e.y1) && is_finite_(e.x1 - e.x0) && is_finite_(e.y1 - e.y0);
+}
+
 // roi points at one row (batch_index, x1, y1, x2, y2).
 template <typename T>
 C10_HOST_DEVICE inline RoiFrame<T> map_roi(const T* roi, T spatial_scale,
                                            bool aligned) {
-  const T offset = aligned ? T(0.5) : T(0);
+  const RoiEdges<T> e = map_edges(roi, spatial_scale, aligned);
   RoiFrame<T> f;
-  f.x0 = roi[1] * spatial_scale - offset;
-  f.y0 = roi[2] * spatial_scale - offset;
-  const T x1 = roi[3] * spatial_scale - offset;
-  const T y1 = roi[4] * spatial_scale - offset;
-  f.width = x1 - f.x0;
-  f.height = y1 - f.y0;
+  f.x0 = e.x0;
+  f.y0 = e.y0;
+  f.width = e.x1 - e.x0;
+  f.height = e.y1 - e.y0;
   if (!aligned) {
     f.width = f.width > T(1) ? f.width : T(1);
     f.height = f.height > T(1) ? f.height : T(1);
@@ -122,6 +174,9 @@ C10_HOST_DEVICE inline AlignAxis<T> align_axis(T start, T extent, int64_t pooled
     a.grid = to_index_clamped(ceil_(extent / static_cast<T>(pooled)), 0,
                               kMaxSamplesPerBin);
   }
+  // A non-finite bin (refused by the host checks; kept safe regardless):
+  // no samples, rather than positions that are all NaN.
+  if (!is_finite_(a.bin)) a.grid = 0;
   a.size = size;
   return a;
 }

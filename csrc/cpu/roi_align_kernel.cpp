@@ -227,17 +227,22 @@ at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois
                                  bool aligned) {
   constexpr const char* op = "roi_align";
   check_roi_align_args(op, input, rois, pooled_height, pooled_width);
-  check_roi_values(op, rois, input.size(0));
+  const AlignSampling sampling{pooled_height, pooled_width, sampling_ratio,
+                               input.size(2), input.size(3)};
+  check_box_operands(op, input, rois, input.size(0), spatial_scale, aligned, &sampling);
 
   const bool channels_last = use_channels_last(input);
   const auto format = memory_format_of(channels_last);
   const int64_t K = rois.size(0), C = input.size(1);
   const AlignShape s{K, C, input.size(2), input.size(3), pooled_height, pooled_width};
   if (K == 0 || C == 0 || s.height == 0 || s.width == 0) {
-    return at::zeros({K, C, pooled_height, pooled_width}, input.options().memory_format(format));
+    return empty_output(op, "output_size (pooled_height, pooled_width)",
+                        {K, C, pooled_height, pooled_width}, input.options(), format,
+                        /*zeroed=*/true);
   }
-  at::Tensor output =
-      at::empty({K, C, pooled_height, pooled_width}, input.options(), format);
+  at::Tensor output = empty_output(op, "output_size (pooled_height, pooled_width)",
+                                   {K, C, pooled_height, pooled_width}, input.options(),
+                                   format);
   prefer_huge_pages(output);
   const at::Tensor x = input.contiguous(format);
   const at::Tensor r = rois.to(coord_type_for(input, rois)).contiguous();
@@ -276,7 +281,8 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
   check_roi_align_backward_args(op, grad, rois, pooled_height, pooled_width,
                                 batch_size, channels, height, width);
   const int64_t K = rois.size(0);
-  check_roi_values(op, rois, batch_size);
+  const AlignSampling sampling{pooled_height, pooled_width, sampling_ratio, height, width};
+  check_box_operands(op, grad, rois, batch_size, spatial_scale, aligned, &sampling);
 
   const bool channels_last = use_channels_last(grad);
   const auto format = memory_format_of(channels_last);

@@ -592,7 +592,7 @@ std::tuple<at::Tensor, at::Tensor> roi_unpool_blend_forward_cpu(
   constexpr const char* op = "roi_unpool_blend";
   check_blend_operands(op, base, base_logit, input, input_logit, rois);
   const int64_t B = base.size(0), C = base.size(1), H = base.size(2), W = base.size(3);
-  check_roi_values(op, rois, B);
+  check_box_operands(op, base, rois, B, spatial_scale, aligned);
 
   const bool channels_last = use_channels_last(base);
   const auto format = memory_format_of(channels_last);
@@ -628,7 +628,7 @@ roi_unpool_blend_backward_cpu(const at::Tensor& grad_out,
   const int64_t B = base.size(0), C = base.size(1), H = base.size(2), W = base.size(3);
   const int64_t K = rois.size(0), PH = input.size(2), PW = input.size(3);
   const bool has_gbw = check_blend_grads(op, grad_out, grad_base_weight, base, base_logit);
-  check_roi_values(op, rois, B);
+  check_box_operands(op, base, rois, B, spatial_scale, aligned);
 
   const bool channels_last = use_channels_last(base);
   const auto format = memory_format_of(channels_last);

@@ -285,15 +285,17 @@ at::Tensor roi_unpool_forward_cpu(const at::Tensor& input, const at::Tensor& roi
   const int64_t K = rois.size(0);
   // The batch index is not read by unpool (one output map per ROI), but a box
   // with a bad index is still a bad box: the contract is the same for all ops.
-  check_roi_values(op, rois, INT64_MAX);
+  check_box_operands(op, input, rois, INT64_MAX, spatial_scale, aligned);
 
   const bool channels_last = use_channels_last(input);
   const auto format = memory_format_of(channels_last);
   const int64_t C = input.size(1), PH = input.size(2), PW = input.size(3);
   if (K == 0 || C == 0 || PH == 0 || PW == 0) {
-    return at::zeros({K, C, height, width}, input.options().memory_format(format));
+    return empty_output(op, "output_size (height, width)", {K, C, height, width},
+                        input.options(), format, /*zeroed=*/true);
   }
-  at::Tensor output = at::empty({K, C, height, width}, input.options(), format);
+  at::Tensor output = empty_output(op, "output_size (height, width)",
+                                   {K, C, height, width}, input.options(), format);
   prefer_huge_pages(output);
   const at::Tensor x = input.contiguous(format);
   const at::Tensor r = rois.to(coord_type_for(input, rois)).contiguous();
@@ -322,12 +324,12 @@ at::Tensor roi_unpool_backward_cpu(const at::Tensor& grad, const at::Tensor& roi
   constexpr const char* op = "_roi_unpool_backward";
   check_roi_unpool_backward_args(op, grad, rois, pooled_height, pooled_width);
   const int64_t K = rois.size(0);
-  check_roi_values(op, rois, INT64_MAX);
+  check_box_operands(op, grad, rois, INT64_MAX, spatial_scale, aligned);
 
   const bool channels_last = use_channels_last(grad);
   const auto format = memory_format_of(channels_last);
   const int64_t C = grad.size(1), H = grad.size(2), W = grad.size(3);
-  if (K == 0 || C == 0 || H == 0 || W == 0) {
+  if (K == 0 || C == 0 || H == 0 || W == 0 || pooled_height == 0 || pooled_width == 0) {
     return at::zeros({K, C, pooled_height, pooled_width}, grad.options().memory_format(format));
   }
   at::Tensor grad_input =

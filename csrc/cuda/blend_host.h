@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> blend_forward(
   check_blend_operands(op, base, base_logit, input, input_logit, rois);
   const Launcher launch(base.device());
   const int64_t B = base.size(0), C = base.size(1), H = base.size(2), W = base.size(3);
-  check_roi_values(op, rois, B);
+  check_box_operands(op, base, rois, B, spatial_scale, aligned);
 
   const bool channels_last = use_channels_last(base);
   at::Tensor out = at::empty({B, C, H, W}, base.options(), memory_format_of(base));
@@ -147,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_backward(
   const int64_t K = rois.size(0), PH = input.size(2), PW = input.size(3);
   const bool has_gbw = check_blend_grads(op, grad_out, grad_base_weight, base, base_logit);
   const Launcher launch(base.device());
-  check_roi_values(op, rois, B);
+  check_box_operands(op, base, rois, B, spatial_scale, aligned);
 
   const bool channels_last = use_channels_last(base);
   const bool input_channels_last = use_channels_last(input);

@@ -42,18 +42,22 @@ at::Tensor roi_align_forward(const at::Tensor& input, const at::Tensor& rois,
   constexpr const char* op = "roi_align";
   check_roi_align_args(op, input, rois, pooled_height, pooled_width);
   const Launcher launch(input.device());
-  check_roi_values(op, rois, input.size(0));
+  const AlignSampling sampling{pooled_height, pooled_width, sampling_ratio,
+                               input.size(2), input.size(3)};
+  check_box_operands(op, input, rois, input.size(0), spatial_scale, aligned, &sampling);
 
   const bool channels_last = use_channels_last(input);
   const auto format = memory_format_of(channels_last);
   const int64_t K = rois.size(0), C = input.size(1);
   const int64_t H = input.size(2), W = input.size(3);
   if (K == 0 || C == 0 || H == 0 || W == 0) {
-    return at::zeros({K, C, pooled_height, pooled_width},
-                     input.options().memory_format(format));
+    return empty_output(op, "output_size (pooled_height, pooled_width)",
+                        {K, C, pooled_height, pooled_width}, input.options(), format,
+                        /*zeroed=*/true);
   }
-  at::Tensor output =
-      at::empty({K, C, pooled_height, pooled_width}, input.options(), format);
+  at::Tensor output = empty_output(op, "output_size (pooled_height, pooled_width)",
+                                   {K, C, pooled_height, pooled_width}, input.options(),
+                                   format);
   const at::Tensor x = input.contiguous(format);
   const at::Tensor r = rois.to(coord_type_for(input, rois)).contiguous();
 
@@ -92,7 +96,8 @@ at::Tensor roi_align_backward(const at::Tensor& grad, const at::Tensor& rois,
                                 batch_size, channels, height, width);
   const int64_t K = rois.size(0);
   const Launcher launch(grad.device());
-  check_roi_values(op, rois, batch_size);
+  const AlignSampling sampling{pooled_height, pooled_width, sampling_ratio, height, width};
+  check_box_operands(op, grad, rois, batch_size, spatial_scale, aligned, &sampling);
 
   const bool channels_last = use_channels_last(grad);
   const auto format = memory_format_of(channels_last);
@@ -168,15 +173,17 @@ at::Tensor roi_unpool_forward(const at::Tensor& input, const at::Tensor& rois,
   const int64_t K = rois.size(0);
   const Launcher launch(input.device());
   // Unpool does not read the batch index, but the box contract is shared.
-  check_roi_values(op, rois, INT64_MAX);
+  check_box_operands(op, input, rois, INT64_MAX, spatial_scale, aligned);
 
   const bool channels_last = use_channels_last(input);
   const auto format = memory_format_of(channels_last);
   const int64_t C = input.size(1), PH = input.size(2), PW = input.size(3);
   if (K == 0 || C == 0 || PH == 0 || PW == 0) {
-    return at::zeros({K, C, height, width}, input.options().memory_format(format));
+    return empty_output(op, "output_size (height, width)", {K, C, height, width},
+                        input.options(), format, /*zeroed=*/true);
   }
-  at::Tensor output = at::empty({K, C, height, width}, input.options(), format);
+  at::Tensor output = empty_output(op, "output_size (height, width)",
+                                   {K, C, height, width}, input.options(), format);
   const at::Tensor x = input.contiguous(format);
   const at::Tensor r = rois.to(coord_type_for(input, rois)).contiguous();
 
@@ -211,12 +218,12 @@ at::Tensor roi_unpool_backward(const at::Tensor& grad, const at::Tensor& rois,
   check_roi_unpool_backward_args(op, grad, rois, pooled_height, pooled_width);
   const int64_t K = rois.size(0);
   const Launcher launch(grad.device());
-  check_roi_values(op, rois, INT64_MAX);
+  check_box_operands(op, grad, rois, INT64_MAX, spatial_scale, aligned);
 
   const bool channels_last = use_channels_last(grad);
   const auto format = memory_format_of(channels_last);
   const int64_t C = grad.size(1), H = grad.size(2), W = grad.size(3);
-  if (K == 0 || C == 0 || H == 0 || W == 0) {
+  if (K == 0 || C == 0 || H == 0 || W == 0 || pooled_height == 0 || pooled_width == 0) {
     return at::zeros({K, C, pooled_height, pooled_width},
                      grad.options().memory_format(format));
   }

@@ -13,20 +13,31 @@ Quick start::
     loss = mse + 0.01 * adapter.regularization_loss()
     adapter.uninstall()
 
-See docs/adapter.md.
+Whole pipelines: ``ROICtrlPipeline.from_pipe(pipe, adapter)(prompt, instances=[{"box": ..., "caption": ...}])``
+(docs/pipeline.md). See docs/adapter.md.
 """
 
-from .adapter import DEFAULT_GRID_SIZES, BlockSpec, ROICtrlAdapter
+from .adapter import DEFAULT_GRID_SIZES, BlockSpec, ROICtrlAdapter, load_adapter
 from .block import BoxEncoder, ROICtrlBlock, blend, coverage
 from .instances import ROICtrlInstances
+from .official import is_official_checkpoint
+from .options import OFFICIAL_CONFIG, ArchitectureOptions
+from .pipeline import Instance, ROICtrlPipeline, normalize_instances
 
 __all__ = [
+    "OFFICIAL_CONFIG",
+    "ArchitectureOptions",
     "DEFAULT_GRID_SIZES",
     "BlockSpec",
     "BoxEncoder",
+    "Instance",
     "ROICtrlAdapter",
     "ROICtrlBlock",
     "ROICtrlInstances",
+    "ROICtrlPipeline",
     "blend",
     "coverage",
+    "is_official_checkpoint",
+    "load_adapter",
+    "normalize_instances",
 ]

@@ -31,9 +31,11 @@ import torch
 from torch import nn
 
 from .block import BoxEncoder, ROICtrlBlock
+from .checkpoint import architecture_mismatch, read_safetensors_header, validate_config
 from .instances import ROICtrlInstances
+from .options import OFFICIAL_CONFIG, ArchitectureOptions
 
-__all__ = ["DEFAULT_GRID_SIZES", "ROICtrlAdapter"]
+__all__ = ["DEFAULT_GRID_SIZES", "ROICtrlAdapter", "installed_adapter", "unwrap_unet"]
 
 #: ROI grid side by the layer's downsampling factor relative to the image (the paper's setting).
 DEFAULT_GRID_SIZES = {8: 25, 16: 19, 32: 13, 64: 7}
@@ -123,6 +125,33 @@ def _levels(unet: nn.Module) -> dict[str, int]:
     return levels
 
 
+def unwrap_unet(unet: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (``OptimizedModule._orig_mod``), or ``unet`` itself.
+
+    Hooks go on the original module: the compiled wrapper calls its ``forward``, so they run (and are traced)
+    either way, and they are removed from the same module by ``uninstall``.
+    """
+    while isinstance(getattr(unet, "_orig_mod", None), nn.Module):
+        unet = unet._orig_mod
+    return unet
+
+
+def _device_and_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype] | tuple[None, None]:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return None, None
+
+
+def installed_adapter(unet: nn.Module) -> "ROICtrlAdapter | None":
+    """The :class:`ROICtrlAdapter` whose hooks are on ``unet`` (a compiled UNet is unwrapped), or ``None``."""
+    for hook in unwrap_unet(unet)._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, ROICtrlAdapter):
+            return owner
+    return None
+
+
 def _top_level(name: str) -> str:
     parts = name.split(".")
     return parts[0] if parts[0] == "mid_block" else ".".join(parts[:2])
@@ -144,6 +173,10 @@ class ROICtrlAdapter(nn.Module):
         fused_blend: blend with the fused ``roi_ops.roi_unpool_blend`` op (default), whose memory does not grow
             with the instance count; ``False`` uses the unfused :func:`blend` (same function, materialises
             ``[B, N, C, H, W]`` per layer). Also settable later: ``adapter.fused_blend = False``.
+        options: the architecture options of :class:`~roi_ops.roictrl_adapter.options.ArchitectureOptions`
+            (``ff_activation``, ``fourier_embedding``, ``position_padding``, ``channel_gate``, ``max_instances``,
+            ``slot_order``, ``slot_seed``, ``sampling_ratio``, ``guide_empty_samples``, ``dropout``, ``unpool``);
+            the defaults are roi-ops' design, ``OFFICIAL_CONFIG`` the official release's (docs/official.md).
     """
 
     def __init__(
@@ -154,17 +187,31 @@ class ROICtrlAdapter(nn.Module):
         position_hidden_dim: int = 512,
         ff_mult: int = 4,
         fused_blend: bool = True,
+        **options: Any,
     ):
         super().__init__()
         specs = [b if isinstance(b, BlockSpec) else BlockSpec(**b) for b in blocks]
         if not specs:
             raise ValueError("ROICtrlAdapter blocks must list at least one cross-attention block, got none")
+        unknown = sorted(set(options) - set(ArchitectureOptions.names()))
+        if unknown:
+            raise TypeError(
+                f"ROICtrlAdapter got unknown arguments {unknown}; architecture options are "
+                f"{list(ArchitectureOptions.names())}"
+            )
+        self.options = ArchitectureOptions(**options)
         self.specs = specs
         self.position_dim, self.fourier_freqs = position_dim, fourier_freqs
         self.position_hidden_dim, self.ff_mult = position_hidden_dim, ff_mult
-        self.box_encoder = BoxEncoder(position_dim, fourier_freqs, position_hidden_dim)
+        self.box_encoder = BoxEncoder(
+            position_dim,
+            fourier_freqs,
+            position_hidden_dim,
+            fourier=self.options.fourier_embedding,
+            null_token=self.options.position_padding == "null_token",
+        )
         self.blocks = nn.ModuleList(
-            ROICtrlBlock(s.dim, s.heads, position_dim, s.grid, ff_mult, bool(fused_blend)) for s in specs
+            ROICtrlBlock(s.dim, s.heads, position_dim, s.grid, ff_mult, bool(fused_blend), self.options) for s in specs
         )
         #: False makes every hook pass the UNet's own computation through untouched.
         self.enabled = True
@@ -179,17 +226,29 @@ class ROICtrlAdapter(nn.Module):
         unet: nn.Module,
         grid_sizes: Mapping[int, int] | None = None,
         vae_scale_factor: int = 8,
+        preset: str | None = None,
         **kwargs: Any,
     ) -> "ROICtrlAdapter":
         """One block per cross-attention ``BasicTransformerBlock`` of ``unet``, with its width and downsampling.
+
+        The adapter is created on the UNet's device and in its dtype (a ``torch.compile``d UNet is unwrapped; a
+        UNet on the ``meta`` device, a structure without weights, gets a CPU float32 adapter to load weights into).
+        For training a float16 UNet under autocast, keep the adapter in float32 with ``adapter.float()``.
 
         Args:
             grid_sizes: ROI grid side by downsampling factor (image pixels per feature pixel); defaults to
                 :data:`DEFAULT_GRID_SIZES` ``{8: 25, 16: 19, 32: 13, 64: 7}``.
             vae_scale_factor: image pixels per latent pixel (8 for SD1.5 and SDXL).
-            kwargs: the remaining constructor arguments (``position_dim``, ...).
+            preset: ``None``/``"default"`` (roi-ops' design) or ``"official"`` (``OFFICIAL_CONFIG``: the official
+                release's architecture, whose weights :meth:`from_official` loads); ``kwargs`` override it.
+            kwargs: the remaining constructor arguments (``position_dim``, options such as ``unpool``, ...).
         """
+        if preset == "official":
+            kwargs = {**OFFICIAL_CONFIG, **kwargs}
+        elif preset not in (None, "default"):
+            raise ValueError(f"ROICtrlAdapter.from_unet preset must be None, 'default' or 'official', got {preset!r}")
         grid_sizes = dict(DEFAULT_GRID_SIZES if grid_sizes is None else grid_sizes)
+        unet = unwrap_unet(unet)
         levels = _levels(unet)
         specs = []
         for name, block in _transformer_blocks(unet):
@@ -210,7 +269,10 @@ class ROICtrlAdapter(nn.Module):
             )
         if not specs:
             raise ValueError(f"{type(unet).__name__} has no cross-attention transformer block to attach ROICtrl to")
-        return cls(specs, **kwargs)
+        device, dtype = _device_and_dtype(unet)
+        if device is not None and device.type == "meta":  # a structure-only UNet: the weights get loaded into it
+            device, dtype = None, None
+        return cls(specs, **kwargs).to(device=device, dtype=dtype)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -221,6 +283,7 @@ class ROICtrlAdapter(nn.Module):
             "position_hidden_dim": self.position_hidden_dim,
             "ff_mult": self.ff_mult,
             "fused_blend": self.fused_blend,
+            **self.options.to_dict(),
         }
 
     @property
@@ -243,6 +306,7 @@ class ROICtrlAdapter(nn.Module):
 
     def check_compatible(self, unet: nn.Module) -> None:
         """Raise ``ValueError`` saying what differs if ``unet`` is not the kind of UNet this adapter was built for."""
+        unet = unwrap_unet(unet)
         found = dict(_transformer_blocks(unet))
         names = [s.name for s in self.specs]
         missing = [n for n in names if n not in found]
@@ -261,14 +325,32 @@ class ROICtrlAdapter(nn.Module):
                     f"caption width {spec.cross_attention_dim}, the UNet has width {attn.query_dim} and caption "
                     f"width {attn.cross_attention_dim}"
                 )
+            if attn.heads != spec.heads:  # same shapes, different attention: refuse rather than run another model
+                raise ValueError(
+                    f"ROICtrlAdapter does not fit block {spec.name!r}: adapter expects {spec.heads} attention heads, "
+                    f"the UNet has {attn.heads}"
+                )
             norm_type = getattr(found[spec.name], "norm_type", None)
             if norm_type not in _SUPPORTED_NORMS:
                 raise ValueError(f"block {spec.name!r} has norm_type {norm_type!r}; supported: {_SUPPORTED_NORMS}")
 
     def install(self, unet: nn.Module) -> "ROICtrlAdapter":
-        """Attach to ``unet`` (hooks only). Returns ``self``. Raises if already installed or if shapes differ."""
+        """Attach to ``unet`` (hooks only). Returns ``self``.
+
+        A ``torch.compile``d UNet is unwrapped: the hooks go on its original module. Raises ``RuntimeError`` if
+        this adapter is already installed, or if ``unet`` already carries another adapter (two would each see
+        the instance entry removed by the other, so the second would silently do nothing); ``ValueError`` if
+        the shapes differ.
+        """
         if self._handles:
             raise RuntimeError("ROICtrlAdapter is already installed; call uninstall() first")
+        unet = unwrap_unet(unet)
+        other = installed_adapter(unet)
+        if other is not None:
+            raise RuntimeError(
+                f"this {type(unet).__name__} already has a ROICtrlAdapter installed ({other.extra_repr()}); "
+                "call uninstall() on that one first"
+            )
         self.check_compatible(unet)
         handles, states, sizes_by_parent = [], [], {}
         try:
@@ -300,7 +382,7 @@ class ROICtrlAdapter(nn.Module):
         """Remove every hook; the UNet is then exactly what it was before :meth:`install`."""
         if not self._handles:
             raise RuntimeError("ROICtrlAdapter is not installed")
-        if unet is not None and (self._unet_ref is None or self._unet_ref() is not unet):
+        if unet is not None and (self._unet_ref is None or self._unet_ref() is not unwrap_unet(unet)):
             raise ValueError("ROICtrlAdapter.uninstall got a different UNet from the one it is installed on")
         for h in self._handles:
             h.remove()
@@ -308,13 +390,21 @@ class ROICtrlAdapter(nn.Module):
 
     # ------------------------------------------------------------------ hooks
     def _unet_pre_hook(self, module, args, kwargs):
+        # Every call starts from empty size records, so a torch.compile'd UNet sees the same state at each call
+        # (otherwise the first call, with nothing recorded yet, is compiled again at the second).
+        for state in self._states:
+            state.sizes.clear()
         # Validate the instance data once per UNet call rather than once per block.
         if not self.enabled:
             return None
         cak = _get_arg(module, args, kwargs, "cross_attention_kwargs")
-        if isinstance(cak, Mapping) and cak.get(KWARG) is not None and not isinstance(cak[KWARG], ROICtrlInstances):
-            cak = {**cak, KWARG: ROICtrlInstances.coerce(cak[KWARG])}
-            return _set_arg(module, args, kwargs, "cross_attention_kwargs", cak)
+        if isinstance(cak, Mapping) and cak.get(KWARG) is not None:
+            instances = ROICtrlInstances.coerce(cak[KWARG])
+            for spec in self.specs:  # fail before the first layer runs, naming the width the UNet expects
+                instances.check_embedding_width(spec.cross_attention_dim, f"block {spec.name!r}")
+            if instances is not cak[KWARG]:
+                cak = {**cak, KWARG: instances}
+                return _set_arg(module, args, kwargs, "cross_attention_kwargs", cak)
         return None
 
     def _block_pre_hook(self, i, module, args, kwargs):
@@ -327,7 +417,8 @@ class ROICtrlAdapter(nn.Module):
         data = cak.pop(KWARG)  # never reaches attn1/attn2, so no processor warns about it
         if self.enabled and data is not None:
             instances = ROICtrlInstances.coerce(data)
-            if instances.num_instances > 0 and instances.scale != 0.0:
+            active = instances.num_instances > 0 or self.options.guide_empty_samples
+            if active and instances.scale != 0.0:
                 state.instances = instances
         return _set_arg(module, args, kwargs, "cross_attention_kwargs", cak)
 
@@ -346,6 +437,7 @@ class ROICtrlAdapter(nn.Module):
         encoder_hidden_states = args[1] if len(args) > 1 else kwargs.pop("encoder_hidden_states", None)
         kwargs.pop("attention_mask", None)
         spec = self.specs[i]
+        instances.check_embedding_width(spec.cross_attention_dim, f"block {spec.name!r}")
         size = state.sizes.get(hidden_states.shape[1])
         if size is None or state.residual is None:
             raise RuntimeError(
@@ -360,6 +452,7 @@ class ROICtrlAdapter(nn.Module):
                 f"{hidden_states.device}/{hidden_states.dtype} at {spec.name!r}; move it with adapter.to(...)"
             )
         position_tokens = self.box_encoder(instances.instance_boxes.to(hidden_states.device))
+        null_position = self.box_encoder.null_token() if self.box_encoder.null_feature is not None else None
         out, stats = self.blocks[i](
             hidden_states,
             state.residual,
@@ -370,6 +463,7 @@ class ROICtrlAdapter(nn.Module):
             position_tokens,
             encoder_hidden_states=encoder_hidden_states,
             attn_kwargs=kwargs,
+            null_position=null_position,
         )
         state.stats = stats
         return out
@@ -405,10 +499,14 @@ class ROICtrlAdapter(nn.Module):
         from safetensors.torch import save_file
 
         os.makedirs(save_directory, exist_ok=True)
+        config = self.config
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-            json.dump({"_class_name": type(self).__name__, "format_version": 1, **self.config}, f, indent=2)
+            json.dump({"_class_name": type(self).__name__, "format_version": 1, **config}, f, indent=2)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        # the config also rides in the weights' header: from_pretrained refuses a config.json whose
+        # architecture was edited while every shape still fits (e.g. another head count)
+        metadata = {"format": "pt", "roictrl_config": json.dumps(config, sort_keys=True)}
+        save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata=metadata)
 
     @classmethod
     def from_pretrained(
@@ -418,36 +516,77 @@ class ROICtrlAdapter(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> "ROICtrlAdapter":
-        """Load what :meth:`save_pretrained` wrote. With ``unet``, also check that it fits (clear ``ValueError``)."""
+        """Load what :meth:`save_pretrained` wrote, in eval mode. With ``unet``, also check that it fits (clear
+        ``ValueError``).
+
+        ``device`` and ``dtype`` default to the ``unet``'s when one is given (else the adapter stays on the CPU in
+        the file's dtype).
+
+        The folder is untrusted input: ``config.json`` is checked key by key (types, ranges, relations; see
+        :mod:`roi_ops.roictrl_adapter.checkpoint`), the safetensors header is read and checked (float dtypes,
+        shapes, offsets, total size against the file) and compared with the shapes the config implies and with
+        the config saved beside the weights, all before any parameter is allocated.
+        """
         from safetensors.torch import load_file
 
         config_path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}; expected a ROICtrlAdapter save")
-        with open(config_path) as f:
-            config = json.load(f)
-        if config.pop("_class_name", None) != cls.__name__:
-            raise ValueError(f"{config_path} does not describe a {cls.__name__}")
-        config.pop("format_version", None)
-        adapter = cls(**config)
-        state = load_file(os.path.join(directory, WEIGHTS_NAME))
-        own = adapter.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        wrong = [
-            (k, tuple(state[k].shape), tuple(v.shape))
-            for k, v in own.items()
-            if k in state and state[k].shape != v.shape
-        ]
+        with open(config_path, "rb") as f:
+            raw = f.read(16 * 1024 * 1024 + 1)
+        try:
+            config = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{config_path} is not a JSON file of at most 16 MiB ({exc})") from None
+        validate_config(config, config_path)
+        if config["_class_name"] != cls.__name__:
+            raise ValueError(f"{config_path} does not describe a {cls.__name__}, got {config['_class_name']!r}")
+        kwargs = {k: v for k, v in config.items() if k not in ("_class_name", "format_version")}
+        weights_path = os.path.join(directory, WEIGHTS_NAME)
+        header, metadata = read_safetensors_header(weights_path)
+        if "roictrl_config" in metadata:
+            try:
+                saved = json.loads(metadata["roictrl_config"])
+            except json.JSONDecodeError:
+                saved = None
+            diffs = architecture_mismatch(kwargs, saved) if isinstance(saved, dict) else ["unreadable"]
+            if diffs:
+                raise ValueError(
+                    f"{config_path} does not describe the model its weights were saved with: {diffs[:3]}"
+                )
+        with torch.device("meta"):  # the shapes the config implies, without allocating them
+            own = {k: tuple(v.shape) for k, v in cls(**kwargs).state_dict().items()}
+        missing = sorted(set(own) - set(header))
+        unexpected = sorted(set(header) - set(own))
+        wrong = [(k, tuple(header[k]["shape"]), v) for k, v in own.items() if k in header and tuple(header[k]["shape"]) != v]
         if missing or unexpected or wrong:
             raise ValueError(
                 f"weights in {os.fspath(directory)!r} do not match its config: missing {missing[:3]}, "
                 f"unexpected {unexpected[:3]}, wrong shapes (name, file, expected) {wrong[:3]}"
             )
-        adapter.load_state_dict(state)
+        adapter = cls(**kwargs)
+        adapter.load_state_dict(load_file(weights_path))
         if unet is not None:
             adapter.check_compatible(unet)
-        return adapter.to(device=device, dtype=dtype)
+            unet_device, unet_dtype = _device_and_dtype(unwrap_unet(unet))
+            device = unet_device if device is None else device
+            dtype = unet_dtype if dtype is None else dtype
+        # Eval mode, as diffusers' from_pretrained: dropout (the official configuration has some) off until train().
+        return adapter.to(device=device, dtype=dtype).eval()
+
+    @classmethod
+    def from_official(
+        cls,
+        path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
+        unet: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> "ROICtrlAdapter":
+        """Load the official ROICtrl release (``ROICtrl_sdv14_30K.safetensors``) into an adapter in the official
+        configuration; see :func:`roi_ops.roictrl_adapter.official.from_official` (``unet=None``: the SD1.x
+        block structure; ``kwargs``: ``device``, ``dtype``, option overrides such as ``unpool="exact"``)."""
+        from .official import from_official
+
+        return from_official(path_or_state_dict, unet, **kwargs)
 
 
 def _record_size(sizes: dict, module, args, kwargs):
@@ -455,3 +594,34 @@ def _record_size(sizes: dict, module, args, kwargs):
     if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 4:
         H, W = hidden_states.shape[-2:]
         sizes[H * W] = (H, W)
+
+
+def load_adapter(
+    path: str | os.PathLike,
+    unet: nn.Module | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> ROICtrlAdapter:
+    """Load a ROICtrl adapter from ``path``, whatever form it is in; the one entry point the CLI uses.
+
+    Accepted: a folder written by :meth:`ROICtrlAdapter.save_pretrained` (``config.json`` +
+    ``roictrl_adapter.safetensors``), the path of that weights file, or the official ROICtrl release file
+    (detected by :func:`~roi_ops.roictrl_adapter.official.is_official_checkpoint`, loaded by ``from_official``). With ``unet`` the adapter is checked
+    against it and put on its device and dtype (``device``/``dtype`` override). Not installed.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(path) if os.path.isfile(path) else path
+    if os.path.isfile(os.path.join(folder, CONFIG_NAME)) and (
+        not os.path.isfile(path) or os.path.basename(path) == WEIGHTS_NAME
+    ):
+        return ROICtrlAdapter.from_pretrained(folder, unet=unet, device=device, dtype=dtype)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"adapter path {path!r}: no such file or folder")
+    from .official import from_official, is_official_checkpoint
+
+    if is_official_checkpoint(path):
+        return from_official(path, unet, device=device, dtype=dtype)
+    raise ValueError(
+        f"adapter path {path!r} is not a ROICtrlAdapter folder (expected {CONFIG_NAME} and {WEIGHTS_NAME}, as "
+        "ROICtrlAdapter.save_pretrained writes), the path of that weights file, or an official ROICtrl checkpoint"
+    )

@@ -4,7 +4,8 @@ The UNet receives it the diffusers way, as one entry of ``cross_attention_kwargs
 
     unet(latents, t, text, cross_attention_kwargs={"roictrl": {"boxes": ..., "masks": ..., "embeddings": ...}})
 
-Either a plain dict or a :class:`ROICtrlInstances` is accepted. The dataclass validates once and keeps the
+Either a plain dict or a :class:`ROICtrlInstances` is accepted; the dict may use the official release's key names
+``instance_boxes`` / ``instance_masks`` / ``instance_embeddings`` too. The dataclass validates once and keeps the
 compacted list of valid instances (padded slots dropped), so the per-layer work never touches padding.
 """
 
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 _KEYS = ("boxes", "embeddings", "masks", "scale")
+# The official ROICtrl release names the same entries instance_boxes / instance_masks / instance_embeddings.
+ALIASES = {"instance_boxes": "boxes", "instance_embeddings": "embeddings", "instance_masks": "masks"}
 
 
 def _shape(t: object) -> str:
@@ -40,6 +43,7 @@ class ROICtrlInstances:
     Derived attributes (computed once in ``__post_init__``; ``K`` = number of valid instances):
         ``batch_index`` ``LongTensor[K]``, ``instance_boxes`` ``Tensor[K, 4]``, ``instance_embeddings``
         ``Tensor[K, L, D]``, ``slot_index`` ``LongTensor[K]`` (rank of the instance within its sample),
+        ``slot_position`` ``LongTensor[K]`` (its slot ``n`` in the padded ``[B, N]`` input),
         ``sample_index`` ``LongTensor[S]`` (sorted samples with at least one instance), ``num_instances`` (K),
         ``max_instances_per_sample``.
     """
@@ -53,6 +57,7 @@ class ROICtrlInstances:
     instance_boxes: torch.Tensor = field(init=False, repr=False)
     instance_embeddings: torch.Tensor = field(init=False, repr=False)
     slot_index: torch.Tensor = field(init=False, repr=False)
+    slot_position: torch.Tensor = field(init=False, repr=False)
     sample_index: torch.Tensor = field(init=False, repr=False)
     num_instances: int = field(init=False, repr=False)
     max_instances_per_sample: int = field(init=False, repr=False)
@@ -96,23 +101,34 @@ class ROICtrlInstances:
         idx = valid.nonzero()  # [K, 2], row-major: grouped by sample, in slot order
         b_idx, n_idx = idx[:, 0], idx[:, 1]
         inst_boxes = boxes[b_idx, n_idx]
+        inst_emb = emb[b_idx, n_idx]
         if inst_boxes.numel():
             x1, y1, x2, y2 = inst_boxes.unbind(-1)
             bad = ~torch.isfinite(inst_boxes).all(-1)
             bad |= (inst_boxes < 0).any(-1) | (inst_boxes > 1).any(-1) | (x2 < x1) | (y2 < y1)
-            if bool(bad.any()):
+            bad_emb = ~torch.isfinite(inst_emb.flatten(1)).all(-1)
+            # one host sync for both verdicts
+            verdict = torch.stack([bad.any(), bad_emb.any()]).tolist()
+            if verdict[0]:
                 k = int(bad.nonzero()[0, 0])
                 raise ValueError(
                     "roictrl boxes of valid instances must be finite (x1, y1, x2, y2) with 0 <= x1 <= x2 <= 1 and "
                     f"0 <= y1 <= y2 <= 1, got {inst_boxes[k].tolist()} for sample {int(b_idx[k])}, slot {int(n_idx[k])}"
+                )
+            if verdict[1]:
+                k = int(bad_emb.nonzero()[0, 0])
+                raise ValueError(
+                    "roictrl embeddings of valid instances must be finite (no NaN or inf), got non-finite values "
+                    f"for sample {int(b_idx[k])}, slot {int(n_idx[k])}"
                 )
         counts = valid.sum(1)
         # Rank of each valid instance among the valid instances of its sample.
         slot = (valid.long().cumsum(1) - 1)[b_idx, n_idx]
         object.__setattr__(self, "batch_index", b_idx)
         object.__setattr__(self, "instance_boxes", inst_boxes)
-        object.__setattr__(self, "instance_embeddings", emb[b_idx, n_idx])
+        object.__setattr__(self, "instance_embeddings", inst_emb)
         object.__setattr__(self, "slot_index", slot)
+        object.__setattr__(self, "slot_position", n_idx)
         object.__setattr__(self, "sample_index", (counts > 0).nonzero().flatten())
         object.__setattr__(self, "num_instances", int(idx.shape[0]))
         object.__setattr__(self, "max_instances_per_sample", int(counts.max()) if B > 0 else 0)
@@ -121,21 +137,40 @@ class ROICtrlInstances:
     def batch_size(self) -> int:
         return self.boxes.shape[0]
 
+    def check_embedding_width(self, width: int, layer: str) -> None:
+        """Raise ``ValueError`` unless the caption embeddings are ``width`` wide, the ``cross_attention_dim`` of
+        ``layer`` (they feed its cross-attention's key and value projections)."""
+        got = self.embeddings.shape[-1]
+        if got != width:
+            raise ValueError(
+                f"roictrl embeddings must be Tensor[B, N, L, {width}]: {layer} takes caption embeddings of width "
+                f"{width} (its cross_attention_dim), got Tensor{list(self.embeddings.shape)}"
+            )
+
     @classmethod
     def coerce(cls, data: object) -> "ROICtrlInstances":
         """Return ``data`` if it already is a ``ROICtrlInstances``, else build one from a mapping."""
         if isinstance(data, cls):
             return data
         if isinstance(data, Mapping):
-            unknown = sorted(set(data) - set(_KEYS))
+            unknown = sorted(set(data) - set(_KEYS) - set(ALIASES))
             if unknown:
-                raise ValueError(f"roictrl got unknown keys {unknown}; expected some of {list(_KEYS)}")
+                raise ValueError(
+                    f"roictrl got unknown keys {unknown}; expected some of {list(_KEYS)} "
+                    f"(or the official names {list(ALIASES)})"
+                )
+            data = dict(data)
+            for alias, key in ALIASES.items():
+                if alias in data:
+                    if key in data:
+                        raise ValueError(f"roictrl got both {key!r} and its official alias {alias!r}; pass one")
+                    data[key] = data.pop(alias)
             missing = [k for k in ("boxes", "embeddings") if k not in data]
             if missing:
                 raise ValueError(
                     f"roictrl needs keys {missing} (expected boxes, embeddings and optionally masks, scale)"
                 )
-            return cls(**dict(data))
+            return cls(**data)
         raise TypeError(
             "cross_attention_kwargs['roictrl'] must be a ROICtrlInstances or a dict with keys boxes, embeddings, "
             f"masks, scale; got {type(data).__name__}"

@@ -1,0 +1,234 @@
+"""``roi-ops generate``: prompt + layout (boxes + captions) -> image, with a ROICtrl adapter on a diffusers model.
+
+Writes ``--out`` and, beside it, the same image with every box and caption drawn (``<out>.boxes.png``).
+The layout JSON format is documented in docs/pipeline.md and in ``roi-ops generate --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+LAYOUT_HELP = """\
+layout JSON: {"prompt": "a living room", "negative_prompt": "blurry" (optional),
+  "width": 512, "height": 512 (optional, default: the model's size),
+  "box_format": "xyxy" | "xywh" (optional, default "xyxy"),
+  "box_units": "normalized" | "pixels" (optional, default "normalized"),
+  "instances": [{"box": [0.1, 0.2, 0.5, 0.9], "caption": "a red sofa"}, ...]}
+--prompt / --negative-prompt override the layout's.
+
+Local files only: --model, --controlnet and --adapter are read from disk and nothing is downloaded. Only when
+--model or --controlnet is not an existing path and has the form of a Hugging Face Hub id ("owner/name") is it
+downloaded from the Hub (or taken from its cache).
+"""
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_LAYOUT_KEYS = {"prompt", "negative_prompt", "width", "height", "box_format", "box_units", "instances"}
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate an image from a prompt and a layout of boxes with captions (ROICtrl)",
+        description="Generate an image with a ROICtrl adapter: every caption of the layout lands in its box. "
+        "Writes OUT and OUT's stem + '.boxes.png' (the image with the boxes and captions drawn).",
+        epilog=LAYOUT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="diffusers folder of an SD1.x/SD2.x/SDXL checkpoint")
+    p.add_argument("--adapter", required=True, help="ROICtrl adapter: a folder as ROICtrlAdapter.save_pretrained writes it, or the official release file (ROICtrl_sdv14_30K.safetensors, detected by its keys)")
+    p.add_argument("--layout", required=True, help="layout JSON file (format below)")
+    p.add_argument("--out", required=True, help="output image path (PNG); the boxes overlay goes beside it")
+    p.add_argument("--prompt", help="global prompt (overrides the layout's)")
+    p.add_argument("--negative-prompt", help="negative prompt (overrides the layout's)")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--beta", type=float, default=1.0,
+                   help="scheduled sampling: the adapter acts on the first int(beta * steps) steps (default 1.0)")
+    p.add_argument("--scale", type=float, default=1.0, help="adapter strength, 0 = off (default 1.0)")
+    p.add_argument("--clip-boxes", action="store_true", help="clamp boxes that overshoot the image (with a warning)")
+    p.add_argument("--controlnet", help="diffusers ControlNet folder (needs --control-image)")
+    p.add_argument("--control-image", help="condition image for --controlnet")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
+    p.set_defaults(func=run)
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"roi-ops generate: error: {message}", file=sys.stderr)
+    return 2
+
+
+def read_layout(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a layout JSON file (instances are checked by the pipeline, with their index)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            layout = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"--layout {os.fspath(path)!r}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--layout {os.fspath(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(layout, dict):
+        raise ValueError(f"--layout must hold a JSON object, got {type(layout).__name__}")
+    unknown = sorted(set(layout) - _LAYOUT_KEYS)
+    if unknown:
+        raise ValueError(f"--layout has unknown keys {unknown}; expected some of {sorted(_LAYOUT_KEYS)}")
+    for key in ("width", "height"):
+        v = layout.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ValueError(f"--layout {key} must be a positive integer, got {v!r}")
+    if not isinstance(layout.get("instances", []), list):
+        raise ValueError(f"--layout instances must be a list, got {type(layout['instances']).__name__}")
+    return layout
+
+
+def _source(name: str, value: str) -> dict[str, Any]:
+    """from_pretrained keywords for a local folder (never downloads) or a hub id (may download)."""
+    if os.path.exists(value):
+        return {"local_files_only": True}
+    if _HUB_ID.match(value):
+        print(f"roi-ops generate: {name} {value!r} is not a local path; loading it from the Hugging Face Hub",
+              file=sys.stderr)
+        return {}
+    raise ValueError(f"{name} {value!r}: no such file or folder (and not a Hub id of the form owner/name)")
+
+
+def load_pipeline(model: str, controlnet: str | None, device: str, dtype):
+    """The diffusers text-to-image pipeline of ``model`` (its ControlNet variant with ``controlnet``)."""
+    from diffusers import AutoPipelineForText2Image, ControlNetModel
+
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    if controlnet is not None:
+        kwargs["controlnet"] = ControlNetModel.from_pretrained(
+            controlnet, **_source("--controlnet", controlnet), torch_dtype=dtype
+        )
+    pipe = AutoPipelineForText2Image.from_pretrained(model, **_source("--model", model), **kwargs)
+    return pipe.to(device)
+
+
+def draw_boxes(image, instances: list, colors=None):
+    """A copy of ``image`` (PIL) with each instance's box (normalised xyxy) and caption drawn on it."""
+    from PIL import ImageDraw, ImageFont
+
+    palette = colors or [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+                         (70, 240, 240), (240, 50, 230), (210, 245, 60), (255, 225, 25), (0, 128, 128)]
+    out = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(out)
+    W, H = out.size
+    width = max(1, round(min(W, H) / 128))
+    font = ImageFont.load_default()
+    for k, inst in enumerate(instances):
+        x1, y1, x2, y2 = inst.box
+        color = palette[k % len(palette)]
+        box = (round(x1 * (W - 1)), round(y1 * (H - 1)), round(x2 * (W - 1)), round(y2 * (H - 1)))
+        draw.rectangle(box, outline=color, width=width)
+        left, top, right, bottom = draw.textbbox((0, 0), inst.caption, font=font)
+        tw, th = right - left, bottom - top
+        tx = min(max(box[0], 0), max(W - tw - 2, 0))
+        ty = box[1] - th - 3 if box[1] - th - 3 >= 0 else box[1] + width  # above the box, or inside at the top
+        draw.rectangle((tx, ty, tx + tw + 2, ty + th + 2), fill=color)
+        draw.text((tx + 1 - left, ty + 1 - top), inst.caption, fill=(255, 255, 255), font=font)
+    return out
+
+
+def _expected_size(model: str, layout: dict, control_image) -> tuple[int, int] | None:
+    """``(height, width)`` the pipeline will use, known before loading it: the layout's, the control image's, or a
+    local model's default (its UNet's sample size x the VAE factor, from their config files); else ``None``."""
+    height, width = layout.get("height"), layout.get("width")
+    if (height is None or width is None) and control_image is not None:
+        width, height = width or control_image.size[0], height or control_image.size[1]
+    if height is None or width is None:
+        try:
+            with open(os.path.join(model, "unet", "config.json")) as f:
+                sample = json.load(f)["sample_size"]
+            with open(os.path.join(model, "vae", "config.json")) as f:
+                factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+        except (OSError, KeyError, TypeError, ValueError):
+            return None
+        if not isinstance(sample, int):
+            return None
+        height, width = height or sample * factor, width or sample * factor
+    return int(height), int(width)
+
+
+def boxes_path(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".boxes.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .adapter import load_adapter
+    from .pipeline import ROICtrlPipeline, normalize_instances
+
+    try:
+        layout = read_layout(args.layout)
+    except ValueError as e:
+        return _fail(str(e))
+    prompt = args.prompt if args.prompt is not None else layout.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        return _fail("no prompt: give --prompt or a non-empty \"prompt\" in the layout")
+    negative = args.negative_prompt if args.negative_prompt is not None else layout.get("negative_prompt")
+    if (args.controlnet is None) != (args.control_image is None):
+        return _fail("--controlnet and --control-image go together")
+    if args.steps < 1:
+        return _fail(f"--steps must be >= 1, got {args.steps}")
+    if not 0.0 <= args.beta <= 1.0:
+        return _fail(f"--beta must be in [0, 1], got {args.beta}")
+    if not os.path.exists(args.adapter):
+        return _fail(f"--adapter {args.adapter!r}: no such file or folder")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        return _fail("--device cuda but no CUDA device is available")
+    dtype = getattr(torch, args.dtype or ("float16" if device == "cuda" else "float32"))
+
+    call: dict[str, Any] = {
+        "negative_prompt": negative, "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
+        "generator": torch.Generator(device).manual_seed(args.seed),
+    }
+    if layout.get("height") is not None:
+        call["height"] = layout["height"]
+    if layout.get("width") is not None:
+        call["width"] = layout["width"]
+    if args.control_image is not None:
+        from PIL import Image
+
+        try:
+            call["image"] = Image.open(args.control_image).convert("RGB")
+        except (FileNotFoundError, OSError) as e:
+            return _fail(f"--control-image {args.control_image!r}: {e}")
+    opts = dict(
+        box_format=layout.get("box_format", "xyxy"), box_units=layout.get("box_units", "normalized"),
+        clip_boxes=args.clip_boxes,
+    )
+    size = _expected_size(args.model, layout, call.get("image"))
+    try:
+        if size is not None:  # check the layout before the (slow) model load; the pipeline checks it again
+            normalize_instances(layout.get("instances", []), 1, width=size[1], height=size[0], **opts)
+        pipe = load_pipeline(args.model, args.controlnet, device, dtype)
+        adapter = load_adapter(args.adapter, pipe.unet)
+        roictrl = ROICtrlPipeline.from_pipe(pipe, adapter)
+        pipe.set_progress_bar_config(desc="denoising", disable=False)
+        image = roictrl(
+            prompt, instances=layout.get("instances", []), roictrl_scheduled_sampling_beta=args.beta,
+            roictrl_scale=args.scale, **opts, **call,
+        ).images[0]
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        return _fail(str(e))
+    height, width = image.height, image.width
+    drawn = normalize_instances(layout.get("instances", []), 1, width=width, height=height, **opts)[0]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    draw_boxes(image, drawn).save(boxes_path(out))
+    print(f"wrote {out} and {boxes_path(out)}")
+    return 0

@@ -1,0 +1,144 @@
+"""Architecture options of the ROICtrl adapter: the one place that names them, their types, ranges and defaults.
+
+Every option is a constructor argument of :class:`~roi_ops.roictrl_adapter.ROICtrlAdapter` and a key of its
+``config.json``. The defaults are roi-ops' own design; :data:`OFFICIAL_OPTIONS` (inside :data:`OFFICIAL_CONFIG`)
+reproduces the block of the official ROICtrl release (showlab/ROICtrl) so that its weights can be loaded
+(``docs/official.md`` lists every difference and its measured effect).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+__all__ = ["ArchitectureOptions", "OFFICIAL_CONFIG", "OFFICIAL_OPTIONS", "OPTION_RULES"]
+
+#: key -> (allowed types, allowed values or a range description checked in ``ArchitectureOptions.__post_init__``).
+#: Kept as data so that a config.json validator can reuse it.
+OPTION_RULES: dict[str, tuple[tuple[type, ...], Any]] = {
+    "ff_activation": ((str,), ("gelu", "geglu")),
+    "fourier_embedding": ((str,), ("pow2_pi", "gligen")),
+    "position_padding": ((str,), ("drop", "null_token")),
+    "channel_gate": ((bool,), (False, True)),
+    "max_instances": ((int, type(None)), "None or an int >= 1"),
+    "slot_order": ((str,), ("identity", "seeded", "random")),
+    "slot_seed": ((int,), "an int >= 0"),
+    "sampling_ratio": ((int,), "-1 (adaptive) or an int >= 1"),
+    "guide_empty_samples": ((bool,), (False, True)),
+    "dropout": ((float, int), "a number in [0, 1)"),
+    "unpool": ((str,), ("exact", "official")),
+}
+
+
+@dataclass(frozen=True)
+class ArchitectureOptions:
+    """What the blocks compute, where roi-ops and the official release differ (defaults: roi-ops).
+
+    Attributes:
+        ff_activation: guidance feed-forward: ``"gelu"`` (Linear C->4C, tanh-GELU, Linear 4C->C) or ``"geglu"``
+            (official: diffusers' GEGLU, Linear C->8C whose second half gates the first through exact GELU,
+            Linear 4C->C).
+        fourier_embedding: box features before the box encoder's MLP: ``"pow2_pi"`` (frequencies ``2**k * pi``,
+            features ordered [coordinate, sin/cos, frequency]) or ``"gligen"`` (official: ``100 ** (k / F)``, no
+            pi, ordered [frequency, sin/cos, coordinate]).
+        position_padding: ``"drop"`` (padded instances give no position token; the guidance attention sees only
+            real ones) or ``"null_token"`` (official: a learned null Fourier feature replaces every padded slot up
+            to ``max_instances`` slots, all of them attended, no key mask).
+        channel_gate: official blend gate: per sample, max-pool every slot's pasted logit map (global + each of
+            ``max_instances`` slots, 0 where uncovered), MLP ``S -> S -> S`` with ReLU, multiply each slot's
+            logits by ``sigmoid`` of it. Needs ``max_instances``.
+        max_instances: fixed slot count (official: 30); an instance in a slot beyond it is an error. ``None``:
+            unbounded (only with ``channel_gate=False`` and ``position_padding="drop"``).
+        slot_order: order of the instance slots seen by the channel gate: ``"identity"``, ``"seeded"`` (one fixed
+            permutation drawn from ``slot_seed``) or ``"random"`` (official: a fresh ``torch.randperm`` from the
+            global CPU generator on every call, so outputs depend on the RNG).
+        slot_seed: seed of the ``"seeded"`` permutation.
+        sampling_ratio: ROI-Align samples per grid cell and axis; ``-1`` adaptive (``ceil(roi / grid)``), the
+            official code uses 2.
+        guide_empty_samples: ``False``: a sample without a valid instance gets the layer's own output back
+            bitwise. ``True`` (official): the box guidance (self-attention with null tokens, feed-forward) runs on
+            every sample of a call that carries instance data.
+        dropout: dropout of the new attentions' outputs and of the feed-forward's hidden layer, in training
+            only (official: 0.2).
+        unpool: ``"exact"`` (roi-ops' ROI-Unpool: every pixel of the box covered, fused blend available) or
+            ``"official"`` (the release's quantised unpool: box pixel range ``ceil(c*s - 0.5)``, grid position
+            without the half-cell offset, pixels whose bilinear neighbours leave the grid set to 0, coverage =
+            "feature sum != 0"; always the unfused blend).
+    """
+
+    ff_activation: str = "gelu"
+    fourier_embedding: str = "pow2_pi"
+    position_padding: str = "drop"
+    channel_gate: bool = False
+    max_instances: int | None = None
+    slot_order: str = "identity"
+    slot_seed: int = 0
+    sampling_ratio: int = -1
+    guide_empty_samples: bool = False
+    dropout: float = 0.0
+    unpool: str = "exact"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            types, allowed = OPTION_RULES[f.name]
+            # bool is an int subclass: accept it only where bool is the declared type.
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                names = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+                raise TypeError(f"ROICtrl option {f.name} must be {names}, got {type(value).__name__} {value!r}")
+            if isinstance(allowed, tuple) and value not in allowed:
+                raise ValueError(f"ROICtrl option {f.name} must be one of {list(allowed)}, got {value!r}")
+        if self.max_instances is not None and self.max_instances < 1:
+            raise ValueError(f"ROICtrl option max_instances must be None or >= 1, got {self.max_instances}")
+        if self.slot_seed < 0:
+            raise ValueError(f"ROICtrl option slot_seed must be >= 0, got {self.slot_seed}")
+        if self.sampling_ratio == 0 or self.sampling_ratio < -1:
+            raise ValueError(f"ROICtrl option sampling_ratio must be -1 or >= 1, got {self.sampling_ratio}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"ROICtrl option dropout must be in [0, 1), got {self.dropout}")
+        object.__setattr__(self, "dropout", float(self.dropout))
+        needs_slots = [
+            name
+            for name, on in (("channel_gate=True", self.channel_gate), ("position_padding='null_token'",
+                             self.position_padding == "null_token"))
+            if on
+        ]
+        if needs_slots and self.max_instances is None:
+            raise ValueError(f"ROICtrl options {' and '.join(needs_slots)} need a fixed max_instances, got None")
+        if self.slot_order != "identity" and not self.channel_gate:
+            raise ValueError(
+                f"ROICtrl option slot_order={self.slot_order!r} only affects the channel gate; set "
+                "channel_gate=True or leave slot_order='identity'"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+#: The official release's block (showlab/ROICtrl, ``ROICtrl_sdv14_30K``).
+OFFICIAL_OPTIONS = ArchitectureOptions(
+    ff_activation="geglu",
+    fourier_embedding="gligen",
+    position_padding="null_token",
+    channel_gate=True,
+    max_instances=30,
+    slot_order="identity",
+    sampling_ratio=2,
+    guide_empty_samples=True,
+    dropout=0.2,
+    unpool="official",
+)
+
+#: Constructor arguments of ``ROICtrlAdapter`` (besides ``blocks``) for the official architecture:
+#: ``ROICtrlAdapter.from_unet(unet, **OFFICIAL_CONFIG)`` or ``from_unet(unet, preset="official")``.
+OFFICIAL_CONFIG: dict[str, Any] = {
+    "position_dim": 64,
+    "fourier_freqs": 8,
+    "position_hidden_dim": 512,
+    "ff_mult": 4,
+    **OFFICIAL_OPTIONS.to_dict(),
+}

@@ -1,0 +1,512 @@
+"""ROICtrlPipeline: prompt + instances (box + caption) -> image, around an existing diffusers pipeline.
+
+Composition, not a copy: the wrapped pipeline runs its own ``__call__`` unchanged. For the duration of one call
+this module installs the adapter (unless it already is) and one forward pre-hook on the UNet which, at every
+UNet call, hands the adapter the instances of the conditional half of the batch only (diffusers' classifier-free
+guidance batch is ``[unconditional; conditional]``), and nothing once scheduled sampling has switched the adapter
+off. Everything is removed afterwards, on errors too. See docs/pipeline.md.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import roi_ops
+
+from .adapter import KWARG, ROICtrlAdapter, _get_arg, _set_arg, installed_adapter, unwrap_unet
+from .block import coverage
+from .instances import ROICtrlInstances
+
+__all__ = ["BOX_FORMATS", "BOX_UNITS", "Instance", "ROICtrlPipeline", "normalize_instances"]
+
+BOX_FORMATS = ("xyxy", "xywh")
+BOX_UNITS = ("normalized", "pixels")
+_UNIT_ALIASES = {"normalized": "normalized", "normalised": "normalized", "pixels": "pixels", "pixel": "pixels"}
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One instance: a box and the caption of what goes in it.
+
+    ``box`` is 4 numbers, read according to the call's ``box_format`` (``"xyxy"``: ``(x1, y1, x2, y2)``,
+    ``"xywh"``: ``(x, y, width, height)``) and ``box_units`` (``"normalized"`` to ``[0, 1]`` or ``"pixels"``); x
+    runs along the image width, y along its height, from the top-left corner.
+    """
+
+    box: tuple[float, float, float, float]
+    caption: str
+
+
+def _is_instance_like(x: object) -> bool:
+    return isinstance(x, (Instance, Mapping))
+
+
+def _as_instance(item: object, where: str) -> Instance:
+    if isinstance(item, Instance):
+        box, caption = item.box, item.caption
+    elif isinstance(item, Mapping):
+        unknown = sorted(set(item) - {"box", "caption"})
+        missing = [k for k in ("box", "caption") if k not in item]
+        if unknown or missing:
+            raise ValueError(
+                f"{where} must have the keys 'box' and 'caption'; missing {missing}, unknown {unknown}"
+            )
+        box, caption = item["box"], item["caption"]
+    else:
+        raise TypeError(f"{where} must be an Instance or a dict with 'box' and 'caption', got {type(item).__name__}")
+    if isinstance(box, torch.Tensor):
+        box = box.tolist()
+    if (
+        not isinstance(box, Sequence)
+        or isinstance(box, str)
+        or len(box) != 4
+        or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in box)
+    ):
+        raise ValueError(f"{where} box must be 4 numbers, got {box!r}")
+    box = tuple(float(v) for v in box)
+    if not all(math.isfinite(v) for v in box):
+        raise ValueError(f"{where} box must be finite, got {box!r}")
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError(f"{where} caption must be a non-empty string, got {caption!r}")
+    return Instance(box, caption)
+
+
+def normalize_instances(
+    instances: Any,
+    num_prompts: int,
+    *,
+    width: int,
+    height: int,
+    box_format: str = "xyxy",
+    box_units: str = "normalized",
+    clip_boxes: bool = False,
+) -> list[list[Instance]]:
+    """Validate ``instances`` and return, per prompt, a list of :class:`Instance` with normalised xyxy boxes.
+
+    ``instances`` is ``None`` or ``[]`` (no instance anywhere), one prompt's list of instances (only when
+    ``num_prompts == 1``), or a list with one list per prompt. Each instance is an :class:`Instance` or a dict
+    ``{"box": [4 numbers], "caption": str}``. ``width`` and ``height`` are the image's, in pixels: they convert
+    ``box_units="pixels"`` and let a normalised box that looks like pixels say so.
+
+    Raises ``ValueError``/``TypeError`` naming the instance (``instances[p][i]``) and what is wrong; with
+    ``clip_boxes=True``, boxes that overshoot the image are clamped to it with a warning instead.
+    """
+    if box_format not in BOX_FORMATS:
+        raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
+    if box_units not in _UNIT_ALIASES:
+        raise ValueError(f"box_units must be one of {BOX_UNITS}, got {box_units!r}")
+    units = _UNIT_ALIASES[box_units]
+    if instances is None:
+        return [[] for _ in range(num_prompts)]
+    if isinstance(instances, (str, bytes, Mapping, Instance)) or not isinstance(instances, Sequence):
+        raise TypeError(
+            "instances must be a list of instances (one prompt) or a list with one list per prompt, "
+            f"got {type(instances).__name__}"
+        )
+    if len(instances) == 0:
+        return [[] for _ in range(num_prompts)]
+    if all(_is_instance_like(x) for x in instances):
+        if num_prompts != 1:
+            raise ValueError(
+                f"instances is a flat list but there are {num_prompts} prompts: give one list of instances per "
+                "prompt (an empty list for a prompt without instances)"
+            )
+        per_prompt = [list(instances)]
+    else:
+        bad = [i for i, x in enumerate(instances) if isinstance(x, (str, bytes)) or not isinstance(x, Sequence)]
+        if bad:
+            raise TypeError(
+                f"instances[{bad[0]}] must be a list of instances (one list per prompt), got "
+                f"{type(instances[bad[0]]).__name__}; do not mix instances and lists"
+            )
+        if len(instances) != num_prompts:
+            raise ValueError(f"instances has {len(instances)} lists but there are {num_prompts} prompts")
+        per_prompt = [list(x) for x in instances]
+
+    out, clipped = [], []
+    for p, items in enumerate(per_prompt):
+        row = []
+        for i, item in enumerate(items):
+            where = f"instances[{p}][{i}]"
+            inst = _as_instance(item, where)
+            a, b, c, d = inst.box
+            if box_format == "xywh":
+                if c < 0 or d < 0:
+                    raise ValueError(f"{where} box (x, y, w, h) = {inst.box} has a negative width or height")
+                c, d = a + c, b + d
+            if c < a or d < b:
+                raise ValueError(f"{where} box (x1, y1, x2, y2) = {(a, b, c, d)} must have x1 <= x2 and y1 <= y2")
+            if units == "pixels":
+                a, c, b, d = a / width, c / width, b / height, d / height
+            box = (a, b, c, d)
+            if min(box) < 0 or max(box) > 1:
+                if not clip_boxes:
+                    if units == "normalized" and max(box) > 1.5:
+                        hint = (
+                            f"it looks like pixel coordinates: pass box_units='pixels' (the image is "
+                            f"{width}x{height})"
+                        )
+                    else:
+                        hint = "pass clip_boxes=True to clamp it to the image (e.g. a detector's overshoot)"
+                    raise ValueError(f"{where} box {inst.box} ({box_units}) goes outside the image; {hint}")
+                box = tuple(min(max(v, 0.0), 1.0) for v in box)
+                clipped.append(where)
+            row.append(Instance(box, inst.caption))
+        out.append(row)
+    if clipped:
+        message = f"clip_boxes=True clamped {len(clipped)} box(es) to the image: {', '.join(clipped)}"
+        warnings.warn(message, stacklevel=3)
+    return out
+
+
+def _map_sizes(adapter: ROICtrlAdapter, latent_hw: tuple[int, int], vae_scale_factor: int) -> set[tuple[int, int]]:
+    """``H x W`` of every adapter layer's feature map for latents of ``latent_hw`` (stride-2 convs: ceil)."""
+    sizes = set()
+    for spec in adapter.specs:
+        h, w = latent_hw
+        for _ in range(int(round(math.log2(spec.downsample // vae_scale_factor)))):
+            h, w = -(-h // 2), -(-w // 2)
+        sizes.add((h, w))
+    return sizes
+
+
+def _warn_tiny(instances: list[list[Instance]], sizes: set[tuple[int, int]]) -> None:
+    boxes = [(p, i, inst.box) for p, row in enumerate(instances) for i, inst in enumerate(row)]
+    if not boxes:
+        return
+    b = torch.tensor([box for _, _, box in boxes], dtype=torch.float64)
+    seen = torch.zeros(len(boxes), dtype=torch.bool)
+    for h, w in sizes:
+        rois = torch.cat([torch.arange(len(boxes), dtype=torch.float64)[:, None], b * torch.tensor([w, h, w, h])], 1)
+        seen |= coverage(rois, len(boxes), (h, w)).flatten(1).any(1)
+    for k in (~seen).nonzero().flatten().tolist():
+        p, i, box = boxes[k]
+        warnings.warn(
+            f"instances[{p}][{i}] box {tuple(round(v, 4) for v in box)} covers no pixel of any adapter layer's "
+            f"feature map (sizes {sorted(sizes)}), so its caption is never blended in; make it larger",
+            stacklevel=3,
+        )
+
+
+def _image_size(pipe: Any, kwargs: Mapping[str, Any]) -> tuple[int, int]:
+    """The ``(height, width)`` the wrapped pipeline will generate, before it runs (checked at the first step)."""
+    height, width = kwargs.get("height"), kwargs.get("width")
+    if height is None or width is None:
+        image = kwargs.get("image")  # ControlNet / T2I-Adapter condition: it sets the size when none is given
+        if isinstance(image, (list, tuple)) and image:
+            image = image[0]
+        if image is not None and hasattr(image, "size") and not isinstance(image, torch.Tensor):
+            w, h = image.size  # PIL
+        elif isinstance(image, torch.Tensor):
+            h, w = image.shape[-2:]
+        else:
+            h = w = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        height, width = height or int(h), width or int(w)
+    return int(height), int(width)
+
+
+def _schedule_length(timesteps: torch.Tensor) -> int:
+    """Number of denoising steps: runs of equal timesteps (second-order schedulers repeat each one)."""
+    t = timesteps.flatten()
+    return int((t[1:] != t[:-1]).sum()) + 1 if t.numel() else 0
+
+
+def _instance_weights(base_weight, base_logit, inst_logit, rois, size) -> torch.Tensor:
+    """``Tensor[K, H, W]``: each instance's blending weight, ``softmax`` entry of its logit at every pixel.
+
+    ``w_k = W_global * exp(l_k - l_global)`` on the pixels the instance covers, 0 elsewhere (computed in log
+    space, so no overflow), with ``W_global`` the global output's weight the blend itself returned.
+    """
+    H, W = size
+    K = inst_logit.shape[0]
+    acc = torch.float64 if inst_logit.dtype == torch.float64 else torch.float32
+    ones = torch.ones_like(inst_logit, dtype=acc)
+    pasted = roi_ops.roi_unpool(
+        torch.stack([inst_logit.to(acc), ones], 1), rois.to(acc), (H, W), spatial_scale=1.0, aligned=True
+    )
+    b = rois[:, 0].long()
+    logit, covered = pasted[:, 0], pasted[:, 1] > 0
+    log_w = base_weight.to(acc)[b].log() + logit - base_logit.to(acc).reshape(-1, H, W)[b]
+    return torch.where(covered, log_w.exp(), torch.zeros((), dtype=acc, device=logit.device)).reshape(K, H, W)
+
+
+class _CallState:
+    """What the UNet hook needs during one pipeline call."""
+
+    def __init__(self, pipe, adapter, cond: ROICtrlInstances | None, num_cond: int, cutoff_beta: float,
+                 image_hw: tuple[int, int], pixel_boxes: bool, maps: bool):
+        self.pipe, self.adapter, self.cond, self.num_cond = pipe, adapter, cond, num_cond
+        self.beta, self.image_hw, self.pixel_boxes = cutoff_beta, image_hw, pixel_boxes
+        self.by_batch: dict[int, ROICtrlInstances] = {}
+        self.step, self.last_t, self.cutoff = -1, None, None
+        self.maps = maps  # per UNet call the adapter ran on: the sum of the instance weight maps, and the count
+        self.map_sum: torch.Tensor | None = None
+        self.map_count = 0
+        self.active_steps: list[int] = []
+        self.current: ROICtrlInstances | None = None
+
+    def batch_instances(self, batch: int) -> ROICtrlInstances:
+        if batch not in self.by_batch:
+            cond, n = self.cond, self.num_cond
+            if batch == n:  # no classifier-free guidance: every sample is conditional
+                self.by_batch[batch] = cond
+            elif batch == 2 * n and getattr(self.pipe, "do_classifier_free_guidance", False):
+                # diffusers' CFG batch is [unconditional; conditional]: the first half gets no instance
+                # (all-zero masks), so it is the base model bitwise.
+                pad = lambda t: torch.cat([torch.zeros_like(t), t])  # noqa: E731
+                self.by_batch[batch] = ROICtrlInstances(
+                    pad(cond.boxes), pad(cond.embeddings), pad(cond.masks), scale=cond.scale
+                )
+            else:
+                raise RuntimeError(
+                    f"ROICtrlPipeline: the UNet got a batch of {batch} but the call has {n} conditional samples "
+                    f"(prompts x num_images_per_prompt); expected {n}, or {2 * n} under classifier-free guidance. "
+                    f"{type(self.pipe).__name__} batches its UNet calls in a way this wrapper does not know"
+                )
+        return self.by_batch[batch]
+
+    def unet_pre_hook(self, module, args, kwargs):
+        module = unwrap_unet(module)  # the arguments are read by the name of the UNet's own forward
+        sample = _get_arg(module, args, kwargs, "sample")
+        t = _get_arg(module, args, kwargs, "timestep")
+        t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+        if self.cutoff is None:
+            lat_h, lat_w = sample.shape[-2:]
+            f = self.pipe.vae_scale_factor
+            if self.pixel_boxes and (lat_h * f, lat_w * f) != self.image_hw:
+                raise RuntimeError(
+                    f"ROICtrlPipeline converted pixel boxes for a {self.image_hw[1]}x{self.image_hw[0]} image but "
+                    f"the pipeline generates {lat_w * f}x{lat_h * f}; pass height= and width= explicitly"
+                )
+            self.image_hw = (lat_h * f, lat_w * f)  # what is generated; the blend maps take this size
+            steps = _schedule_length(self.pipe.scheduler.timesteps)
+            self.cutoff = int(self.beta * steps)
+        if t != self.last_t:  # a new denoising step (second-order schedulers call twice with one timestep)
+            self.step, self.last_t = self.step + 1, t
+        self.current = None
+        if self.cond is None or self.step >= self.cutoff:
+            return None
+        instances = self.batch_instances(sample.shape[0])
+        if not self.active_steps or self.active_steps[-1] != self.step:
+            self.active_steps.append(self.step)
+        self.current = instances
+        cak = _get_arg(module, args, kwargs, "cross_attention_kwargs")
+        cak = {**(cak or {}), KWARG: instances}
+        return _set_arg(module, args, kwargs, "cross_attention_kwargs", cak)
+
+    def unet_post_hook(self, module, args, kwargs, output):
+        if not self.maps or self.current is None:
+            return None
+        per_layer = []
+        for block, state in zip(self.adapter.blocks, self.adapter._states):
+            logits = block.blend_logits
+            block.blend_logits = None
+            if logits is None or state.stats is None:
+                continue
+            base_logit, inst_logit, rois = logits
+            size = tuple(state.stats["base_weight"].shape[-2:])
+            w = _instance_weights(state.stats["base_weight"], base_logit, inst_logit, rois, size)
+            per_layer.append(torch.nn.functional.interpolate(w[None].float(), size=self.image_hw, mode="bilinear")[0])
+        if per_layer:
+            m = torch.stack(per_layer).mean(0).cpu()
+            self.map_sum = m if self.map_sum is None else self.map_sum + m
+            self.map_count += 1
+        return None
+
+    def blend_maps(self, instances: list[list[Instance]], num_images_per_prompt: int) -> list[torch.Tensor]:
+        H, W = self.image_hw
+        counts = [len(row) for row in instances for _ in range(num_images_per_prompt)]
+        if self.map_sum is None:
+            return [torch.zeros(n, H, W) for n in counts]
+        return list((self.map_sum / self.map_count).split(counts))
+
+
+class ROICtrlPipeline:
+    """A diffusers Stable Diffusion / SDXL pipeline (ControlNet, T2I-Adapter and IP-Adapter included) with ROICtrl
+    instances: ``ROICtrlPipeline.from_pipe(pipe, adapter)(prompt, instances=[{"box": ..., "caption": ...}])``.
+
+    Attributes other than the ones below are the wrapped pipeline's (``roictrl.scheduler`` is
+    ``roictrl.pipe.scheduler``). The adapter is installed on ``pipe.unet`` only during a call.
+    """
+
+    def __init__(self, pipe: Any, adapter: ROICtrlAdapter):
+        for name in ("unet", "encode_prompt", "vae_scale_factor"):
+            if not hasattr(pipe, name):
+                raise TypeError(
+                    f"ROICtrlPipeline wraps a diffusers Stable Diffusion / SDXL pipeline; {type(pipe).__name__} "
+                    f"has no {name!r}"
+                )
+        if not isinstance(adapter, ROICtrlAdapter):
+            raise TypeError(f"adapter must be a ROICtrlAdapter, got {type(adapter).__name__}")
+        adapter.check_compatible(pipe.unet)
+        self.pipe, self.adapter = pipe, adapter
+
+    @classmethod
+    def from_pipe(cls, pipe: Any, adapter: ROICtrlAdapter) -> "ROICtrlPipeline":
+        """Wrap ``pipe`` (not copied: it keeps working on its own) and move ``adapter`` to its UNet's device and
+        dtype. Raises ``ValueError`` if the adapter was built for another UNet."""
+        self = cls(pipe, adapter)
+        self._match_unet()
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("pipe", "adapter"):  # not set yet: no recursion through __getattr__
+            raise AttributeError(name)
+        return getattr(self.pipe, name)
+
+    def to(self, *args: Any, **kwargs: Any) -> "ROICtrlPipeline":
+        """``pipe.to(...)``, then the adapter follows the UNet's device and dtype."""
+        self.pipe.to(*args, **kwargs)
+        self._match_unet()
+        return self
+
+    def _match_unet(self) -> None:
+        p = next((p for p in unwrap_unet(self.pipe.unet).parameters() if p.is_floating_point()), None)
+        if p is not None:
+            self.adapter.to(device=p.device, dtype=p.dtype)
+
+    def encode_captions(self, captions: list[str], clip_skip: int | None = None, lora_scale: float | None = None):
+        """``Tensor[n, L, D]``: the captions through the pipeline's own text encoder(s), as its prompts are
+        encoded (SDXL: both encoders' penultimate states, concatenated, as the UNet takes them)."""
+        kwargs = {}
+        if clip_skip is not None:
+            kwargs["clip_skip"] = clip_skip
+        if lora_scale is not None:
+            kwargs["lora_scale"] = lora_scale
+        out = self.pipe.encode_prompt(
+            prompt=captions,
+            device=self.pipe._execution_device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            **kwargs,
+        )
+        return out[0]
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        instances: Any = None,
+        *,
+        box_format: str = "xyxy",
+        box_units: str = "normalized",
+        clip_boxes: bool = False,
+        roictrl_scheduled_sampling_beta: float = 1.0,
+        roictrl_scale: float = 1.0,
+        return_blend_maps: bool = False,
+        **kwargs: Any,
+    ):
+        """Run the wrapped pipeline with instances.
+
+        Args:
+            prompt, **kwargs: the wrapped pipeline's own arguments (``negative_prompt``, ``num_inference_steps``,
+                ``guidance_scale``, ``num_images_per_prompt``, ``generator``, ``height``/``width``, ``image`` for
+                ControlNet / T2I-Adapter, ``ip_adapter_image``, ``prompt_embeds``, ...), passed through unchanged.
+            instances: per prompt, a list of :class:`Instance` or ``{"box": [4 numbers], "caption": str}``; for a
+                single prompt the flat list is accepted. ``None``/``[]``: exactly the wrapped pipeline's image.
+            box_format: ``"xyxy"`` (x1, y1, x2, y2) or ``"xywh"`` (x, y, width, height).
+            box_units: ``"normalized"`` (``[0, 1]`` of the image's width/height) or ``"pixels"``.
+            clip_boxes: clamp boxes that overshoot the image (with a warning) instead of raising.
+            roictrl_scheduled_sampling_beta: the adapter acts on the first ``int(beta * steps)`` denoising steps
+                only (the official knob; 1.0 = all steps, 0 = none).
+            roictrl_scale: strength of the adapter (0 = off, 1 = as trained).
+            return_blend_maps: also return each instance's blending weight, averaged over layers and the UNet
+                calls the adapter ran on: ``output.blend_maps``, a list with one
+                ``Tensor[n_instances, height, width]`` per
+                generated image (in the order of ``output.images``); with ``return_dict=False`` it is appended
+                to the returned tuple.
+
+        Returns:
+            The wrapped pipeline's output (plus the blend maps when asked).
+        """
+        beta = roictrl_scheduled_sampling_beta
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= float(beta) <= 1.0:
+            raise ValueError(f"roictrl_scheduled_sampling_beta must be a number in [0, 1], got {beta!r}")
+        n_images = kwargs.get("num_images_per_prompt")
+        n_images = 1 if n_images is None else n_images
+        if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive int, got {n_images!r}")
+        if prompt is not None:
+            num_prompts = 1 if isinstance(prompt, str) else len(prompt)
+        elif kwargs.get("prompt_embeds") is not None:
+            num_prompts = kwargs["prompt_embeds"].shape[0]
+        else:
+            raise ValueError("ROICtrlPipeline needs prompt (or prompt_embeds)")
+        image_hw = _image_size(self.pipe, kwargs)
+        per_prompt = normalize_instances(
+            instances, num_prompts, width=image_hw[1], height=image_hw[0], box_format=box_format,
+            box_units=box_units, clip_boxes=clip_boxes,
+        )
+        vae_sf = self.pipe.vae_scale_factor
+        _warn_tiny(per_prompt, _map_sizes(self.adapter, (image_hw[0] // vae_sf, image_hw[1] // vae_sf), vae_sf))
+
+        self._match_unet()
+        cond = None
+        if any(per_prompt):
+            cak = kwargs.get("cross_attention_kwargs") or {}
+            captions = sorted({inst.caption for row in per_prompt for inst in row})
+            with torch.no_grad():
+                emb = self.encode_captions(captions, kwargs.get("clip_skip"), cak.get("scale"))
+            index = {c: k for k, c in enumerate(captions)}
+            n_max = max(len(row) for row in per_prompt)
+            rows = [row for row in per_prompt for _ in range(n_images)]  # diffusers repeats prompt-major
+            boxes = torch.zeros(len(rows), n_max, 4, dtype=torch.float32)
+            masks = torch.zeros(len(rows), n_max, dtype=torch.bool)
+            which = torch.zeros(len(rows), n_max, dtype=torch.long)
+            for s, row in enumerate(rows):
+                for i, inst in enumerate(row):
+                    boxes[s, i] = torch.tensor(inst.box)
+                    masks[s, i] = True
+                    which[s, i] = index[inst.caption]
+            device = emb.device
+            cond = ROICtrlInstances(
+                boxes.to(device), emb[which.to(device)], masks.to(device), scale=roictrl_scale
+            )
+
+        unet = unwrap_unet(self.pipe.unet)
+        state = _CallState(
+            self.pipe, self.adapter, cond, num_prompts * n_images, float(beta), image_hw,
+            _UNIT_ALIASES.get(box_units) == "pixels", return_blend_maps,
+        )
+        found = installed_adapter(unet)
+        if found is not None and found is not self.adapter:
+            raise RuntimeError(
+                "pipe.unet already has another ROICtrlAdapter installed; uninstall it or wrap the pipeline with it"
+            )
+        we_installed = found is None
+        was_enabled = self.adapter.enabled
+        handles = []
+        try:
+            if we_installed:
+                self.adapter.install(unet)
+            self.adapter.enabled = True
+            for block in self.adapter.blocks:
+                block.keep_blend_logits = return_blend_maps
+            # On the module the pipeline calls: for a torch.compile'd UNet that is the wrapper, whose own hooks
+            # run eagerly around the compiled forward (step counting is Python state, not graph code).
+            handles.append(self.pipe.unet.register_forward_pre_hook(state.unet_pre_hook, with_kwargs=True))
+            handles.append(self.pipe.unet.register_forward_hook(state.unet_post_hook, with_kwargs=True))
+            output = self.pipe(prompt, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+            for block in self.adapter.blocks:
+                block.keep_blend_logits, block.blend_logits = False, None
+            self.adapter.enabled = was_enabled
+            if we_installed and self.adapter.is_installed:
+                self.adapter.uninstall(unet)
+        self.last_active_steps = state.active_steps  # denoising steps the adapter acted on (for inspection)
+        if not return_blend_maps:
+            return output
+        maps = state.blend_maps(per_prompt, n_images)
+        if isinstance(output, tuple):
+            return (*output, maps)
+        output["blend_maps"] = maps
+        return output
