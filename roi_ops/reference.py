@@ -463,7 +463,7 @@ def roi_unpool_matrices(
     aligned: bool = False,
     coord_dtype: torch.dtype = torch.float32,
     accumulate_dtype: torch.dtype = torch.float32,
-):
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The separable form of ROI-Unpool.
 
     Returns ``(covered_y: Tensor[K, H] bool, covered_x: Tensor[K, W] bool,

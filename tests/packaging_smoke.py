@@ -151,6 +151,13 @@ def test_adapter_on_a_tiny_unet(tmp_path):
         assert torch.equal(unet(sample, t, text).sample, base)
 
 
+def test_console_script():
+    """[project.scripts]: `roi-ops` is on the environment's PATH and lists its subcommands."""
+    exe = os.path.join(sys.prefix, "bin", "roi-ops")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "generate" in out, out
+
+
 # --- the [demo] extra: pillow, matplotlib ---------------------------------------------------
 
 def test_demo_writes_its_picture(tmp_path):

@@ -373,7 +373,9 @@ class ROICtrlPipeline:
         if p is not None:
             self.adapter.to(device=p.device, dtype=p.dtype)
 
-    def encode_captions(self, captions: list[str], clip_skip: int | None = None, lora_scale: float | None = None):
+    def encode_captions(
+        self, captions: list[str], clip_skip: int | None = None, lora_scale: float | None = None
+    ) -> torch.Tensor:
         """``Tensor[n, L, D]``: the captions through the pipeline's own text encoder(s), as its prompts are
         encoded (SDXL: both encoders' penultimate states, concatenated, as the UNet takes them)."""
         kwargs = {}
