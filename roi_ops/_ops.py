@@ -92,6 +92,7 @@ def _load_extension() -> Optional[ImportError]:
             "build it with `pip install --no-build-isolation .` (or `make build`) in a checkout",
             name=f"{__package__}._C",
         )
+    _check_build_matches_torch()  # raises: a mismatched _C is an install error, not a fallback
     try:
         importlib.import_module(f"{__package__}._C")
     except ImportError as exc:  # e.g. a missing shared library: the fallback takes over
@@ -99,7 +100,6 @@ def _load_extension() -> Optional[ImportError]:
     return None
 
 
-_check_build_matches_torch()
 _IMPORT_ERROR = _load_extension()
 
 

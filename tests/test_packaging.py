@@ -206,10 +206,18 @@ def test_import_under_another_torch_gives_one_clear_error(tmp_path):
     assert out.split() == [str(pkg / "__init__.py"), "True"]
 
 
-def test_missing_extension_is_reported_as_not_built(tmp_path):
+@pytest.mark.parametrize("build_info", ["absent", "other torch"])
+def test_missing_extension_is_reported_as_not_built(tmp_path, build_info):
+    """No _C: the fallback, with the true reason; a leftover _build_info.py
+    (e.g. after `make clean`) naming another torch does not matter then."""
     pkg = _package_copy(tmp_path)
-    for f in list(pkg.glob("_C*.so")) + [pkg / "_build_info.py"]:
+    for f in pkg.glob("_C*.so"):
         f.unlink()
+    info = pkg / "_build_info.py"
+    if build_info == "absent":
+        info.unlink()
+    else:
+        info.write_text(re.sub(r"TORCH_VERSION = .*", "TORCH_VERSION = '2.12.0+cpu'", info.read_text()))
     code = _STANDALONE + textwrap.dedent("""
         import warnings, torch, roi_ops
         assert not roi_ops.native_available("cpu")
