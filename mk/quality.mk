@@ -16,4 +16,4 @@ quality-train: build
 	$(PY) -m benchmarks.instance_control.train --out $(QUALITY_CKPT) --threads $(QUALITY_THREADS)
 
 quality-eval: build
-	$(PY) -m benchmarks.instance_control.evaluate --ckpt $(QUALITY_CKPT) --out $(QUALITY_RESULTS)
+	$(PY) -m benchmarks.instance_control.evaluate --ckpt $(QUALITY_CKPT) --out $(QUALITY_RESULTS) --jobs 3

@@ -83,7 +83,7 @@ def _stats(values: list[float]) -> dict:
             "per_seed": values}
 
 
-def evaluate(ckpt: str, per_level: int = 8, seeds=(0, 1, 2), steps: int = 20, guidance: float = 3.0,
+def evaluate(ckpt: str, per_level: int = 6, seeds=(0, 1, 2), steps: int = 20, guidance: float = 3.0,
              methods=METHODS, levels=world.LEVELS, keep_images: int = 0, log=print):
     """Scores of every method. Returns (results dict, images {method: {level: [n_keep][seed0 image]}})."""
     layouts = world.eval_layouts(per_level, levels)
@@ -112,6 +112,29 @@ def evaluate(ckpt: str, per_level: int = 8, seeds=(0, 1, 2), steps: int = 20, gu
         results[method] = {"levels": by_level, "average": avg, "seconds": round(time.time() - t0, 1)}
         log(f"{method}: " + ", ".join(f"{m} {avg[m]['mean']:.3f}+-{avg[m]['std']:.3f}" for m in METRICS)
             + f" ({time.time() - t0:.0f}s)")
+    return results, kept, layouts
+
+
+def _evaluate_method(job):
+    """One method in a worker process (``--jobs``): the same call as in-process, one thread."""
+    threads, args = job
+    torch.set_num_threads(threads)
+    return evaluate(*args)
+
+
+def evaluate_parallel(ckpt, per_level, seeds, steps, guidance, methods, levels, keep_images, jobs):
+    """:func:`evaluate` with one worker process per method (at most ``jobs`` at a time); same results."""
+    if jobs <= 1:
+        return evaluate(ckpt, per_level, seeds, steps, guidance, methods, levels, keep_images)
+    import multiprocessing
+
+    work = [(1, (ckpt, per_level, seeds, steps, guidance, (m,), levels, keep_images)) for m in methods]
+    with multiprocessing.get_context("spawn").Pool(min(jobs, len(methods))) as pool:
+        parts = pool.map(_evaluate_method, work)
+    results, kept = {}, {}
+    for r, k, layouts in parts:
+        results.update(r)
+        kept.update(k)
     return results, kept, layouts
 
 
@@ -163,6 +186,27 @@ def save_grid(path: str, layouts, kept, methods, levels, per_level_shown: int, s
     plt.close(fig)
 
 
+def markdown_table(record: dict) -> str:
+    """The results as Markdown: per level and averaged, mean +- std over seeds (what docs/quality.md shows)."""
+    names = {"none": "no control", "gligen": "GLIGEN (diffusers)", "roictrl": "ROICtrl (roi_ops adapter)"}
+    levels = record["settings"]["levels"]
+    lines = []
+    for metric, title in (("isr", "ISR"), ("miou", "mIoU"), ("color_acc", "colour accuracy"), ("leakage", "leakage")):
+        lines.append(f"**{title}** (mean +- std over {len(record['settings']['seeds'])} seeds)\n")
+        lines.append("| method | " + " | ".join(levels) + " | average |")
+        lines.append("| --- |" + " ---: |" * (len(levels) + 1))
+        gt = record["ground_truth"]
+        lines.append("| ground-truth images (scorer ceiling) | " + " | ".join(f"{gt[L][metric]:.3f}" for L in levels)
+                     + f" | {gt['average'][metric]:.3f} |")
+        for method, res in record["methods"].items():
+            cells = [f"{res['levels'][L][metric]['mean']:.3f} +- {res['levels'][L][metric]['std']:.3f}" for L in levels]
+            avg = res["average"][metric]
+            lines.append(f"| {names.get(method, method)} | " + " | ".join(cells)
+                         + f" | **{avg['mean']:.3f} +- {avg['std']:.3f}** |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def environment() -> dict:
     import diffusers
     import transformers
@@ -177,7 +221,7 @@ def main(argv=None):
     p.add_argument("--ckpt", default=os.path.join(os.path.dirname(__file__), "checkpoints"),
                    help="folder with model/, roictrl/, gligen/ (what train.py writes)")
     p.add_argument("--out", required=True, help="folder for results.json and grid.png")
-    p.add_argument("--per-level", type=int, default=8, help="held-out layouts per level")
+    p.add_argument("--per-level", type=int, default=6, help="held-out layouts per level")
     p.add_argument("--levels", default=",".join(str(L) for L in world.LEVELS), help="instance counts, e.g. 2,3")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
@@ -185,6 +229,7 @@ def main(argv=None):
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--grid-per-level", type=int, default=2, help="layouts per level in grid.png")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=1, help="worker processes, one method each (one thread each)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds = tuple(int(s) for s in args.seeds.split(","))
@@ -194,8 +239,8 @@ def main(argv=None):
     if bad:
         p.error(f"--methods takes some of {METHODS}, got {bad}")
     t0 = time.time()
-    results, kept, layouts = evaluate(args.ckpt, args.per_level, seeds, args.steps, args.guidance, methods,
-                                      levels, keep_images=args.grid_per_level)
+    results, kept, layouts = evaluate_parallel(args.ckpt, args.per_level, seeds, args.steps, args.guidance, methods,
+                                               levels, args.grid_per_level, args.jobs)
     record = {
         "settings": {"per_level": args.per_level, "levels": [f"L{L}" for L in levels], "seeds": list(seeds),
                      "sampler": "DDIM", "steps": args.steps, "guidance_scale": args.guidance,
@@ -210,6 +255,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(record, f, indent=2)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(markdown_table(record))
     if args.grid_per_level:
         save_grid(os.path.join(args.out, "grid.png"), layouts, kept, methods, levels, args.grid_per_level)
     print(f"wrote {args.out}/results.json ({time.time() - t0:.0f}s)")

@@ -29,7 +29,7 @@ def test_training_writes_loadable_checkpoints(smoke_run):
     # GLIGEN starts from the base weights: the shared parameters are the base UNet's.
     base = dict(pipe.unet.named_parameters())
     assert all((p == base[n]).all() for n, p in gligen.named_parameters() if n in base)
-    with open(os.path.join(smoke_run, "train_config_vae_base_roictrl_gligen.json")) as f:
+    with open(os.path.join(smoke_run, "train_config_vae_base_decoder_roictrl_gligen.json")) as f:
         assert json.load(f)["command"].startswith("python -m benchmarks.instance_control.train")
 
 
