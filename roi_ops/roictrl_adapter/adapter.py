@@ -354,6 +354,10 @@ class ROICtrlAdapter(nn.Module):
 
     # ------------------------------------------------------------------ hooks
     def _unet_pre_hook(self, module, args, kwargs):
+        # Every call starts from empty size records, so a torch.compile'd UNet sees the same state at each call
+        # (otherwise the first call, with nothing recorded yet, is compiled again at the second).
+        for state in self._states:
+            state.sizes.clear()
         # Validate the instance data once per UNet call rather than once per block.
         if not self.enabled:
             return None

@@ -93,11 +93,11 @@ def read_layout(path: str | os.PathLike) -> dict[str, Any]:
 def _source(name: str, value: str) -> dict[str, Any]:
     """from_pretrained keywords for a local folder (never downloads) or a hub id (may download)."""
     if os.path.exists(value):
-        return {"pretrained_model_name_or_path": value, "local_files_only": True}
+        return {"local_files_only": True}
     if _HUB_ID.match(value):
         print(f"roi-ops generate: {name} {value!r} is not a local path; loading it from the Hugging Face Hub",
               file=sys.stderr)
-        return {"pretrained_model_name_or_path": value}
+        return {}
     raise ValueError(f"{name} {value!r}: no such file or folder (and not a Hub id of the form owner/name)")
 
 
@@ -107,8 +107,10 @@ def load_pipeline(model: str, controlnet: str | None, device: str, dtype):
 
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
     if controlnet is not None:
-        kwargs["controlnet"] = ControlNetModel.from_pretrained(**_source("--controlnet", controlnet), torch_dtype=dtype)
-    pipe = AutoPipelineForText2Image.from_pretrained(**_source("--model", model), **kwargs)
+        kwargs["controlnet"] = ControlNetModel.from_pretrained(
+            controlnet, **_source("--controlnet", controlnet), torch_dtype=dtype
+        )
+    pipe = AutoPipelineForText2Image.from_pretrained(model, **_source("--model", model), **kwargs)
     return pipe.to(device)
 
 
@@ -135,6 +137,26 @@ def draw_boxes(image, instances: list, colors=None):
         draw.rectangle((tx, ty, tx + tw + 2, ty + th + 2), fill=color)
         draw.text((tx + 1 - left, ty + 1 - top), inst.caption, fill=(255, 255, 255), font=font)
     return out
+
+
+def _expected_size(model: str, layout: dict, control_image) -> tuple[int, int] | None:
+    """``(height, width)`` the pipeline will use, known before loading it: the layout's, the control image's, or a
+    local model's default (its UNet's sample size x the VAE factor, from their config files); else ``None``."""
+    height, width = layout.get("height"), layout.get("width")
+    if (height is None or width is None) and control_image is not None:
+        width, height = width or control_image.size[0], height or control_image.size[1]
+    if height is None or width is None:
+        try:
+            with open(os.path.join(model, "unet", "config.json")) as f:
+                sample = json.load(f)["sample_size"]
+            with open(os.path.join(model, "vae", "config.json")) as f:
+                factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+        except (OSError, KeyError, TypeError, ValueError):
+            return None
+        if not isinstance(sample, int):
+            return None
+        height, width = height or sample * factor, width or sample * factor
+    return int(height), int(width)
 
 
 def boxes_path(out: str | os.PathLike) -> Path:
@@ -184,15 +206,18 @@ def run(args: argparse.Namespace) -> int:
             call["image"] = Image.open(args.control_image).convert("RGB")
         except (FileNotFoundError, OSError) as e:
             return _fail(f"--control-image {args.control_image!r}: {e}")
+    opts = dict(
+        box_format=layout.get("box_format", "xyxy"), box_units=layout.get("box_units", "normalized"),
+        clip_boxes=args.clip_boxes,
+    )
+    size = _expected_size(args.model, layout, call.get("image"))
     try:
+        if size is not None:  # check the layout before the (slow) model load; the pipeline checks it again
+            normalize_instances(layout.get("instances", []), 1, width=size[1], height=size[0], **opts)
         pipe = load_pipeline(args.model, args.controlnet, device, dtype)
         adapter = load_adapter(args.adapter, pipe.unet)
         roictrl = ROICtrlPipeline.from_pipe(pipe, adapter)
         pipe.set_progress_bar_config(desc="denoising", disable=False)
-        opts = dict(
-            box_format=layout.get("box_format", "xyxy"), box_units=layout.get("box_units", "normalized"),
-            clip_boxes=args.clip_boxes,
-        )
         image = roictrl(
             prompt, instances=layout.get("instances", []), roictrl_scheduled_sampling_beta=args.beta,
             roictrl_scale=args.scale, **opts, **call,

@@ -162,7 +162,8 @@ def normalize_instances(
             row.append(Instance(box, inst.caption))
         out.append(row)
     if clipped:
-        warnings.warn(f"clip_boxes=True clamped {len(clipped)} box(es) to the image: {', '.join(clipped)}", stacklevel=3)
+        message = f"clip_boxes=True clamped {len(clipped)} box(es) to the image: {', '.join(clipped)}"
+        warnings.warn(message, stacklevel=3)
     return out
 
 
@@ -246,7 +247,7 @@ class _CallState:
         self.beta, self.image_hw, self.pixel_boxes = cutoff_beta, image_hw, pixel_boxes
         self.by_batch: dict[int, ROICtrlInstances] = {}
         self.step, self.last_t, self.cutoff = -1, None, None
-        self.maps = maps
+        self.maps = maps  # per UNet call the adapter ran on: the sum of the instance weight maps, and the count
         self.map_sum: torch.Tensor | None = None
         self.map_count = 0
         self.active_steps: list[int] = []
@@ -273,6 +274,7 @@ class _CallState:
         return self.by_batch[batch]
 
     def unet_pre_hook(self, module, args, kwargs):
+        module = unwrap_unet(module)  # the arguments are read by the name of the UNet's own forward
         sample = _get_arg(module, args, kwargs, "sample")
         t = _get_arg(module, args, kwargs, "timestep")
         t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
@@ -284,6 +286,7 @@ class _CallState:
                     f"ROICtrlPipeline converted pixel boxes for a {self.image_hw[1]}x{self.image_hw[0]} image but "
                     f"the pipeline generates {lat_w * f}x{lat_h * f}; pass height= and width= explicitly"
                 )
+            self.image_hw = (lat_h * f, lat_w * f)  # what is generated; the blend maps take this size
             steps = _schedule_length(self.pipe.scheduler.timesteps)
             self.cutoff = int(self.beta * steps)
         if t != self.last_t:  # a new denoising step (second-order schedulers call twice with one timestep)
@@ -414,8 +417,9 @@ class ROICtrlPipeline:
             roictrl_scheduled_sampling_beta: the adapter acts on the first ``int(beta * steps)`` denoising steps
                 only (the official knob; 1.0 = all steps, 0 = none).
             roictrl_scale: strength of the adapter (0 = off, 1 = as trained).
-            return_blend_maps: also return each instance's blending weight, averaged over layers and the steps the
-                adapter ran on: ``output.blend_maps``, a list with one ``Tensor[n_instances, height, width]`` per
+            return_blend_maps: also return each instance's blending weight, averaged over layers and the UNet
+                calls the adapter ran on: ``output.blend_maps``, a list with one
+                ``Tensor[n_instances, height, width]`` per
                 generated image (in the order of ``output.images``); with ``return_dict=False`` it is appended
                 to the returned tuple.
 
@@ -425,7 +429,8 @@ class ROICtrlPipeline:
         beta = roictrl_scheduled_sampling_beta
         if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= float(beta) <= 1.0:
             raise ValueError(f"roictrl_scheduled_sampling_beta must be a number in [0, 1], got {beta!r}")
-        n_images = kwargs.get("num_images_per_prompt", 1) or 1
+        n_images = kwargs.get("num_images_per_prompt")
+        n_images = 1 if n_images is None else n_images
         if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
             raise ValueError(f"num_images_per_prompt must be a positive int, got {n_images!r}")
         if prompt is not None:
@@ -484,8 +489,10 @@ class ROICtrlPipeline:
             self.adapter.enabled = True
             for block in self.adapter.blocks:
                 block.keep_blend_logits = return_blend_maps
-            handles.append(unet.register_forward_pre_hook(state.unet_pre_hook, with_kwargs=True))
-            handles.append(unet.register_forward_hook(state.unet_post_hook, with_kwargs=True))
+            # On the module the pipeline calls: for a torch.compile'd UNet that is the wrapper, whose own hooks
+            # run eagerly around the compiled forward (step counting is Python state, not graph code).
+            handles.append(self.pipe.unet.register_forward_pre_hook(state.unet_pre_hook, with_kwargs=True))
+            handles.append(self.pipe.unet.register_forward_hook(state.unet_post_hook, with_kwargs=True))
             output = self.pipe(prompt, **kwargs)
         finally:
             for h in handles:

@@ -22,14 +22,11 @@ import os
 
 import torch
 
+from roictrl_testutils import SD15
+
 IMAGE_SIZE = 64
-TEXT_LEN = 12  # tokenizer.model_max_length: the prompt embeddings are [B, 12, D]
-SD_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-)
+TEXT_LEN = 32  # tokenizer.model_max_length: the prompt embeddings are [B, 32, D] (one token per character)
+SD_UNET = {**SD15, "sample_size": IMAGE_SIZE // 8}  # the adapter tests' SD1.5-like UNet, for 64 px images
 SDXL_UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -43,7 +40,7 @@ GRIDS = {8: 5, 16: 3}
 
 def _bytes_to_unicode() -> dict[int, str]:
     """The byte -> printable character table of byte-level BPE (GPT-2 / CLIP)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
