@@ -21,7 +21,7 @@ from collections import deque
 
 import numpy as np
 
-from .world import BACKGROUND, COLORS, SHAPES, Layout
+from .world import BACKGROUND, COLORS, SHAPES, Layout, box_iou
 
 _PALETTE = np.asarray([BACKGROUND, *COLORS.values()], np.float32)  # index 0 = background
 _NAMES = ["background", *COLORS]
@@ -69,14 +69,6 @@ def _bbox(comp: np.ndarray) -> tuple[float, float, float, float]:
     H, W = comp.shape
     ys, xs = np.nonzero(comp)
     return xs.min() / W, ys.min() / H, (xs.max() + 1) / W, (ys.max() + 1) / H
-
-
-def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def classify_shape(comp: np.ndarray) -> str:

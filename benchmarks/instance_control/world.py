@@ -62,7 +62,8 @@ class Layout:
         return [{"box": list(inst.box), "caption": inst.caption} for inst in self.instances]
 
 
-def _iou(a, b) -> float:
+def box_iou(a, b) -> float:
+    """IoU of two (x1, y1, x2, y2) boxes."""
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
@@ -121,7 +122,7 @@ def sample_layout(
             overlaps = [b for b in boxes if not _apart(box, b, gap)]
             if not overlaps:
                 break
-            if may_overlap and len(overlaps) == 1 and _iou(box, overlaps[0]) <= max_overlap_iou:
+            if may_overlap and len(overlaps) == 1 and box_iou(box, overlaps[0]) <= max_overlap_iou:
                 break
         else:
             return sample_layout(seed + 7_777_777, n, resolution=resolution, max_instances=max_instances,

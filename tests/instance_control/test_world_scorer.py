@@ -19,7 +19,7 @@ def test_layouts_are_deterministic_and_valid():
             assert inst.color in world.COLORS and inst.shape in world.SHAPES
         # Boxes overlap at most pairwise-slightly (the controlled overlap), never heavily.
         for p, q in itertools.combinations(a.instances, 2):
-            assert world._iou(p.box, q.box) <= 0.15 + 1e-9
+            assert world.box_iou(p.box, q.box) <= 0.15 + 1e-9
         assert a.caption == " and ".join(i.caption for i in a.instances)
     np.testing.assert_array_equal(world.render(world.sample_layout(3)), world.render(world.sample_layout(3)))
     assert world.sample_layout(3) != world.sample_layout(4)
