@@ -12,8 +12,13 @@ QUALITY_THREADS ?= 1
 quality: quality-train
 	$(MAKE) quality-eval
 
+# One process per stage, as the committed checkpoints were made (train_config_*.json in QUALITY_CKPT record
+# each command): a stage's random state then does not depend on which stages ran before it in the process.
 quality-train: build
-	$(PY) -m benchmarks.instance_control.train --out $(QUALITY_CKPT) --threads $(QUALITY_THREADS)
+	$(PY) -m benchmarks.instance_control.train --out $(QUALITY_CKPT) --threads $(QUALITY_THREADS) --stages vae,base
+	$(PY) -m benchmarks.instance_control.train --out $(QUALITY_CKPT) --threads $(QUALITY_THREADS) --stages decoder
+	$(PY) -m benchmarks.instance_control.train --out $(QUALITY_CKPT) --threads $(QUALITY_THREADS) --stages roictrl
+	$(PY) -m benchmarks.instance_control.train --out $(QUALITY_CKPT) --threads $(QUALITY_THREADS) --stages gligen
 
 quality-eval: build
 	$(PY) -m benchmarks.instance_control.evaluate --ckpt $(QUALITY_CKPT) --out $(QUALITY_RESULTS) --jobs 3

@@ -233,6 +233,8 @@ def train_control(kind: str, args, data, latents, vae, unet, text_encoder, token
         params = list(adapter.parameters())
         model = unet
     else:
+        # The new fuser/position-net layers are initialised from the process's global RNG (the committed
+        # checkpoint: a fresh process running only this stage, as `make quality-train` does).
         model, new = models.gligen_unet_from_base(unet)
         model.requires_grad_(False)
         params = [p for n, p in model.named_parameters() if n in new]
