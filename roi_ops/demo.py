@@ -7,6 +7,11 @@ and writes one picture (``demo_output/roi_ops_demo.png`` unless ``--out`` says
 otherwise) showing the boxes, the crops, the paste-backs and the per-pixel
 reconstruction error. It also prints a table of shapes, timings and the
 largest difference from the float64 pure-PyTorch oracle ``roi_ops.reference``.
+
+Then, when the toy Stable-Diffusion model trained by ``benchmarks/instance_control`` is present (a source
+checkout ships it; ``--toy-model`` points elsewhere, ``--toy-model none`` skips it), it turns one layout into
+images with the ROICtrl adapter off and on (same seeds), boxes drawn, and the adapter's blend-weight map per
+instance (``demo_output/roictrl_toy_demo.png``, ``--toy-out``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,18 @@ import roi_ops
 from roi_ops import reference
 
 DEFAULT_OUT = Path("demo_output") / "roi_ops_demo.png"
+DEFAULT_TOY_OUT = Path("demo_output") / "roictrl_toy_demo.png"
+# The toy model of the instance-control benchmark, as committed in a source checkout.
+DEFAULT_TOY_MODEL = Path(__file__).resolve().parents[1] / "benchmarks" / "instance_control" / "checkpoints"
+# (box (x1, y1, x2, y2) normalised, caption): one colour per instance, the scorer's palette.
+TOY_LAYOUT = [
+    ((0.06, 0.08, 0.40, 0.42), "a red circle"),
+    ((0.56, 0.10, 0.92, 0.44), "a blue square"),
+    ((0.10, 0.56, 0.44, 0.92), "a yellow triangle"),
+    ((0.58, 0.58, 0.90, 0.90), "a green circle"),
+]
+TOY_EDGE = {"red": "#ff4040", "blue": "#4060ff", "yellow": "#ffe020", "green": "#30d040", "cyan": "#20e0e0",
+            "magenta": "#ff40e0"}
 IMAGE_H, IMAGE_W = 240, 320  # deliberately not square, so an H/W mix-up shows
 GRID = (16, 16)  # ROI-Align output size (PH, PW)
 
@@ -281,6 +298,79 @@ def save_figure(image, boxes, res, grid, out: Path, backend: str) -> None:
     plt.close(fig)
 
 
+def toy_generate(toy: Path, layout=TOY_LAYOUT, seeds=(0, 1, 2), steps: int = 20, guidance: float = 3.0):
+    """The toy model's images of ``layout`` with ROICtrl off and on (same initial noise) and the blend maps.
+
+    Returns (off float[S, R, R, 3], on float[S, R, R, 3], blend maps float[S, n_instances, R, R]).
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from roi_ops.roictrl_adapter import ROICtrlAdapter
+    from roi_ops.roictrl_adapter.pipeline import ROICtrlPipeline
+
+    base = StableDiffusionPipeline.from_pretrained(str(toy / "model"), safety_checker=None)
+    base.scheduler = DDIMScheduler.from_config(base.scheduler.config)
+    base.set_progress_bar_config(disable=True)
+    pipe = ROICtrlPipeline.from_pipe(base, ROICtrlAdapter.from_pretrained(str(toy / "roictrl"), unet=base.unet))
+    prompt = " and ".join(caption for _, caption in layout)
+    instances = [{"box": list(box), "caption": caption} for box, caption in layout]
+    kw = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="np", num_images_per_prompt=len(seeds))
+
+    def gens():
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    off = base(prompt, generator=gens(), **kw).images
+    out = pipe(prompt, instances=[instances], generator=gens(), return_blend_maps=True, **kw)
+    return off, out.images, torch.stack(out.blend_maps).numpy()
+
+
+def roictrl_toy_demo(toy: Path, out: Path, n_seeds: int = 3) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import patches
+
+    off, on, maps = toy_generate(toy, seeds=tuple(range(n_seeds)))
+    S, R = off.shape[0], off.shape[1]
+    K = len(TOY_LAYOUT)
+    fig, axes = plt.subplots(S, 2 + K, figsize=(2.0 * (2 + K), 2.1 * S + 0.8), dpi=100, squeeze=False)
+
+    def boxes(ax, only=None):
+        for k, (box, caption) in enumerate(TOY_LAYOUT):
+            if only is not None and k != only:
+                continue
+            x1, y1, x2, y2 = (v * R for v in box)
+            ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, linewidth=1.2, linestyle="--",
+                                           edgecolor=TOY_EDGE.get(caption.split()[1], "white")))
+
+    for s in range(S):
+        for c, (img, title) in enumerate(((off[s], "ROICtrl off"), (on[s], "ROICtrl on"))):
+            ax = axes[s][c]
+            ax.imshow(img.clip(0, 1), interpolation="nearest", extent=(0, R, R, 0))
+            boxes(ax)
+            if s == 0:
+                ax.set_title(title, fontsize=10)
+        for k in range(K):
+            ax = axes[s][2 + k]
+            ax.imshow(maps[s, k], cmap="viridis", vmin=0, vmax=1, interpolation="nearest", extent=(0, R, R, 0))
+            boxes(ax, only=k)
+            if s == 0:
+                ax.set_title(f"blend weight:\n{TOY_LAYOUT[k][1]}", fontsize=9)
+        axes[s][0].set_ylabel(f"seed {s}", fontsize=9)
+        for ax in axes[s]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    prompt = " and ".join(c for _, c in TOY_LAYOUT)
+    fig.suptitle(f"toy SD model ({R}x{R}), prompt: '{prompt}'; dashed: the instance boxes\n"
+                 "blend weight: the instance's share of the cross-attention output, mean over layers and steps",
+                 fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m roi_ops.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
@@ -291,7 +381,15 @@ def main(argv=None) -> int:
                         help="timed repetitions per op; the table shows the median (default: 20)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads before running (default: torch's choice)")
+    parser.add_argument("--toy-model", default=str(DEFAULT_TOY_MODEL),
+                        help="folder with model/ (diffusers) and roictrl/ (adapter) of the toy model; "
+                             "'none' skips the ROICtrl part (default: the one in a source checkout)")
+    parser.add_argument("--toy-out", type=Path, default=DEFAULT_TOY_OUT,
+                        help=f"where to write the ROICtrl picture (default: {DEFAULT_TOY_OUT})")
+    parser.add_argument("--toy-seeds", type=int, default=3, help="images per setting in the ROICtrl part")
     args = parser.parse_args(argv)
+    if args.toy_seeds < 1:
+        parser.error(f"--toy-seeds must be a positive integer, got {args.toy_seeds}")
     if args.grid < 1:
         parser.error(f"--grid must be a positive integer, got {args.grid}")
     if args.repeats < 1:
@@ -317,6 +415,13 @@ def main(argv=None) -> int:
     print_table(table, backend, torch.get_num_threads())
     save_figure(image, boxes, res, grid, args.out, "native CPU" if native else "reference fallback")
     print(f"wrote {args.out.resolve()}")
+    if args.toy_model.lower() != "none":
+        toy = Path(args.toy_model)
+        if (toy / "model" / "model_index.json").is_file() and (toy / "roictrl").is_dir():
+            roictrl_toy_demo(toy, args.toy_out, args.toy_seeds)
+            print(f"wrote {args.toy_out.resolve()}")
+        else:
+            print(f"note: no toy model at {toy} (model/ and roictrl/); skipped the ROICtrl part")
     return 0
 
 

@@ -205,10 +205,6 @@ class BoxEncoder(nn.Module):
         if fourier not in ("pow2_pi", "gligen"):
             raise ValueError(f"BoxEncoder fourier must be 'pow2_pi' or 'gligen', got {fourier!r}")
         self.num_freqs, self.fourier = num_freqs, fourier
-        k = torch.arange(num_freqs, dtype=torch.float32)
-        # Computed in float32 as the official code does (its float64 runs use these rounded values too).
-        freqs = (2.0**k) * math.pi if fourier == "pow2_pi" else 100.0 ** (k / num_freqs)
-        self.register_buffer("freqs", freqs, persistent=False)
         self.mlp = nn.Sequential(
             nn.Linear(8 * num_freqs, hidden_dim),
             nn.SiLU(),
@@ -223,10 +219,17 @@ class BoxEncoder(nn.Module):
         """The Fourier features ``Tensor[K, 8 * num_freqs]`` that enter the MLP."""
         # float32 features (float64 for a float64 encoder): the box coordinates need the precision.
         dtype = torch.float64 if self.mlp[0].weight.dtype == torch.float64 else torch.float32
-        angles = boxes.to(dtype).unsqueeze(-1) * self.freqs.to(dtype)  # [K, 4, F]
+        angles = boxes.to(dtype).unsqueeze(-1) * self.frequencies(boxes.device).to(dtype)  # [K, 4, F]
         if self.fourier == "pow2_pi":
             return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
         return torch.stack([angles.sin(), angles.cos()], dim=-1).permute(0, 2, 3, 1).flatten(1)  # [K, F, 2, 4]
+
+    def frequencies(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``Tensor[num_freqs]``, float32 whatever the module's dtype (not a buffer, so ``.half()`` cannot round
+        them: 402.12 would become 402.0 and shift the angles of a float16 adapter)."""
+        k = torch.arange(self.num_freqs, dtype=torch.float32, device=device)
+        # Computed in float32 as the official code does (its float64 runs use these rounded values too).
+        return (2.0**k) * math.pi if self.fourier == "pow2_pi" else 100.0 ** (k / self.num_freqs)
 
     def forward(self, boxes: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.features(boxes).to(self.mlp[0].weight.dtype))

@@ -229,3 +229,14 @@ def test_crops_sample_the_box_in_feature_pixels_with_aligned_corners():
     y = box[1] * H - 0.5 + (j + 0.5) * (box[3] - box[1]) * H / P
     torch.testing.assert_close(crop[0, :, :, 0], x.view(1, P).expand(P, P), rtol=0, atol=1e-5)
     torch.testing.assert_close(crop[0, :, :, 1], y.view(P, 1).expand(P, P), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fourier", ["pow2_pi", "gligen"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_box_features_keep_float32_frequencies_in_half_precision(fourier, dtype):
+    # a half-precision encoder must see the angles a float32 one trains with (frequencies are not rounded)
+    enc = BoxEncoder(16, hidden_dim=16, fourier=fourier)
+    boxes = torch.tensor([[0.1, 0.2, 0.9, 0.7], [0.0, 0.5, 1.0, 1.0]])
+    reference = enc.features(boxes)
+    assert enc.to(dtype).frequencies().dtype == torch.float32
+    torch.testing.assert_close(enc.features(boxes), reference, rtol=0, atol=0)

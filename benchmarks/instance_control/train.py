@@ -1,0 +1,368 @@
+"""Train the toy SD model of the synthetic world from scratch, then ROICtrl and GLIGEN on its frozen UNet.
+
+    python -m benchmarks.instance_control.train --out runs/quality            # every stage, the committed sizes
+    python -m benchmarks.instance_control.train --out /tmp/smoke --smoke      # a few steps of each, for tests
+
+Stages, in order (``--stages`` picks some; each later stage loads what the earlier ones saved):
+
+``vae``     AutoencoderKL on the world's images (L1 + 1e-6 KL); sets ``scaling_factor`` to 1/std of the latents.
+``base``    UNet + CLIP text encoder on the *global captions only* (10% of captions dropped for classifier-free
+            guidance); saved with the VAE, tokenizer and a DDIM scheduler as a ``StableDiffusionPipeline`` folder
+            ``<out>/model``.
+``decoder`` fine-tunes the VAE *decoder only* (encoder, latents and scaling factor unchanged, so the base UNet
+            and both controls stay valid; Stable Diffusion's ft-MSE VAE did the same), for sharper images.
+``roictrl`` the ROICtrl adapter (``roi_ops.roictrl_adapter``) on the frozen base: ``L = L_LDM + 0.01 L_reg``;
+            saved with ``save_pretrained`` to ``<out>/roictrl``.
+``gligen``  GLIGEN as diffusers implements it: a ``UNet2DConditionModel(attention_type="gated")`` holding the
+            base weights, only its ``fuser`` (gated self-attention) and ``position_net`` trained, with the same
+            data, steps, batch, learning rate and seed as ROICtrl; the new weights go to
+            ``<out>/gligen/gligen.safetensors`` (the rest is the base UNet).
+
+The data of every stage is a pure function of ``--seed``; so are the initial weights and the noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import models, world
+
+STAGES = ("vae", "base", "decoder", "roictrl", "gligen")
+GLIGEN_MAX_OBJS = 30  # max_objs of diffusers' StableDiffusionGLIGENPipeline
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def dataset(n: int, seed: int):
+    """(images [n, 3, R, R] in [-1, 1], boxes [n, 6, 4], masks [n, 6], instance captions, global captions)."""
+    return world.batch([world.train_layout(i, seed) for i in range(n)], models.RESOLUTION)
+
+
+def lr_at(step: int, lr: float, warmup: int = 50) -> float:
+    return lr * min(1.0, (step + 1) / warmup)
+
+
+def train_vae(args, data):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(**models.vae_config())
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr)
+    images = data[0]
+    g = torch.Generator().manual_seed(args.seed + 1)
+    t0 = time.time()
+    for step in range(args.vae_steps):
+        idx = torch.randint(len(images), (args.batch_size,), generator=g)
+        x = images[idx]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        kl = post.kl().mean()
+        loss = F.l1_loss(rec, x) + 1e-6 * kl
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.vae_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == args.vae_steps - 1:
+            log(f"vae step {step}/{args.vae_steps} l1 {F.l1_loss(rec, x).item():.4f} kl {kl.item():.1f} "
+                f"({time.time() - t0:.0f}s)")
+    vae.eval()
+    with torch.no_grad():
+        std = torch.cat([vae.encode(images[i: i + 256]).latent_dist.mean for i in range(0, len(images), 256)]).std()
+    vae.register_to_config(scaling_factor=float(1.0 / std))
+    log(f"vae latent std {std.item():.3f} -> scaling_factor {1 / std.item():.4f}")
+    return vae
+
+
+def finetune_decoder(args, vae, images, latents):
+    """Train ``vae``'s decoder (and post-quant conv) on latents sampled from the frozen encoder's posteriors."""
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    vae.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    vae.decoder.train()
+    opt = torch.optim.AdamW(params, lr=args.vae_lr)
+    g = torch.Generator().manual_seed(args.seed + 3)
+    mean, std = latents
+    t0 = time.time()
+    for step in range(args.decoder_steps):
+        idx = torch.randint(len(images), (args.batch_size,), generator=g)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, images[idx])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.vae_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == args.decoder_steps - 1:
+            log(f"decoder step {step}/{args.decoder_steps} l1 {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    vae.requires_grad_(False)
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, images, seed: int):
+    """Posterior mean and std of every image (the noise of each step samples from them)."""
+    vae.eval()
+    means, stds = [], []
+    for i in range(0, len(images), 256):
+        post = vae.encode(images[i: i + 256]).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def noisy_batch(step, args, latents, scheduler, scale, n_data, salt):
+    """Indices, noisy latents, noise and timesteps of ``step``: a pure function of (seed, step, salt)."""
+    g = torch.Generator().manual_seed(args.seed * 100_003 + step * 7 + salt)
+    idx = torch.randint(n_data, (args.batch_size,), generator=g)
+    mean, std = latents
+    z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
+    noise = torch.randn(z.shape, generator=g)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=g)
+    return idx, scheduler.add_noise(z, noise, t), noise, t, g
+
+
+def train_base(args, data, vae, latents):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = models.build_tokenizer(os.path.join(args.out, "model", "tokenizer"))
+    torch.manual_seed(args.seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**models.text_encoder_config(tokenizer)))
+    unet = UNet2DConditionModel(**models.unet_config())
+    scheduler = DDPMScheduler(**models.scheduler_config())
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    captions = data[4]
+    scale = vae.config.scaling_factor
+    t0 = time.time()
+    for step in range(args.base_steps):
+        idx, noisy, noise, t, g = noisy_batch(step, args, latents, scheduler, scale, len(captions), 1)
+        drop = torch.rand(args.batch_size, generator=g) < 0.1  # unconditional samples for CFG
+        texts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        pred = unet(noisy, t, text_encoder(ids).last_hidden_state).sample
+        loss = F.mse_loss(pred, noise)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0 or step == args.base_steps - 1:
+            log(f"base step {step}/{args.base_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    save_model(args.out, vae, unet, text_encoder, tokenizer)
+    return unet.eval(), text_encoder.eval(), tokenizer
+
+
+def save_model(out, vae, unet, text_encoder, tokenizer):
+    from diffusers import DDIMScheduler
+
+    root = os.path.join(out, "model")
+    unet.save_pretrained(os.path.join(root, "unet"))
+    vae.save_pretrained(os.path.join(root, "vae"))
+    text_encoder.save_pretrained(os.path.join(root, "text_encoder"))
+    tokenizer.save_pretrained(os.path.join(root, "tokenizer"))
+    DDIMScheduler(**models.scheduler_config(), set_alpha_to_one=False, steps_offset=1).save_pretrained(os.path.join(root, "scheduler"))
+    models.write_model_index(root)
+    log(f"saved the toy SD model to {root}")
+
+
+def load_model(out):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = os.path.join(out, "model")
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(root, "unet")).eval()
+    vae = AutoencoderKL.from_pretrained(os.path.join(root, "vae")).eval()
+    text_encoder = CLIPTextModel.from_pretrained(os.path.join(root, "text_encoder")).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer"))
+    return vae, unet, text_encoder, tokenizer
+
+
+class _CaptionCache:
+    """Frozen text-encoder outputs per caption (there are few distinct instance captions)."""
+
+    def __init__(self, text_encoder, tokenizer):
+        self.te, self.tok, self.cache = text_encoder, tokenizer, {}
+
+    def __call__(self, texts):
+        todo = sorted({t for t in texts if t not in self.cache})
+        if todo:
+            states, pooled = models.encode_text(self.te, self.tok, todo)
+            for t, s, p in zip(todo, states, pooled):
+                self.cache[t] = (s, p)
+        return torch.stack([self.cache[t][0] for t in texts]), torch.stack([self.cache[t][1] for t in texts])
+
+
+def make_roictrl_adapter(unet, seed: int):
+    from roi_ops.roictrl_adapter import ROICtrlAdapter
+
+    torch.manual_seed(seed)
+    return ROICtrlAdapter.from_unet(unet, grid_sizes=models.GRID_SIZES, vae_scale_factor=models.VAE_SCALE_FACTOR,
+                                    position_dim=models.TEXT_WIDTH, position_hidden_dim=128)
+
+
+def train_control(kind: str, args, data, latents, vae, unet, text_encoder, tokenizer):
+    """ROICtrl or GLIGEN on the frozen base: same data, steps, batch, learning rate, noise and seed."""
+    from diffusers import DDPMScheduler
+
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    scheduler = DDPMScheduler(**models.scheduler_config())
+    _, boxes, masks, inst_caps, captions = data
+    encode = _CaptionCache(text_encoder, tokenizer)
+    if kind == "roictrl":
+        adapter = make_roictrl_adapter(unet, args.seed).install(unet)
+        adapter.train()
+        params = list(adapter.parameters())
+        model = unet
+    else:
+        # The new fuser/position-net layers are initialised from the process's global RNG (the committed
+        # checkpoint: a fresh process running only this stage, as `make quality-train` does).
+        model, new = models.gligen_unet_from_base(unet)
+        model.requires_grad_(False)
+        params = [p for n, p in model.named_parameters() if n in new]
+        for p in params:
+            p.requires_grad_(True)
+        model.train()
+    log(f"{kind}: {sum(p.numel() for p in params):,} trainable parameters")
+    opt = torch.optim.AdamW(params, lr=args.control_lr, weight_decay=0.0)
+    scale = vae.config.scaling_factor
+    N = masks.shape[1]
+    t0 = time.time()
+    for step in range(args.control_steps):
+        idx, noisy, noise, t, _ = noisy_batch(step, args, latents, scheduler, scale, len(captions), 2)
+        text, _ = encode([captions[i] for i in idx.tolist()])
+        flat = [inst_caps[i][k] for i in idx.tolist() for k in range(N)]
+        states, pooled = encode(flat)
+        B = len(idx)
+        if kind == "roictrl":
+            kwargs = {"roictrl": {"boxes": boxes[idx], "masks": masks[idx],
+                                  "embeddings": states.view(B, N, *states.shape[1:])}}
+        else:  # padded to GLIGEN_MAX_OBJS slots, as StableDiffusionGLIGENPipeline pads at sampling time
+            m = F.pad(masks[idx].float(), (0, GLIGEN_MAX_OBJS - N))
+            b = F.pad(boxes[idx], (0, 0, 0, GLIGEN_MAX_OBJS - N)) * m[..., None]
+            e = F.pad(pooled.view(B, N, -1), (0, 0, 0, GLIGEN_MAX_OBJS - N)) * m[..., None]
+            kwargs = {"gligen": {"boxes": b, "masks": m, "positive_embeddings": e}}
+        pred = model(noisy, t, text, cross_attention_kwargs=kwargs).sample
+        ldm = F.mse_loss(pred, noise)
+        reg = adapter.regularization_loss() if kind == "roictrl" else torch.zeros(())
+        loss = ldm + args.reg_weight * reg
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.control_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"{kind} loss became {loss.item()} at step {step}")
+        if step % 50 == 0 or step == args.control_steps - 1:
+            log(f"{kind} step {step}/{args.control_steps} ldm {ldm.item():.4f} reg {reg.item():.3f} "
+                f"({time.time() - t0:.0f}s)")
+    if kind == "roictrl":
+        adapter.eval()
+        adapter.uninstall(unet)
+        adapter.save_pretrained(os.path.join(args.out, "roictrl"))
+    else:
+        from safetensors.torch import save_file
+
+        os.makedirs(os.path.join(args.out, "gligen"), exist_ok=True)
+        state = {n: p.detach().contiguous() for n, p in model.named_parameters() if n in new}
+        save_file(state, os.path.join(args.out, "gligen", "gligen.safetensors"), metadata={"format": "pt"})
+    log(f"saved {kind} to {os.path.join(args.out, kind)}")
+
+
+def load_gligen_unet(out, unet):
+    """The GLIGEN UNet: the base ``unet``'s weights plus the trained GLIGEN parts from ``<out>/gligen``."""
+    from safetensors.torch import load_file
+
+    gligen, new = models.gligen_unet_from_base(unet)
+    state = load_file(os.path.join(out, "gligen", "gligen.safetensors"))
+    if set(state) != new:
+        raise ValueError(f"{out}/gligen holds {len(state)} tensors, the GLIGEN UNet expects {len(new)} new ones")
+    gligen.load_state_dict(state, strict=False)
+    return gligen.eval()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder (model/, roictrl/, gligen/, train_config.json)")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=2000, help="training layouts (1-6 objects each)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--vae-steps", type=int, default=150)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--decoder-steps", type=int, default=400, help="VAE decoder fine-tuning after the base")
+    p.add_argument("--base-steps", type=int, default=700)
+    p.add_argument("--lr", type=float, default=1e-3, help="base UNet + text encoder")
+    p.add_argument("--control-steps", type=int, default=300, help="ROICtrl and GLIGEN, each")
+    p.add_argument("--control-lr", type=float, default=1e-3, help="ROICtrl and GLIGEN, each")
+    p.add_argument("--reg-weight", type=float, default=0.01, help="weight of ROICtrl's L_reg")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--smoke", action="store_true", help="a few steps per stage and a small dataset (tests)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.num_samples, args.batch_size = 64, 4
+        args.vae_steps, args.base_steps, args.decoder_steps, args.control_steps = 3, 3, 3, 3
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in args.stages if s not in STAGES]
+    if bad:
+        p.error(f"--stages takes some of {STAGES}, got {bad}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    cmd = "python -m benchmarks.instance_control.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    record = {k: v for k, v in vars(args).items()}
+    record.update(command=cmd, torch=torch.__version__, python=platform.python_version(), machine=platform.machine())
+    with open(os.path.join(args.out, f"train_config_{'_'.join(args.stages)}.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    t0 = time.time()
+    data = dataset(args.num_samples, args.seed)
+    log(f"dataset: {args.num_samples} layouts ({time.time() - t0:.0f}s)")
+    if "vae" in args.stages:
+        vae = train_vae(args, data)
+        os.makedirs(os.path.join(args.out, "model"), exist_ok=True)
+        vae.save_pretrained(os.path.join(args.out, "model", "vae"))
+    else:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(os.path.join(args.out, "model", "vae")).eval()
+    vae.requires_grad_(False)
+    latents = encode_latents(vae, data[0], args.seed)
+    if "base" in args.stages:
+        unet, text_encoder, tokenizer = train_base(args, data, vae, latents)
+    if "decoder" in args.stages:
+        vae = finetune_decoder(args, vae, data[0], latents)
+        vae.save_pretrained(os.path.join(args.out, "model", "vae"))
+        log("saved the fine-tuned decoder with the VAE")
+    if any(s in args.stages for s in ("roictrl", "gligen")):
+        vae, unet, text_encoder, tokenizer = load_model(args.out)
+        for kind in ("roictrl", "gligen"):
+            if kind in args.stages:
+                train_control(kind, args, data, latents, vae, unet, text_encoder, tokenizer)
+    log(f"done in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
