@@ -233,8 +233,9 @@ def train_control(kind: str, args, data, latents, vae, unet, text_encoder, token
         params = list(adapter.parameters())
         model = unet
     else:
-        # The new fuser/position-net layers are initialised from the process's global RNG (the committed
-        # checkpoint: a fresh process running only this stage, as `make quality-train` does).
+        # The new fuser/position-net layers take their initial weights from the global RNG: seed it, as
+        # make_roictrl_adapter does, so the stage is reproducible whatever ran before it in the process.
+        torch.manual_seed(args.seed)
         model, new = models.gligen_unet_from_base(unet)
         model.requires_grad_(False)
         params = [p for n, p in model.named_parameters() if n in new]
@@ -312,7 +313,7 @@ def parse_args(argv=None):
     p.add_argument("--decoder-steps", type=int, default=400, help="VAE decoder fine-tuning after the base")
     p.add_argument("--base-steps", type=int, default=700)
     p.add_argument("--lr", type=float, default=1e-3, help="base UNet + text encoder")
-    p.add_argument("--control-steps", type=int, default=300, help="ROICtrl and GLIGEN, each")
+    p.add_argument("--control-steps", type=int, default=1200, help="ROICtrl and GLIGEN, each")
     p.add_argument("--control-lr", type=float, default=1e-3, help="ROICtrl and GLIGEN, each")
     p.add_argument("--reg-weight", type=float, default=0.01, help="weight of ROICtrl's L_reg")
     p.add_argument("--threads", type=int, default=2)

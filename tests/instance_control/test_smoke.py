@@ -33,6 +33,24 @@ def test_training_writes_loadable_checkpoints(smoke_run):
         assert json.load(f)["command"].startswith("python -m benchmarks.instance_control.train")
 
 
+def test_gligen_stage_does_not_depend_on_the_global_rng(smoke_run, tmp_path):
+    """The GLIGEN stage seeds its new layers' initialisation itself, as the ROICtrl stage does."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    states = []
+    for rng_seed in (123, 456):
+        out = str(tmp_path / f"run{rng_seed}")
+        shutil.copytree(smoke_run, out)
+        torch.manual_seed(rng_seed)
+        train.main(["--out", out, "--smoke", "--threads", "2", "--stages", "gligen"])
+        states.append(load_file(os.path.join(out, "gligen", "gligen.safetensors")))
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def test_evaluation_runs_every_method(smoke_run, tmp_path):
     record = evaluate.main(["--ckpt", smoke_run, "--out", str(tmp_path), "--per-level", "1", "--levels", "2,3",
                             "--seeds", "0,1", "--steps", "2", "--grid-per-level", "1"])
