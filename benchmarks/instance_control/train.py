@@ -53,6 +53,17 @@ def lr_at(step: int, lr: float, warmup: int = 50) -> float:
     return lr * min(1.0, (step + 1) / warmup)
 
 
+def optimiser_step(opt, loss, step: int, lr: float, clip_params=None) -> None:
+    """One update of every stage: warm-up learning rate, backward, optional gradient clipping (norm 1), step."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, lr)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
+
+
 def train_vae(args, data):
     from diffusers import AutoencoderKL
 
@@ -70,11 +81,7 @@ def train_vae(args, data):
         rec = vae.decode(z).sample
         kl = post.kl().mean()
         loss = F.l1_loss(rec, x) + 1e-6 * kl
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.vae_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimiser_step(opt, loss, step, args.vae_lr)
         if step % 50 == 0 or step == args.vae_steps - 1:
             log(f"vae step {step}/{args.vae_steps} l1 {F.l1_loss(rec, x).item():.4f} kl {kl.item():.1f} "
                 f"({time.time() - t0:.0f}s)")
@@ -102,11 +109,7 @@ def finetune_decoder(args, vae, images, latents):
         z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
         rec = vae.decode(z).sample
         loss = F.l1_loss(rec, images[idx])
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.vae_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimiser_step(opt, loss, step, args.vae_lr)
         if step % 50 == 0 or step == args.decoder_steps - 1:
             log(f"decoder step {step}/{args.decoder_steps} l1 {loss.item():.4f} ({time.time() - t0:.0f}s)")
     vae.requires_grad_(False)
@@ -158,12 +161,7 @@ def train_base(args, data, vae, latents):
                         return_tensors="pt").input_ids
         pred = unet(noisy, t, text_encoder(ids).last_hidden_state).sample
         loss = F.mse_loss(pred, noise)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimiser_step(opt, loss, step, args.lr, clip_params=params)
         if step % 50 == 0 or step == args.base_steps - 1:
             log(f"base step {step}/{args.base_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     save_model(args.out, vae, unet, text_encoder, tokenizer)
@@ -265,12 +263,7 @@ def train_control(kind: str, args, data, latents, vae, unet, text_encoder, token
         ldm = F.mse_loss(pred, noise)
         reg = adapter.regularization_loss() if kind == "roictrl" else torch.zeros(())
         loss = ldm + args.reg_weight * reg
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.control_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimiser_step(opt, loss, step, args.control_lr, clip_params=params)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{kind} loss became {loss.item()} at step {step}")
         if step % 50 == 0 or step == args.control_steps - 1:
