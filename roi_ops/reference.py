@@ -33,6 +33,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 __all__ = [
     "roi_align",
@@ -103,8 +104,12 @@ def _resolve_coord_dtype(coord_dtype: Optional[torch.dtype], *tensors: Tensor) -
 
 
 def _memory_format_of(t: Tensor) -> torch.memory_format:
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
+    # The native kernels' rule (Tensor::suggest_memory_format on the strides),
+    # not "is_contiguous first": a [B, C, 1, 1] token-major view is both
+    # contiguous and channels_last, and its results must come out
+    # channels_last like the native ones (and the fake kernels').
+    if t.dim() == 4:
+        return suggest_memory_format(t)
     return torch.contiguous_format
 
 

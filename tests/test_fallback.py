@@ -155,6 +155,30 @@ def test_every_dtype(device, dtype):
         check_unpool(case, device, dtype, "strided", False)
 
 
+# ------------------------------------------------ ambiguous memory formats
+
+
+# Sizes of 1 make a layout ambiguous (a [K, C, 1, 1] token-major view is both
+# contiguous and channels_last): the fallback must pick the memory format the
+# native kernels pick (the strides' suggestion), or results come back laid out
+# differently on a device without kernels. Found by CI's randomised run.
+AMBIGUOUS = [((1, 2, 1, 2), (1, 1)), ((2, 1, 3, 1), (1, 2)), ((1, 3, 1, 1), (2, 1)), ((2, 2, 2, 1), (1, 1))]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("map_shape, pooled", AMBIGUOUS, ids=str)
+def test_ambiguous_layouts_keep_the_native_memory_format(device, map_shape, pooled, layout):
+    from helpers import Case
+
+    b, c, h, w = map_shape
+    rows = [(i % b, 0.0, 0.0, w - 0.5, h - 0.5) for i in range(2)] + [(0, 0.0, 0.0, 0.0, 0.0)]
+    case = Case(b, c, h, w, pooled, pooled, 1.0, -1, rows, "tensor", None, 5)
+    for aligned in (False, True):
+        check_align(case, device, torch.float64, layout, aligned)
+        check_unpool(case, device, torch.float64, layout, aligned)
+        check_blend(case, device, torch.float64, layout, aligned, True)
+
+
 # ------------------------------------------------ random and adversarial cases
 
 
