@@ -101,6 +101,44 @@ def blend(
     return out, base_weight
 
 
+def instance_weights(
+    base_weight: torch.Tensor,
+    base_logit: torch.Tensor,
+    inst_logit: torch.Tensor,
+    rois: torch.Tensor,
+    size: tuple[int, int],
+    unpool: str = "exact",
+    covered: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``Tensor[K, H, W]``: each instance's weight in the per-pixel softmax of :func:`blend` (the blend maps).
+
+    ``w_k = W_global * exp(l_k - l_global)`` on the pixels instance ``k`` covers, 0 elsewhere (in log space, so
+    no overflow), with ``W_global`` the ``base_weight`` the blend returned and ``l_k`` the instance logits pasted
+    the way the blend pasted them: ``unpool="exact"`` by ``roi_ops.roi_unpool`` (coverage by geometry),
+    ``"official"`` by :func:`roi_unpool_quantized`, whose coverage depends on the pasted values, so the caller
+    passes it (``covered`` ``Tensor[K, H, W]``, bool: where the pasted features do not sum to 0).
+    """
+    H, W = size
+    K = inst_logit.shape[0]
+    acc = torch.float64 if inst_logit.dtype == torch.float64 else torch.float32
+    if unpool == "official":
+        if covered is None:
+            raise ValueError("instance_weights with unpool='official' needs covered (it depends on the values)")
+        # blend() pastes the logits in the grids' dtype, then accumulates in acc
+        logit = roi_unpool_quantized(inst_logit.unsqueeze(1), rois, (H, W))[:, 0].to(acc)
+    elif unpool == "exact":
+        ones = torch.ones_like(inst_logit, dtype=acc)
+        pasted = roi_ops.roi_unpool(
+            torch.stack([inst_logit.to(acc), ones], 1), rois.to(acc), (H, W), spatial_scale=1.0, aligned=True
+        )
+        logit, covered = pasted[:, 0], pasted[:, 1] > 0
+    else:
+        raise ValueError(f"instance_weights unpool must be 'exact' or 'official', got {unpool!r}")
+    b = rois[:, 0].long()
+    log_w = base_weight.to(acc)[b].log() + logit - base_logit.to(acc).reshape(-1, H, W)[b]
+    return torch.where(covered, log_w.exp(), torch.zeros((), dtype=acc, device=logit.device)).reshape(K, H, W)
+
+
 def _quantized_axis(lo: torch.Tensor, hi: torch.Tensor, pooled: int, size: int):
     """One axis of :func:`roi_unpool_quantized`: ``[K, size, pooled]`` tap weights (illegal taps dropped),
     ``[K, size]`` inside-the-box flags and ``[K, size]`` sums of the legal weights."""
@@ -365,7 +403,7 @@ class ROICtrlBlock(nn.Module):
         self.guide_ff_gate = nn.Parameter(torch.zeros(()))
         # Set by ROICtrlPipeline(return_blend_maps=True): keep (base_logit, inst_logit, rois) of the last call.
         self.keep_blend_logits = False
-        self.blend_logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.blend_logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, grid={self.grid}, fused_blend={self.fused_blend}"
@@ -484,8 +522,11 @@ class ROICtrlBlock(nn.Module):
             out, base_weight = blend(base, base_logit, grid_values, inst_logit, rois, 1.0, True, "official")
         else:
             out, base_weight = self._blend(base, base_logit, grid_values, inst_logit, rois, 1.0, True)
-        if self.keep_blend_logits:
-            self.blend_logits = (base_logit.detach(), inst_logit.detach(), rois)
+        if self.keep_blend_logits:  # for the pipeline's blend maps (instance_weights)
+            covered = None
+            if self.options.unpool == "official":
+                covered = roi_unpool_quantized(grid_values.detach(), rois, size).sum(1) != 0
+            self.blend_logits = (base_logit.detach(), inst_logit.detach(), rois, covered)
         return out.permute(0, 2, 3, 1).reshape(B, T, C), base_weight, rois
 
     def box_guidance(

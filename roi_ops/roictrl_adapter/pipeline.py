@@ -22,7 +22,7 @@ from torch import nn
 import roi_ops
 
 from .adapter import KWARG, ROICtrlAdapter, _get_arg, _set_arg, installed_adapter, unwrap_unet
-from .block import coverage
+from .block import coverage, instance_weights
 from .instances import ROICtrlInstances
 
 __all__ = ["BOX_FORMATS", "BOX_UNITS", "Instance", "ROICtrlPipeline", "normalize_instances"]
@@ -219,25 +219,6 @@ def _schedule_length(timesteps: torch.Tensor) -> int:
     return int((t[1:] != t[:-1]).sum()) + 1 if t.numel() else 0
 
 
-def _instance_weights(base_weight, base_logit, inst_logit, rois, size) -> torch.Tensor:
-    """``Tensor[K, H, W]``: each instance's blending weight, ``softmax`` entry of its logit at every pixel.
-
-    ``w_k = W_global * exp(l_k - l_global)`` on the pixels the instance covers, 0 elsewhere (computed in log
-    space, so no overflow), with ``W_global`` the global output's weight the blend itself returned.
-    """
-    H, W = size
-    K = inst_logit.shape[0]
-    acc = torch.float64 if inst_logit.dtype == torch.float64 else torch.float32
-    ones = torch.ones_like(inst_logit, dtype=acc)
-    pasted = roi_ops.roi_unpool(
-        torch.stack([inst_logit.to(acc), ones], 1), rois.to(acc), (H, W), spatial_scale=1.0, aligned=True
-    )
-    b = rois[:, 0].long()
-    logit, covered = pasted[:, 0], pasted[:, 1] > 0
-    log_w = base_weight.to(acc)[b].log() + logit - base_logit.to(acc).reshape(-1, H, W)[b]
-    return torch.where(covered, log_w.exp(), torch.zeros((), dtype=acc, device=logit.device)).reshape(K, H, W)
-
-
 class _CallState:
     """What the UNet hook needs during one pipeline call."""
 
@@ -311,9 +292,10 @@ class _CallState:
             block.blend_logits = None
             if logits is None or state.stats is None:
                 continue
-            base_logit, inst_logit, rois = logits
+            base_logit, inst_logit, rois, covered = logits
             size = tuple(state.stats["base_weight"].shape[-2:])
-            w = _instance_weights(state.stats["base_weight"], base_logit, inst_logit, rois, size)
+            w = instance_weights(state.stats["base_weight"], base_logit, inst_logit, rois, size,
+                                 block.options.unpool, covered)
             per_layer.append(torch.nn.functional.interpolate(w[None].float(), size=self.image_hw, mode="bilinear")[0])
         if per_layer:
             m = torch.stack(per_layer).mean(0).cpu()

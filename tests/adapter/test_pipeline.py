@@ -11,7 +11,8 @@ import torch
 import tiny_pipelines as tp
 from roi_ops.roictrl_adapter import Instance, ROICtrlAdapter, ROICtrlPipeline, blend, normalize_instances
 from roi_ops.roictrl_adapter.adapter import _transformer_blocks
-from roi_ops.roictrl_adapter.pipeline import _instance_weights, _schedule_length
+from roi_ops.roictrl_adapter.block import instance_weights, roi_unpool_quantized
+from roi_ops.roictrl_adapter.pipeline import _schedule_length
 
 CAT = {"box": [0.1, 0.1, 0.6, 0.7], "caption": "a cat"}
 DOG = {"box": [0.5, 0.4, 0.95, 0.9], "caption": "a brown dog"}
@@ -230,22 +231,58 @@ def test_blend_maps(sd):
     assert "blend_maps" not in roictrl("a room", instances=[CAT], generator=seed(), **STEPS)
 
 
-def test_instance_weights_reconstruct_the_blend():
+def test_blend_maps_official_configuration(sd, monkeypatch):
+    """With the official architecture (quantised paste, channel gate), the maps are made from the official paste
+    and its value-dependent coverage, which the block hands over, not from the exact paste."""
+    import roi_ops.roictrl_adapter.pipeline as pipeline_module
+
+    pipe, _ = sd
+    adapter = tp.make_pipeline_adapter(pipe, preset="official", position_dim=64, position_hidden_dim=16)
+    roictrl = ROICtrlPipeline.from_pipe(pipe, adapter)
+    seen = []
+
+    def spy(base_weight, base_logit, inst_logit, rois, size, unpool="exact", covered=None):
+        seen.append((unpool, None if covered is None else covered.shape))
+        return instance_weights(base_weight, base_logit, inst_logit, rois, size, unpool, covered)
+
+    monkeypatch.setattr(pipeline_module, "instance_weights", spy)
+    out = roictrl("a room", instances=[CAT], generator=seed(), return_blend_maps=True, **STEPS)
+    (maps,) = out.blend_maps
+    assert maps.shape == (1, 64, 64)
+    assert float(maps.min()) >= 0 and float(maps.max()) <= 1 and float(maps.max()) > 0
+    assert seen and all(u == "official" and shape is not None and shape[0] == 1 for u, shape in seen), seen
+
+
+@pytest.mark.parametrize("unpool", ["exact", "official"])
+def test_instance_weights_reconstruct_the_blend(unpool):
     """The per-instance weights the maps are made of are the blend's own: base_weight * global + sum_k w_k *
-    pasted v_k gives back blend()'s output, and the weights of a pixel sum to 1."""
+    pasted v_k gives back blend()'s output, and the weights of a pixel sum to 1; with the official paste too
+    (quantised, and an instance whose values are all 0 covers nothing by the official rule)."""
     import roi_ops
 
     g = torch.Generator().manual_seed(0)
     B, C, H, W, P = 2, 3, 9, 11, 4
     base = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
     base_logit = torch.randn(B, H, W, generator=g, dtype=torch.float64) * 3
-    values = torch.randn(3, C, P, P, generator=g, dtype=torch.float64)
-    logits = torch.randn(3, P, P, generator=g, dtype=torch.float64) * 3
-    boxes = torch.tensor([[0, 1.0, 2.0, 7.0, 8.0], [0, 4.0, 0.5, 10.0, 6.0], [1, 2.0, 2.0, 9.0, 5.0]],
-                         dtype=torch.float64)
-    out, base_weight = blend(base, base_logit, values, logits, boxes, 1.0, True)
-    w = _instance_weights(base_weight, base_logit, logits, boxes, (H, W))
-    pasted = roi_ops.roi_unpool(values, boxes, (H, W), spatial_scale=1.0, aligned=True)
+    values = torch.randn(4, C, P, P, generator=g, dtype=torch.float64)
+    values[3] = 0
+    logits = torch.randn(4, P, P, generator=g, dtype=torch.float64) * 3
+    boxes = torch.tensor([[0, 1.0, 2.0, 7.0, 8.0], [0, 4.0, 0.5, 10.0, 6.0], [1, 2.0, 2.0, 9.0, 5.0],
+                          [1, 0.0, 0.0, 5.0, 4.0]], dtype=torch.float64)
+    out, base_weight = blend(base, base_logit, values, logits, boxes, 1.0, True, unpool)
+    if unpool == "official":
+        pasted = roi_unpool_quantized(values, boxes, (H, W))
+        covered = pasted.sum(1) != 0
+        with pytest.raises(ValueError, match="covered"):
+            instance_weights(base_weight, base_logit, logits, boxes, (H, W), unpool)
+        w = instance_weights(base_weight, base_logit, logits, boxes, (H, W), unpool, covered)
+        assert float(w[3].abs().max()) == 0  # all-zero values: the global output keeps those pixels
+        # the quantised paste differs from the exact one: the maps must not be the exact-paste weights
+        exact_w = instance_weights(base_weight, base_logit, logits, boxes, (H, W))
+        assert float((exact_w[:3] - w[:3]).abs().max()) > 1e-3
+    else:
+        pasted = roi_ops.roi_unpool(values, boxes, (H, W), spatial_scale=1.0, aligned=True)
+        w = instance_weights(base_weight, base_logit, logits, boxes, (H, W))
     rebuilt = base_weight.unsqueeze(1) * base
     rebuilt = rebuilt.index_add(0, boxes[:, 0].long(), w.unsqueeze(1) * pasted)
     torch.testing.assert_close(rebuilt, out, rtol=1e-10, atol=1e-10)

@@ -210,14 +210,15 @@ def add_ip_adapter(pipe, image_embed_dim: int = 16, seed: int = 8):
     return pipe
 
 
-def make_pipeline_adapter(pipe, seed: int = 1, randomize: bool = True):
+def make_pipeline_adapter(pipe, seed: int = 1, randomize: bool = True, **options):
     """A ROICtrlAdapter for ``pipe.unet`` with small grids and, by default, random non-zero weights (gates and
-    blend projection included), so that it visibly changes the output."""
+    blend projection included), so that it visibly changes the output; ``options``: from_unet's (preset, ...)."""
     from roi_ops.roictrl_adapter import ROICtrlAdapter
     from roictrl_testutils import randomize_
 
     torch.manual_seed(seed)
-    adapter = ROICtrlAdapter.from_unet(pipe.unet, grid_sizes=GRIDS, position_dim=16, position_hidden_dim=16)
+    adapter = ROICtrlAdapter.from_unet(pipe.unet, grid_sizes=GRIDS,
+                                       **{"position_dim": 16, "position_hidden_dim": 16, **options})
     return randomize_(adapter, seed) if randomize else adapter
 
 
