@@ -269,7 +269,8 @@ def train_control(kind: str, args, data, latents, vae, unet, text_encoder, token
         ldm = F.mse_loss(pred, noise)
         reg = adapter.regularization_loss() if kind == "roictrl" else torch.zeros(())
         loss = ldm + args.reg_weight * reg
-        optimiser_step(opt, loss, step, args.control_lr, clip_params=params)
+        optimiser_step(opt, loss, step, args.control_lr, clip_params=params,
+                       total=args.control_steps if args.control_schedule == "cosine" else None)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{kind} loss became {loss.item()} at step {step}")
         if step % 50 == 0 or step == args.control_steps - 1:
@@ -309,12 +310,14 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--vae-steps", type=int, default=150)
     p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--decoder-steps", type=int, default=400, help="VAE decoder fine-tuning after the base")
+    p.add_argument("--decoder-steps", type=int, default=2000, help="VAE decoder fine-tuning after the base")
     p.add_argument("--base-steps", type=int, default=4000)
     p.add_argument("--lr", type=float, default=1e-3, help="base UNet + text encoder")
     p.add_argument("--base-schedule", choices=("constant", "cosine"), default="cosine",
                    help="base learning rate after the warm-up: constant, or cosine decay to 0 at --base-steps")
     p.add_argument("--control-steps", type=int, default=1200, help="ROICtrl and GLIGEN, each")
+    p.add_argument("--control-schedule", choices=("constant", "cosine"), default="constant",
+                   help="ROICtrl and GLIGEN learning rate after the warm-up (as --base-schedule)")
     p.add_argument("--control-lr", type=float, default=1e-3, help="ROICtrl and GLIGEN, each")
     p.add_argument("--reg-weight", type=float, default=0.01, help="weight of ROICtrl's L_reg")
     p.add_argument("--threads", type=int, default=2)
