@@ -63,6 +63,16 @@ def build_tokenizer(directory: str):
     )
     bpe.train_from_iterator(sorted(VOCAB) * 4, trainer)
     bpe.model.save(directory)  # vocab.json + merges.txt, the files CLIPTokenizer reads
+    # The trainer numbers the end-of-word single characters ("a</w>", ...) in a different order from one
+    # process to the next, and "a</w>" is the word "a": give those ids in sorted order, so the token ids (and
+    # everything trained on them) do not depend on the process.
+    with open(os.path.join(directory, "vocab.json")) as f:
+        vocab = json.load(f)
+    eow = sorted(t for t in vocab if t.endswith("</w>") and len(t) == len("</w>") + 1)
+    for tok_, i in zip(eow, sorted(vocab[t] for t in eow)):
+        vocab[tok_] = i
+    with open(os.path.join(directory, "vocab.json"), "w") as f:
+        json.dump(dict(sorted(vocab.items(), key=lambda kv: kv[1])), f, ensure_ascii=False, separators=(",", ":"))
     tok = CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"),
                         model_max_length=MAX_TOKENS)
     tok.save_pretrained(directory)

@@ -49,14 +49,19 @@ def dataset(n: int, seed: int):
     return world.batch([world.train_layout(i, seed) for i in range(n)], models.RESOLUTION)
 
 
-def lr_at(step: int, lr: float, warmup: int = 50) -> float:
-    return lr * min(1.0, (step + 1) / warmup)
+def lr_at(step: int, lr: float, warmup: int = 50, total: int | None = None) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant (``total`` None) or cosine decay to 0 at ``total``."""
+    lr = lr * min(1.0, (step + 1) / warmup)
+    if total is not None and step >= warmup:
+        lr *= 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return lr
 
 
-def optimiser_step(opt, loss, step: int, lr: float, clip_params=None) -> None:
-    """One update of every stage: warm-up learning rate, backward, optional gradient clipping (norm 1), step."""
+def optimiser_step(opt, loss, step: int, lr: float, clip_params=None, total: int | None = None) -> None:
+    """One update of every stage: warm-up learning rate (then cosine decay over ``total`` steps when given),
+    backward, optional gradient clipping (norm 1), step."""
     for group in opt.param_groups:
-        group["lr"] = lr_at(step, lr)
+        group["lr"] = lr_at(step, lr, total=total)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if clip_params is not None:
@@ -161,7 +166,8 @@ def train_base(args, data, vae, latents):
                         return_tensors="pt").input_ids
         pred = unet(noisy, t, text_encoder(ids).last_hidden_state).sample
         loss = F.mse_loss(pred, noise)
-        optimiser_step(opt, loss, step, args.lr, clip_params=params)
+        optimiser_step(opt, loss, step, args.lr, clip_params=params,
+                       total=args.base_steps if args.base_schedule == "cosine" else None)
         if step % 50 == 0 or step == args.base_steps - 1:
             log(f"base step {step}/{args.base_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     save_model(args.out, vae, unet, text_encoder, tokenizer)
@@ -263,7 +269,8 @@ def train_control(kind: str, args, data, latents, vae, unet, text_encoder, token
         ldm = F.mse_loss(pred, noise)
         reg = adapter.regularization_loss() if kind == "roictrl" else torch.zeros(())
         loss = ldm + args.reg_weight * reg
-        optimiser_step(opt, loss, step, args.control_lr, clip_params=params)
+        optimiser_step(opt, loss, step, args.control_lr, clip_params=params,
+                       total=args.control_steps if args.control_schedule == "cosine" else None)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{kind} loss became {loss.item()} at step {step}")
         if step % 50 == 0 or step == args.control_steps - 1:
@@ -303,10 +310,14 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--vae-steps", type=int, default=150)
     p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--decoder-steps", type=int, default=400, help="VAE decoder fine-tuning after the base")
-    p.add_argument("--base-steps", type=int, default=700)
+    p.add_argument("--decoder-steps", type=int, default=2000, help="VAE decoder fine-tuning after the base")
+    p.add_argument("--base-steps", type=int, default=4000)
     p.add_argument("--lr", type=float, default=1e-3, help="base UNet + text encoder")
+    p.add_argument("--base-schedule", choices=("constant", "cosine"), default="cosine",
+                   help="base learning rate after the warm-up: constant, or cosine decay to 0 at --base-steps")
     p.add_argument("--control-steps", type=int, default=1200, help="ROICtrl and GLIGEN, each")
+    p.add_argument("--control-schedule", choices=("constant", "cosine"), default="constant",
+                   help="ROICtrl and GLIGEN learning rate after the warm-up (as --base-schedule)")
     p.add_argument("--control-lr", type=float, default=1e-3, help="ROICtrl and GLIGEN, each")
     p.add_argument("--reg-weight", type=float, default=0.01, help="weight of ROICtrl's L_reg")
     p.add_argument("--threads", type=int, default=2)
