@@ -53,6 +53,29 @@ def test_tokenizer_has_one_token_per_word(tmp_path):
     assert tok.decode(ids, skip_special_tokens=True) == "a red circle and a blue square"
 
 
+def test_tokenizer_ids_do_not_depend_on_the_process(tmp_path):
+    """The BPE trainer numbered some tokens (the word "a" among them) differently in every process, so a
+    retraining could not reproduce the committed model: fresh processes with different hash seeds must write
+    the committed checkpoint's vocabulary, id for id."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    committed = os.path.join(root, "benchmarks", "instance_control", "checkpoints", "model", "tokenizer", "vocab.json")
+    with open(committed) as f:
+        want = json.load(f)
+    for hash_seed in ("1", "2", "3"):
+        out = tmp_path / hash_seed
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        code = "import sys; from instance_control import models; models.build_tokenizer(sys.argv[1])"
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=env,
+                       cwd=os.path.join(root, "benchmarks"))
+        with open(out / "vocab.json") as f:
+            assert json.load(f) == want, f"PYTHONHASHSEED={hash_seed}"
+
+
 def _scores(layouts, make_image):
     return scorer.summarize([r for l in layouts for r in scorer.score_image(make_image(l), l)])
 
