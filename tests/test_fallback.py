@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import roi_ops
 import roi_ops._blend as blend_module
 from helpers import (
-    DEVICES, FLOAT_DTYPES, LAYOUTS, assert_native, assert_within, boxes_dtype_of, cases, coord_dtype_for,
+    DEVICES, FLOAT_DTYPES, LAYOUTS, Case, assert_native, assert_within, boxes_dtype_of, cases, coord_dtype_for,
     dtype_id, lay_out, make_boxes, make_generator, randn, rois_of, vjp,
 )
 from roi_ops import _ops, functional, reference
@@ -121,8 +121,6 @@ B, C, H, W = 3, 2, 9, 11
 
 
 def _fixed_case(spatial_scale, sampling_ratio, pooled, form, boxes_dtype):
-    from helpers import Case
-
     rows = [(b, *(v / spatial_scale for v in r)) for b, *r in ROWS]  # the same feature-map boxes at every scale
     return Case(B, C, H, W, pooled, pooled, spatial_scale, sampling_ratio, rows, form, boxes_dtype, 17)
 
@@ -168,8 +166,6 @@ AMBIGUOUS = [((1, 2, 1, 2), (1, 1)), ((2, 1, 3, 1), (1, 2)), ((1, 3, 1, 1), (2, 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("map_shape, pooled", AMBIGUOUS, ids=str)
 def test_ambiguous_layouts_keep_the_native_memory_format(device, map_shape, pooled, layout):
-    from helpers import Case
-
     b, c, h, w = map_shape
     rows = [(i % b, 0.0, 0.0, w - 0.5, h - 0.5) for i in range(2)] + [(0, 0.0, 0.0, 0.0, 0.0)]
     case = Case(b, c, h, w, pooled, pooled, 1.0, -1, rows, "tensor", None, 5)

@@ -57,25 +57,7 @@ def blend(
     K = input.shape[0]
     if K == 0:
         return base, base.new_ones(B, H, W)
-    if unpool == "official":
-        pasted = roi_unpool_quantized(
-            torch.cat([input, input_logit.unsqueeze(1).to(input.dtype)], dim=1), boxes, (H, W), spatial_scale
-        )
-        values, logits = pasted[:, :C], pasted[:, C]
-        covered = values.sum(1) != 0  # the official rule: zeroed rims fall back to the global output
-    elif unpool == "exact":
-        ones = input.new_ones(K, 1, input.shape[2], input.shape[3])
-        # One paste for values, logits and coverage: the ones channel is > 0 exactly on covered pixels.
-        pasted = roi_ops.roi_unpool(
-            torch.cat([input, input_logit.unsqueeze(1).to(input.dtype), ones], dim=1),
-            boxes,
-            (H, W),
-            spatial_scale=spatial_scale,
-            aligned=aligned,
-        )
-        values, logits, covered = pasted[:, :C], pasted[:, C], pasted[:, C + 1] > 0
-    else:
-        raise ValueError(f"blend unpool must be 'exact' or 'official', got {unpool!r}")
+    values, logits, covered = paste_for_blend(input, input_logit, boxes, (H, W), spatial_scale, aligned, unpool)
     # Softmax in float32 for half types (float64 stays float64), as the ops accumulate.
     acc = torch.float64 if base.dtype == torch.float64 else torch.float32
     logits = logits.to(acc)
@@ -101,42 +83,62 @@ def blend(
     return out, base_weight
 
 
+def paste_for_blend(
+    input: torch.Tensor,
+    input_logit: torch.Tensor,
+    boxes: torch.Tensor,
+    size: tuple[int, int],
+    spatial_scale: float = 1.0,
+    aligned: bool = False,
+    unpool: str = "exact",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The paste-back step of :func:`blend`: ``(values [K, C, H, W], logits [K, H, W], covered [K, H, W] bool)``.
+
+    ``unpool="exact"``: ``roi_ops.roi_unpool``, covered by geometry; ``"official"``: :func:`roi_unpool_quantized`
+    with the official coverage rule (a pixel is covered where the pasted features do not sum to exactly 0).
+    """
+    K, C = input.shape[:2]
+    H, W = size
+    if unpool == "official":
+        pasted = roi_unpool_quantized(
+            torch.cat([input, input_logit.unsqueeze(1).to(input.dtype)], dim=1), boxes, (H, W), spatial_scale
+        )
+        values, logits = pasted[:, :C], pasted[:, C]
+        covered = values.sum(1) != 0  # the official rule: zeroed rims fall back to the global output
+    elif unpool == "exact":
+        ones = input.new_ones(K, 1, input.shape[2], input.shape[3])
+        # One paste for values, logits and coverage: the ones channel is > 0 exactly on covered pixels.
+        pasted = roi_ops.roi_unpool(
+            torch.cat([input, input_logit.unsqueeze(1).to(input.dtype), ones], dim=1),
+            boxes,
+            (H, W),
+            spatial_scale=spatial_scale,
+            aligned=aligned,
+        )
+        values, logits, covered = pasted[:, :C], pasted[:, C], pasted[:, C + 1] > 0
+    else:
+        raise ValueError(f"blend unpool must be 'exact' or 'official', got {unpool!r}")
+    return values, logits, covered
+
+
 def instance_weights(
     base_weight: torch.Tensor,
     base_logit: torch.Tensor,
-    inst_logit: torch.Tensor,
-    rois: torch.Tensor,
-    size: tuple[int, int],
-    unpool: str = "exact",
-    covered: torch.Tensor | None = None,
+    logits: torch.Tensor,
+    covered: torch.Tensor,
+    boxes: torch.Tensor,
 ) -> torch.Tensor:
     """``Tensor[K, H, W]``: each instance's weight in the per-pixel softmax of :func:`blend` (the blend maps).
 
-    ``w_k = W_global * exp(l_k - l_global)`` on the pixels instance ``k`` covers, 0 elsewhere (in log space, so
-    no overflow), with ``W_global`` the ``base_weight`` the blend returned and ``l_k`` the instance logits pasted
-    the way the blend pasted them: ``unpool="exact"`` by ``roi_ops.roi_unpool`` (coverage by geometry),
-    ``"official"`` by :func:`roi_unpool_quantized`, whose coverage depends on the pasted values, so the caller
-    passes it (``covered`` ``Tensor[K, H, W]``, bool: where the pasted features do not sum to 0).
+    ``w_k = W_global * exp(l_k - l_global)`` where instance ``k`` covers, 0 elsewhere (in log space, so no
+    overflow); ``base_weight`` is what the blend returned, ``logits`` and ``covered`` what
+    :func:`paste_for_blend` gave it, ``boxes`` the ROI rows (their batch index picks the image).
     """
-    H, W = size
-    K = inst_logit.shape[0]
-    acc = torch.float64 if inst_logit.dtype == torch.float64 else torch.float32
-    if unpool == "official":
-        if covered is None:
-            raise ValueError("instance_weights with unpool='official' needs covered (it depends on the values)")
-        # blend() pastes the logits in the grids' dtype, then accumulates in acc
-        logit = roi_unpool_quantized(inst_logit.unsqueeze(1), rois, (H, W))[:, 0].to(acc)
-    elif unpool == "exact":
-        ones = torch.ones_like(inst_logit, dtype=acc)
-        pasted = roi_ops.roi_unpool(
-            torch.stack([inst_logit.to(acc), ones], 1), rois.to(acc), (H, W), spatial_scale=1.0, aligned=True
-        )
-        logit, covered = pasted[:, 0], pasted[:, 1] > 0
-    else:
-        raise ValueError(f"instance_weights unpool must be 'exact' or 'official', got {unpool!r}")
-    b = rois[:, 0].long()
-    log_w = base_weight.to(acc)[b].log() + logit - base_logit.to(acc).reshape(-1, H, W)[b]
-    return torch.where(covered, log_w.exp(), torch.zeros((), dtype=acc, device=logit.device)).reshape(K, H, W)
+    H, W = logits.shape[-2:]
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    b = boxes[:, 0].long()
+    log_w = base_weight.to(acc)[b].log() + logits.to(acc) - base_logit.to(acc).reshape(-1, H, W)[b]
+    return torch.where(covered, log_w.exp(), torch.zeros((), dtype=acc, device=logits.device))
 
 
 def _quantized_axis(lo: torch.Tensor, hi: torch.Tensor, pooled: int, size: int):
@@ -401,9 +403,10 @@ class ROICtrlBlock(nn.Module):
         self.guide_ff_norm = nn.LayerNorm(dim)
         self.guide_ff = FeedForward(dim, ff_mult, options.ff_activation, options.dropout)
         self.guide_ff_gate = nn.Parameter(torch.zeros(()))
-        # Set by ROICtrlPipeline(return_blend_maps=True): keep (base_logit, inst_logit, rois) of the last call.
+        # Set by ROICtrlPipeline(return_blend_maps=True): keep (base_logit, pasted logits, covered, rois) of the
+        # last call, what instance_weights needs.
         self.keep_blend_logits = False
-        self.blend_logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self.blend_logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, grid={self.grid}, fused_blend={self.fused_blend}"
@@ -522,11 +525,11 @@ class ROICtrlBlock(nn.Module):
             out, base_weight = blend(base, base_logit, grid_values, inst_logit, rois, 1.0, True, "official")
         else:
             out, base_weight = self._blend(base, base_logit, grid_values, inst_logit, rois, 1.0, True)
-        if self.keep_blend_logits:  # for the pipeline's blend maps (instance_weights)
-            covered = None
-            if self.options.unpool == "official":
-                covered = roi_unpool_quantized(grid_values.detach(), rois, size).sum(1) != 0
-            self.blend_logits = (base_logit.detach(), inst_logit.detach(), rois, covered)
+        if self.keep_blend_logits:  # the pipeline's blend maps: the logits pasted as the blend pasted them
+            _, logits, covered = paste_for_blend(
+                grid_values.detach(), inst_logit.detach(), rois, size, 1.0, True, self.options.unpool
+            )
+            self.blend_logits = (base_logit.detach(), logits, covered, rois)
         return out.permute(0, 2, 3, 1).reshape(B, T, C), base_weight, rois
 
     def box_guidance(

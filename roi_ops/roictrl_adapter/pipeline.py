@@ -292,10 +292,7 @@ class _CallState:
             block.blend_logits = None
             if logits is None or state.stats is None:
                 continue
-            base_logit, inst_logit, rois, covered = logits
-            size = tuple(state.stats["base_weight"].shape[-2:])
-            w = instance_weights(state.stats["base_weight"], base_logit, inst_logit, rois, size,
-                                 block.options.unpool, covered)
+            w = instance_weights(state.stats["base_weight"], *logits)
             per_layer.append(torch.nn.functional.interpolate(w[None].float(), size=self.image_hw, mode="bilinear")[0])
         if per_layer:
             m = torch.stack(per_layer).mean(0).cpu()

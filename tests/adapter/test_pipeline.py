@@ -11,7 +11,8 @@ import torch
 import tiny_pipelines as tp
 from roi_ops.roictrl_adapter import Instance, ROICtrlAdapter, ROICtrlPipeline, blend, normalize_instances
 from roi_ops.roictrl_adapter.adapter import _transformer_blocks
-from roi_ops.roictrl_adapter.block import instance_weights, roi_unpool_quantized
+import roi_ops.roictrl_adapter.block as block_module
+from roi_ops.roictrl_adapter.block import instance_weights, paste_for_blend
 from roi_ops.roictrl_adapter.pipeline import _schedule_length
 
 CAT = {"box": [0.1, 0.1, 0.6, 0.7], "caption": "a cat"}
@@ -233,24 +234,23 @@ def test_blend_maps(sd):
 
 def test_blend_maps_official_configuration(sd, monkeypatch):
     """With the official architecture (quantised paste, channel gate), the maps are made from the official paste
-    and its value-dependent coverage, which the block hands over, not from the exact paste."""
-    import roi_ops.roictrl_adapter.pipeline as pipeline_module
-
+    and its value-dependent coverage, as the blend was: every paste of the call is the official one."""
     pipe, _ = sd
     adapter = tp.make_pipeline_adapter(pipe, preset="official", position_dim=64, position_hidden_dim=16)
     roictrl = ROICtrlPipeline.from_pipe(pipe, adapter)
-    seen = []
+    modes = []
 
-    def spy(base_weight, base_logit, inst_logit, rois, size, unpool="exact", covered=None):
-        seen.append((unpool, None if covered is None else covered.shape))
-        return instance_weights(base_weight, base_logit, inst_logit, rois, size, unpool, covered)
+    def spy(*args, **kwargs):
+        modes.append(args[6] if len(args) > 6 else kwargs.get("unpool", "exact"))
+        return paste_for_blend(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline_module, "instance_weights", spy)
+    monkeypatch.setattr(block_module, "paste_for_blend", spy)
     out = roictrl("a room", instances=[CAT], generator=seed(), return_blend_maps=True, **STEPS)
     (maps,) = out.blend_maps
     assert maps.shape == (1, 64, 64)
     assert float(maps.min()) >= 0 and float(maps.max()) <= 1 and float(maps.max()) > 0
-    assert seen and all(u == "official" and shape is not None and shape[0] == 1 for u, shape in seen), seen
+    # the blend and the maps' record, at every layer and step
+    assert len(modes) >= 2 * len(adapter.blocks) and set(modes) == {"official"}, modes
 
 
 @pytest.mark.parametrize("unpool", ["exact", "official"])
@@ -258,8 +258,6 @@ def test_instance_weights_reconstruct_the_blend(unpool):
     """The per-instance weights the maps are made of are the blend's own: base_weight * global + sum_k w_k *
     pasted v_k gives back blend()'s output, and the weights of a pixel sum to 1; with the official paste too
     (quantised, and an instance whose values are all 0 covers nothing by the official rule)."""
-    import roi_ops
-
     g = torch.Generator().manual_seed(0)
     B, C, H, W, P = 2, 3, 9, 11, 4
     base = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
@@ -270,19 +268,14 @@ def test_instance_weights_reconstruct_the_blend(unpool):
     boxes = torch.tensor([[0, 1.0, 2.0, 7.0, 8.0], [0, 4.0, 0.5, 10.0, 6.0], [1, 2.0, 2.0, 9.0, 5.0],
                           [1, 0.0, 0.0, 5.0, 4.0]], dtype=torch.float64)
     out, base_weight = blend(base, base_logit, values, logits, boxes, 1.0, True, unpool)
+    pasted, pasted_logits, covered = paste_for_blend(values, logits, boxes, (H, W), 1.0, True, unpool)
+    w = instance_weights(base_weight, base_logit, pasted_logits, covered, boxes)
     if unpool == "official":
-        pasted = roi_unpool_quantized(values, boxes, (H, W))
-        covered = pasted.sum(1) != 0
-        with pytest.raises(ValueError, match="covered"):
-            instance_weights(base_weight, base_logit, logits, boxes, (H, W), unpool)
-        w = instance_weights(base_weight, base_logit, logits, boxes, (H, W), unpool, covered)
         assert float(w[3].abs().max()) == 0  # all-zero values: the global output keeps those pixels
         # the quantised paste differs from the exact one: the maps must not be the exact-paste weights
-        exact_w = instance_weights(base_weight, base_logit, logits, boxes, (H, W))
+        exact_w = instance_weights(base_weight, base_logit, *paste_for_blend(values, logits, boxes, (H, W), 1.0,
+                                                                             True)[1:], boxes)
         assert float((exact_w[:3] - w[:3]).abs().max()) > 1e-3
-    else:
-        pasted = roi_ops.roi_unpool(values, boxes, (H, W), spatial_scale=1.0, aligned=True)
-        w = instance_weights(base_weight, base_logit, logits, boxes, (H, W))
     rebuilt = base_weight.unsqueeze(1) * base
     rebuilt = rebuilt.index_add(0, boxes[:, 0].long(), w.unsqueeze(1) * pasted)
     torch.testing.assert_close(rebuilt, out, rtol=1e-10, atol=1e-10)
