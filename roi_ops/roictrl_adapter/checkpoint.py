@@ -240,14 +240,19 @@ def check_finite(tensors: Mapping[str, Any], source: str) -> None:
     """Raise ``ValueError`` naming the tensors of ``tensors`` (name -> tensor) that hold a NaN or an infinity.
 
     Loaders call it on weights they read: a NaN weight does not fail a forward, it turns the image black. The
-    cost is one ``isfinite`` pass over the weights (docs/official.md: about 0.3 s per GB on one CPU core)."""
+    cost is one summation per tensor (docs/official.md has the measured cost: about 0.1 s per GB on one core)."""
     import torch
 
     bad = []
     for key, value in tensors.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            nan, inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
-            bad.append(f"{key} ({nan} NaN, {inf} inf of {value.numel()})")
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        # one reduction, no temporary: a NaN or an inf makes the sum non-finite; a finite sum proves the tensor
+        # finite. Only a non-finite sum (a bad tensor, or finite values whose sum overflows) takes the exact test.
+        if bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all()):
+            continue
+        nan, inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
+        bad.append(f"{key} ({nan} NaN, {inf} inf of {value.numel()})")
     if bad:
         shown = ", ".join(bad[:5]) + (f", ... ({len(bad)} tensors)" if len(bad) > 5 else "")
         raise ValueError(f"{source} holds non-finite weights (NaN or inf): {shown}")
