@@ -20,7 +20,9 @@ layout JSON: {"prompt": "a living room", "negative_prompt": "blurry" (optional),
   "box_format": "xyxy" | "xywh" (optional, default "xyxy"),
   "box_units": "normalized" | "pixels" (optional, default "normalized"),
   "instances": [{"box": [0.1, 0.2, 0.5, 0.9], "caption": "a red sofa"}, ...]}
---prompt / --negative-prompt override the layout's.
+--prompt / --negative-prompt override the layout's. Limits: prompts and captions of at most 4096 characters, at
+most 256 instances, width and height at most 8192 and multiples of the model's VAE factor; a key written twice
+is an error. All of it, --out and --adapter are checked before the model loads.
 
 Local files only: --model, --controlnet and --adapter are read from disk and nothing is downloaded. Only when
 --model or --controlnet is not an existing path and has the form of a Hugging Face Hub id ("owner/name") is it
@@ -47,15 +49,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="diffusers folder of an SD1.x/SD2.x/SDXL checkpoint")
     p.add_argument("--adapter", required=True, help="ROICtrl adapter: a folder as ROICtrlAdapter.save_pretrained writes it, or the official release file (ROICtrl_sdv14_30K.safetensors, detected by its keys)")
     p.add_argument("--layout", required=True, help="layout JSON file (format below)")
-    p.add_argument("--out", required=True, help="output image path (PNG); the boxes overlay goes beside it")
+    p.add_argument("--out", required=True, help="output image path (.png, .jpg, ...); the boxes overlay goes beside it as <stem>.boxes.png")
     p.add_argument("--prompt", help="global prompt (overrides the layout's)")
     p.add_argument("--negative-prompt", help="negative prompt (overrides the layout's)")
     p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, 0 to 2**64 - 1 (default 0)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale, 0 to 100 (default 7.5)")
     p.add_argument("--beta", type=float, default=1.0,
                    help="scheduled sampling: the adapter acts on the first int(beta * steps) steps (default 1.0)")
-    p.add_argument("--scale", type=float, default=1.0, help="adapter strength, 0 = off (default 1.0)")
+    p.add_argument("--scale", type=float, default=1.0, help="adapter strength, 0 (off) to 10 (default 1.0)")
     p.add_argument("--clip-boxes", action="store_true", help="clamp boxes that overshoot the image (with a warning)")
     p.add_argument("--controlnet", help="diffusers ControlNet folder (needs --control-image)")
     p.add_argument("--control-image", help="condition image for --controlnet")
