@@ -8,10 +8,11 @@ otherwise) showing the boxes, the crops, the paste-backs and the per-pixel
 reconstruction error. It also prints a table of shapes, timings and the
 largest difference from the float64 pure-PyTorch oracle ``roi_ops.reference``.
 
-Then, when the toy Stable-Diffusion model trained by ``benchmarks/instance_control`` is present (a source
-checkout ships it; ``--toy-model`` points elsewhere, ``--toy-model none`` skips it), it turns one layout into
-images with the ROICtrl adapter off and on (same seeds), boxes drawn, and the adapter's blend-weight map per
-instance (``demo_output/roictrl_toy_demo.png``, ``--toy-out``).
+Then, given ``--toy-model DIR``, the toy Stable-Diffusion model trained by ``benchmarks/instance_control`` (a
+source checkout holds it in ``benchmarks/instance_control/checkpoints``; ``make demo`` passes that folder; it is not
+part of the installed package), it turns one layout into images with the ROICtrl adapter off and on (same seeds),
+boxes drawn, and the adapter's blend-weight map per instance (``demo_output/roictrl_toy_demo.png``,
+``--toy-out``). Without ``--toy-model`` that part is skipped, with a note saying how to get the model.
 """
 
 from __future__ import annotations
@@ -30,8 +31,13 @@ from roi_ops import reference
 
 DEFAULT_OUT = Path("demo_output") / "roi_ops_demo.png"
 DEFAULT_TOY_OUT = Path("demo_output") / "roictrl_toy_demo.png"
-# The toy model of the instance-control benchmark, as committed in a source checkout.
-DEFAULT_TOY_MODEL = Path(__file__).resolve().parents[1] / "benchmarks" / "instance_control" / "checkpoints"
+# Where a source checkout of roi-ops holds the toy model of the instance-control benchmark (relative to the
+# checkout's root; the installed package does not ship it).
+TOY_MODEL_IN_CHECKOUT = "benchmarks/instance_control/checkpoints"
+TOY_MODEL_HOWTO = (
+    f"the toy model (folders model/ and roictrl/, about 7 MB) is in a source checkout of roi-ops under "
+    f"{TOY_MODEL_IN_CHECKOUT}: pass --toy-model <checkout>/{TOY_MODEL_IN_CHECKOUT} (make demo does)"
+)
 # (box (x1, y1, x2, y2) normalised, caption): one colour per instance, the scorer's palette.
 TOY_LAYOUT = [
     ((0.06, 0.08, 0.40, 0.42), "a red circle"),
@@ -381,9 +387,10 @@ def main(argv=None) -> int:
                         help="timed repetitions per op; the table shows the median (default: 20)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads before running (default: torch's choice)")
-    parser.add_argument("--toy-model", default=str(DEFAULT_TOY_MODEL),
-                        help="folder with model/ (diffusers) and roictrl/ (adapter) of the toy model; "
-                             "'none' skips the ROICtrl part (default: the one in a source checkout)")
+    parser.add_argument("--toy-model", default=None, metavar="DIR",
+                        help="folder with model/ (diffusers) and roictrl/ (adapter) of the toy model, for the "
+                             f"ROICtrl part ({TOY_MODEL_IN_CHECKOUT} in a source checkout); without it, or "
+                             "with 'none', that part is skipped")
     parser.add_argument("--toy-out", type=Path, default=DEFAULT_TOY_OUT,
                         help=f"where to write the ROICtrl picture (default: {DEFAULT_TOY_OUT})")
     parser.add_argument("--toy-seeds", type=int, default=3, help="images per setting in the ROICtrl part")
@@ -394,6 +401,12 @@ def main(argv=None) -> int:
         parser.error(f"--grid must be a positive integer, got {args.grid}")
     if args.repeats < 1:
         parser.error(f"--repeats must be a positive integer, got {args.repeats}")
+    toy = None
+    if args.toy_model is not None and args.toy_model.lower() != "none":
+        toy = Path(args.toy_model)
+        if not ((toy / "model" / "model_index.json").is_file() and (toy / "roictrl").is_dir()):
+            parser.error(f"--toy-model {args.toy_model!r}: no toy model there (model/model_index.json and "
+                         f"roictrl/); {TOY_MODEL_HOWTO}")
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be a positive integer, got {args.threads}")
@@ -415,13 +428,11 @@ def main(argv=None) -> int:
     print_table(table, backend, torch.get_num_threads())
     save_figure(image, boxes, res, grid, args.out, "native CPU" if native else "reference fallback")
     print(f"wrote {args.out.resolve()}")
-    if args.toy_model.lower() != "none":
-        toy = Path(args.toy_model)
-        if (toy / "model" / "model_index.json").is_file() and (toy / "roictrl").is_dir():
-            roictrl_toy_demo(toy, args.toy_out, args.toy_seeds)
-            print(f"wrote {args.toy_out.resolve()}")
-        else:
-            print(f"note: no toy model at {toy} (model/ and roictrl/); skipped the ROICtrl part")
+    if toy is not None:
+        roictrl_toy_demo(toy, args.toy_out, args.toy_seeds)
+        print(f"wrote {args.toy_out.resolve()}")
+    elif args.toy_model is None:
+        print(f"note: skipped the ROICtrl part, which needs --toy-model DIR; {TOY_MODEL_HOWTO}")
     return 0
 
 

@@ -165,7 +165,25 @@ def test_demo_writes_its_picture(tmp_path):
 
     target = tmp_path / "demo.png"
     env = dict(os.environ, MPLBACKEND="Agg")
-    subprocess.run([sys.executable, "-m", "roi_ops.demo", "--out", str(target), "--repeats", "1"],
-                   check=True, env=env, cwd=tmp_path)
+    run = subprocess.run([sys.executable, "-m", "roi_ops.demo", "--out", str(target), "--repeats", "1"],
+                         check=True, env=env, cwd=tmp_path, capture_output=True, text=True)
     with Image.open(target) as picture:
         assert picture.width > 100 and picture.height > 100
+    # the package does not ship the toy model: the demo says how to get it ...
+    assert "skipped the ROICtrl part, which needs --toy-model DIR" in run.stdout, run.stdout
+    assert "benchmarks/instance_control/checkpoints" in run.stdout
+
+
+def test_demo_with_the_toy_model(tmp_path):
+    """... and, given --toy-model (the checkout's, named by the packaging test), the installed demo runs it."""
+    from PIL import Image
+
+    toy = os.environ.get("ROI_OPS_TOY_MODEL")
+    assert toy, "ROI_OPS_TOY_MODEL is not set (tests/test_packaging.py sets it)"
+    target = tmp_path / "toy.png"
+    env = dict(os.environ, MPLBACKEND="Agg")
+    subprocess.run([sys.executable, "-m", "roi_ops.demo", "--out", str(tmp_path / "ops.png"), "--repeats", "1",
+                    "--toy-model", toy, "--toy-out", str(target), "--toy-seeds", "1"],
+                   check=True, env=env, cwd=tmp_path)
+    with Image.open(target) as picture:
+        assert picture.width > 600

@@ -32,9 +32,25 @@ from roi_ops import _ops
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_PIN = "torch==2.13.0"
 EXTRAS = "adapter,demo,test"
-# what --no-build-isolation needs in the environment besides torch (pyproject's
-# [build-system]; ninja: parallel compiles)
-BUILD_TOOLS = ["setuptools>=77", "ninja"]
+
+
+def readme_install_lines() -> list[list[str]]:
+    """The README's install commands (the ```bash block under "## Install"), each split as a shell would."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"^## Install\n.*?```bash\n(.*?)```", text, re.S | re.M).group(1)
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+def test_readme_install_lines_name_what_a_fresh_venv_lacks():
+    """torch brings setuptools only on Python >= 3.12, and a 3.10/3.11 venv has an older one: the README's first
+    line names the build tools pyproject.toml requires, the second builds with --no-build-isolation."""
+    first, second = readme_install_lines()
+    assert first[:2] == ["pip", "install"] and TORCH_PIN in first
+    requires = _pyproject()["build-system"]["requires"]
+    assert "setuptools>=77" in requires and "setuptools>=77" in first and "ninja" in first
+    assert second == ["pip", "install", "--no-build-isolation", "."]
 
 
 def _run(cmd, cwd=None, env=None, timeout=1200, label=None) -> str:
@@ -293,19 +309,32 @@ def _venv(path: Path, *packages: str) -> Path:
 
 def _smoke(python: Path, workdir: Path) -> str:
     """Runs tests/packaging_smoke.py with the environment's own pytest, from a
-    folder holding nothing of the checkout."""
+    folder holding nothing of the checkout (the toy model, which the package does
+    not ship, is named by ROI_OPS_TOY_MODEL for the demo's --toy-model)."""
     workdir.mkdir()
     shutil.copy(ROOT / "tests" / "packaging_smoke.py", workdir / "packaging_smoke.py")
+    toy = ROOT / "benchmarks" / "instance_control" / "checkpoints"
     return _run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "packaging_smoke.py"],
-                cwd=workdir, env=_clean_env(MPLBACKEND="Agg"), label=f"{workdir.name}: smoke")
+                cwd=workdir, env=_clean_env(MPLBACKEND="Agg", ROI_OPS_TOY_MODEL=str(toy)),
+                label=f"{workdir.name}: smoke")
 
 
 def _from_sdist_venv(sdist: Path, tmp: Path) -> str:
-    python = _venv(tmp / "venv-sdist", *BUILD_TOOLS)
-    # what a user runs; --no-cache-dir: never reuse a wheel pip built from an older sdist of this name
-    _run([python, *PIP_INSTALL, "--no-build-isolation", "--no-cache-dir",
-          f"roi-ops[{EXTRAS}] @ {sdist.as_uri()}", TORCH_PIN], env=_clean_env(),
-         label="venv-sdist: pip install the sdist (builds it) + extras")
+    """The README's install lines, as written, in a fresh venv of this Python, in the unpacked sdist."""
+    venv = tmp / "venv-sdist"
+    _run([sys.executable, "-m", "venv", venv], env=_clean_env(), label="venv-sdist: venv")
+    python = venv / "bin" / "python"
+    with tarfile.open(sdist) as tar:
+        tar.extractall(tmp / "unpacked", filter="data")
+    (source,) = (tmp / "unpacked").iterdir()
+    for i, (pip, *args) in enumerate(readme_install_lines()):
+        assert pip == "pip", args
+        # -q --no-compile only quieten and speed up; --no-cache-dir: never a wheel built from an older sdist
+        _run([python, "-m", "pip", *args, "-q", "--no-compile", "--no-cache-dir"], cwd=source, env=_clean_env(),
+             label=f"venv-sdist: README line {i + 1}")
+    # the extras the smoke file exercises, for the roi-ops just installed (no second build)
+    _run([python, *PIP_INSTALL, f"roi-ops[{EXTRAS}]=={roi_ops.__version__}", TORCH_PIN], env=_clean_env(),
+         label="venv-sdist: extras")
     return _smoke(python, tmp / "run-sdist")
 
 

@@ -22,7 +22,7 @@ from .block import BoxEncoder, ROICtrlBlock, blend, coverage
 from .instances import ROICtrlInstances
 from .official import is_official_checkpoint
 from .options import OFFICIAL_CONFIG, ArchitectureOptions
-from .pipeline import Instance, ROICtrlPipeline, normalize_instances
+from .pipeline import Instance, ROICtrlPipeline, normalize_instances, validate_layout
 
 __all__ = [
     "OFFICIAL_CONFIG",
@@ -40,4 +40,5 @@ __all__ = [
     "is_official_checkpoint",
     "load_adapter",
     "normalize_instances",
+    "validate_layout",
 ]

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .block import BoxEncoder, ROICtrlBlock
-from .checkpoint import architecture_mismatch, read_safetensors_header, validate_config
+from .checkpoint import architecture_mismatch, check_finite, read_safetensors_header, validate_config
 from .instances import ROICtrlInstances
 from .options import OFFICIAL_CONFIG, ArchitectureOptions
 
@@ -525,22 +525,13 @@ class ROICtrlAdapter(nn.Module):
         The folder is untrusted input: ``config.json`` is checked key by key (types, ranges, relations; see
         :mod:`roi_ops.roictrl_adapter.checkpoint`), the safetensors header is read and checked (float dtypes,
         shapes, offsets, total size against the file) and compared with the shapes the config implies and with
-        the config saved beside the weights, all before any parameter is allocated.
+        the config saved beside the weights, all before any parameter is allocated. Weights holding a NaN or an
+        infinity are refused (``ValueError`` naming the tensors).
         """
         from safetensors.torch import load_file
 
         config_path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}; expected a ROICtrlAdapter save")
-        with open(config_path, "rb") as f:
-            raw = f.read(16 * 1024 * 1024 + 1)
-        try:
-            config = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{config_path} is not a JSON file of at most 16 MiB ({exc})") from None
-        validate_config(config, config_path)
-        if config["_class_name"] != cls.__name__:
-            raise ValueError(f"{config_path} does not describe a {cls.__name__}, got {config['_class_name']!r}")
+        config = _read_config(directory, cls.__name__)
         kwargs = {k: v for k, v in config.items() if k not in ("_class_name", "format_version")}
         weights_path = os.path.join(directory, WEIGHTS_NAME)
         header, metadata = read_safetensors_header(weights_path)
@@ -565,7 +556,9 @@ class ROICtrlAdapter(nn.Module):
                 f"unexpected {unexpected[:3]}, wrong shapes (name, file, expected) {wrong[:3]}"
             )
         adapter = cls(**kwargs)
-        adapter.load_state_dict(load_file(weights_path))
+        weights = load_file(weights_path)
+        check_finite(weights, weights_path)
+        adapter.load_state_dict(weights)
         if unet is not None:
             adapter.check_compatible(unet)
             unet_device, unet_dtype = _device_and_dtype(unwrap_unet(unet))
@@ -596,6 +589,56 @@ def _record_size(sizes: dict, module, args, kwargs):
         sizes[H * W] = (H, W)
 
 
+def _read_config(directory: str | os.PathLike, class_name: str = "ROICtrlAdapter") -> dict[str, Any]:
+    """``directory/config.json``, read (at most 16 MiB) and checked by :func:`validate_config`."""
+    config_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}; expected a ROICtrlAdapter save")
+    with open(config_path, "rb") as f:
+        raw = f.read(16 * 1024 * 1024 + 1)
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{config_path} is not a JSON file of at most 16 MiB ({exc})") from None
+    validate_config(config, config_path)
+    if config["_class_name"] != class_name:
+        raise ValueError(f"{config_path} does not describe a {class_name}, got {config['_class_name']!r}")
+    return config
+
+
+def check_adapter_path(path: str | os.PathLike) -> str:
+    """What :func:`load_adapter` will read at ``path``, checked without building or loading anything: ``"folder"``
+    (a :meth:`ROICtrlAdapter.save_pretrained` folder, or its weights file: config validated, weights header
+    checked) or ``"official"`` (the official release file: a safetensors header checked, the keys recognised).
+    Raises ``FileNotFoundError``/``ValueError`` naming the problem (a cut-off safetensors file: "truncated")."""
+    path = os.fspath(path)
+    folder = os.path.dirname(path) if os.path.isfile(path) else path
+    if os.path.isfile(os.path.join(folder, CONFIG_NAME)) and (
+        not os.path.isfile(path) or os.path.basename(path) == WEIGHTS_NAME
+    ):
+        _read_config(folder)
+        weights = os.path.join(folder, WEIGHTS_NAME)
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"adapter folder {folder!r} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+        read_safetensors_header(weights)
+        return "folder"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"adapter path {path!r}: no such file or folder")
+    not_adapter = (
+        f"adapter path {path!r} is not a ROICtrlAdapter folder (expected {CONFIG_NAME} and {WEIGHTS_NAME}, as "
+        "ROICtrlAdapter.save_pretrained writes), the path of that weights file, or an official ROICtrl checkpoint"
+    )
+    if os.path.isdir(path):
+        raise ValueError(not_adapter)
+    if path.endswith(".safetensors"):
+        read_safetensors_header(path)  # a truncated or corrupt file says so here, not "not an adapter"
+    from .official import is_official_checkpoint
+
+    if is_official_checkpoint(path):
+        return "official"
+    raise ValueError(not_adapter)
+
+
 def load_adapter(
     path: str | os.PathLike,
     unet: nn.Module | None = None,
@@ -607,21 +650,13 @@ def load_adapter(
     Accepted: a folder written by :meth:`ROICtrlAdapter.save_pretrained` (``config.json`` +
     ``roictrl_adapter.safetensors``), the path of that weights file, or the official ROICtrl release file
     (detected by :func:`~roi_ops.roictrl_adapter.official.is_official_checkpoint`, loaded by ``from_official``). With ``unet`` the adapter is checked
-    against it and put on its device and dtype (``device``/``dtype`` override). Not installed.
+    against it and put on its device and dtype (``device``/``dtype`` override). Not installed. The path and format
+    are checked first (:func:`check_adapter_path`).
     """
     path = os.fspath(path)
-    folder = os.path.dirname(path) if os.path.isfile(path) else path
-    if os.path.isfile(os.path.join(folder, CONFIG_NAME)) and (
-        not os.path.isfile(path) or os.path.basename(path) == WEIGHTS_NAME
-    ):
+    if check_adapter_path(path) == "folder":
+        folder = os.path.dirname(path) if os.path.isfile(path) else path
         return ROICtrlAdapter.from_pretrained(folder, unet=unet, device=device, dtype=dtype)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"adapter path {path!r}: no such file or folder")
-    from .official import from_official, is_official_checkpoint
+    from .official import from_official
 
-    if is_official_checkpoint(path):
-        return from_official(path, unet, device=device, dtype=dtype)
-    raise ValueError(
-        f"adapter path {path!r} is not a ROICtrlAdapter folder (expected {CONFIG_NAME} and {WEIGHTS_NAME}, as "
-        "ROICtrlAdapter.save_pretrained writes), the path of that weights file, or an official ROICtrl checkpoint"
-    )
+    return from_official(path, unet, device=device, dtype=dtype)

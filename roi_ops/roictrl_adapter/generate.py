@@ -20,7 +20,9 @@ layout JSON: {"prompt": "a living room", "negative_prompt": "blurry" (optional),
   "box_format": "xyxy" | "xywh" (optional, default "xyxy"),
   "box_units": "normalized" | "pixels" (optional, default "normalized"),
   "instances": [{"box": [0.1, 0.2, 0.5, 0.9], "caption": "a red sofa"}, ...]}
---prompt / --negative-prompt override the layout's.
+--prompt / --negative-prompt override the layout's. Limits: prompts and captions of at most 4096 characters, at
+most 256 instances, width and height at most 8192 and multiples of the model's VAE factor; a key written twice
+is an error. All of it, --out and --adapter are checked before the model loads.
 
 Local files only: --model, --controlnet and --adapter are read from disk and nothing is downloaded. Only when
 --model or --controlnet is not an existing path and has the form of a Hugging Face Hub id ("owner/name") is it
@@ -28,8 +30,11 @@ downloaded from the Hub (or taken from its cache).
 """
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_LAYOUT_KEYS = {"prompt", "negative_prompt", "width", "height", "box_format", "box_units", "instances"}
 DTYPES = ("float32", "float16", "bfloat16")
+#: The largest layout file read (256 instances with 4096-character captions are about 1 MiB).
+MAX_LAYOUT_BYTES = 16 * 1024 * 1024
+#: ``--seed`` range: what ``torch.Generator.manual_seed`` takes as an unsigned 64-bit seed.
+MAX_SEED = 2**64 - 1
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -44,20 +49,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="diffusers folder of an SD1.x/SD2.x/SDXL checkpoint")
     p.add_argument("--adapter", required=True, help="ROICtrl adapter: a folder as ROICtrlAdapter.save_pretrained writes it, or the official release file (ROICtrl_sdv14_30K.safetensors, detected by its keys)")
     p.add_argument("--layout", required=True, help="layout JSON file (format below)")
-    p.add_argument("--out", required=True, help="output image path (PNG); the boxes overlay goes beside it")
+    p.add_argument("--out", required=True, help="output image path (.png, .jpg, ...); the boxes overlay goes beside it as <stem>.boxes.png")
     p.add_argument("--prompt", help="global prompt (overrides the layout's)")
     p.add_argument("--negative-prompt", help="negative prompt (overrides the layout's)")
     p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, 0 to 2**64 - 1 (default 0)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale, 0 to 100 (default 7.5)")
     p.add_argument("--beta", type=float, default=1.0,
                    help="scheduled sampling: the adapter acts on the first int(beta * steps) steps (default 1.0)")
-    p.add_argument("--scale", type=float, default=1.0, help="adapter strength, 0 = off (default 1.0)")
+    p.add_argument("--scale", type=float, default=1.0, help="adapter strength, 0 (off) to 10 (default 1.0)")
     p.add_argument("--clip-boxes", action="store_true", help="clamp boxes that overshoot the image (with a warning)")
     p.add_argument("--controlnet", help="diffusers ControlNet folder (needs --control-image)")
     p.add_argument("--control-image", help="condition image for --controlnet")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT and its .boxes.png if they exist")
     p.set_defaults(func=run)
     return p
 
@@ -67,27 +73,47 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if dup is not None:
+        raise ValueError(f"duplicate key {dup!r} in one object (JSON keeps only the last; write it once)")
+    return dict(pairs)
+
+
 def read_layout(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a layout JSON file (instances are checked by the pipeline, with their index)."""
+    """Read and check a layout JSON file: :func:`~roi_ops.roictrl_adapter.pipeline.validate_layout` (the one
+    validator of layouts) on what the file holds, which must be UTF-8 JSON without duplicate keys. Returns the
+    checked layout with its defaults filled in (``instances`` as ``Instance`` objects). Raises ``ValueError`` whose
+    message names the file and the key."""
+    from .pipeline import validate_layout
+
+    name = f"--layout {os.fspath(path)!r}"
     try:
-        with open(path, encoding="utf-8") as f:
-            layout = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_LAYOUT_BYTES + 1)
     except FileNotFoundError:
-        raise ValueError(f"--layout {os.fspath(path)!r}: no such file") from None
+        raise ValueError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{name} is a directory; expected a layout JSON file") from None
+    except OSError as e:
+        raise ValueError(f"{name}: cannot read it ({e.strerror or e})") from None
+    if len(raw) > MAX_LAYOUT_BYTES:
+        raise ValueError(f"{name} is larger than {MAX_LAYOUT_BYTES // 2**20} MiB; a layout is a small JSON file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); save it as "
+                         "UTF-8 JSON") from None
+    try:
+        layout = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--layout {os.fspath(path)!r} is not valid JSON: {e}") from None
-    if not isinstance(layout, dict):
-        raise ValueError(f"--layout must hold a JSON object, got {type(layout).__name__}")
-    unknown = sorted(set(layout) - _LAYOUT_KEYS)
-    if unknown:
-        raise ValueError(f"--layout has unknown keys {unknown}; expected some of {sorted(_LAYOUT_KEYS)}")
-    for key in ("width", "height"):
-        v = layout.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise ValueError(f"--layout {key} must be a positive integer, got {v!r}")
-    if not isinstance(layout.get("instances", []), list):
-        raise ValueError(f"--layout instances must be a list, got {type(layout['instances']).__name__}")
-    return layout
+        raise ValueError(f"{name} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{name} is nested too deeply to be a layout") from None
+    except ValueError as e:  # a duplicate key
+        raise ValueError(f"{name}: {e}") from None
+    return validate_layout(layout, require_prompt=False, where=f"{name}: ")
 
 
 def _source(name: str, value: str) -> dict[str, Any]:
@@ -164,28 +190,81 @@ def boxes_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.stem + ".boxes.png")
 
 
+def _vae_factor(model: str) -> int | None:
+    """A local model's VAE factor (``2 ** (len(block_out_channels) - 1)`` of ``vae/config.json``), else ``None``."""
+    try:
+        with open(os.path.join(model, "vae", "config.json")) as f:
+            channels = json.load(f)["block_out_channels"]
+        return 2 ** (len(channels) - 1)
+    except (OSError, KeyError, TypeError, ValueError, RecursionError):
+        return None
+
+
+def check_out(out: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise ``ValueError`` unless ``out`` can be written as an image: not a folder, an image extension Pillow
+    writes, a folder (existing or creatable) we may write in, and (unless ``overwrite``) neither ``out`` nor its
+    ``.boxes.png`` already there. Creates nothing."""
+    import tempfile
+
+    from PIL import Image
+
+    path = Path(out)
+    name = f"--out {os.fspath(out)!r}"
+    if path.is_dir():
+        raise ValueError(f"{name} is a directory; give the image's file name, e.g. {os.fspath(path / 'image.png')!r}")
+    Image.init()
+    ext = path.suffix.lower()
+    if Image.registered_extensions().get(ext) not in Image.SAVE:
+        raise ValueError(f"{name} needs an image extension Pillow can write (.png, .jpg, .webp, ...), got "
+                         f"{ext or 'none'!r}")
+    if not overwrite:
+        for target in (path, boxes_path(path)):
+            if os.path.lexists(target):
+                raise ValueError(f"{os.fspath(target)!r} already exists; pass --overwrite to replace it")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{name}: {os.fspath(parent)!r} is not a folder")
+    try:  # the true test of writability (os.access says yes to root on a read-only file system)
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".roi-ops-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{name}: cannot write in {os.fspath(parent)!r} ({e.strerror or e})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .adapter import load_adapter
-    from .pipeline import ROICtrlPipeline, normalize_instances
+    from .adapter import check_adapter_path, load_adapter
+    from .pipeline import ROICtrlPipeline, _check_texts, check_image_size, check_scales, normalize_instances
 
+    # Everything the arguments alone decide is checked here, before the (slow) model load.
     try:
         layout = read_layout(args.layout)
+        prompt = args.prompt if args.prompt is not None else layout.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("no prompt: give --prompt or a non-empty \"prompt\" in the layout")
+        negative = args.negative_prompt if args.negative_prompt is not None else layout.get("negative_prompt")
+        _check_texts("--prompt", args.prompt)
+        _check_texts("--negative-prompt", args.negative_prompt)
+        if (args.controlnet is None) != (args.control_image is None):
+            raise ValueError("--controlnet and --control-image go together")
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        if not 0 <= args.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be an integer in [0, 2**64 - 1], got {args.seed}")
+        check_scales(args.guidance_scale, args.scale, args.beta, names=("--guidance-scale", "--scale", "--beta"))
+        check_out(args.out, args.overwrite)
+        if not os.path.exists(args.adapter):
+            raise ValueError(f"--adapter {args.adapter!r}: no such file or folder")
+        try:
+            check_adapter_path(args.adapter)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"--adapter: {e}") from None
     except ValueError as e:
         return _fail(str(e))
-    prompt = args.prompt if args.prompt is not None else layout.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        return _fail("no prompt: give --prompt or a non-empty \"prompt\" in the layout")
-    negative = args.negative_prompt if args.negative_prompt is not None else layout.get("negative_prompt")
-    if (args.controlnet is None) != (args.control_image is None):
-        return _fail("--controlnet and --control-image go together")
-    if args.steps < 1:
-        return _fail(f"--steps must be >= 1, got {args.steps}")
-    if not 0.0 <= args.beta <= 1.0:
-        return _fail(f"--beta must be in [0, 1], got {args.beta}")
-    if not os.path.exists(args.adapter):
-        return _fail(f"--adapter {args.adapter!r}: no such file or folder")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         return _fail("--device cuda but no CUDA device is available")
@@ -206,29 +285,30 @@ def run(args: argparse.Namespace) -> int:
             call["image"] = Image.open(args.control_image).convert("RGB")
         except (FileNotFoundError, OSError) as e:
             return _fail(f"--control-image {args.control_image!r}: {e}")
-    opts = dict(
-        box_format=layout.get("box_format", "xyxy"), box_units=layout.get("box_units", "normalized"),
-        clip_boxes=args.clip_boxes,
-    )
+    opts = dict(box_format=layout["box_format"], box_units=layout["box_units"], clip_boxes=args.clip_boxes)
     size = _expected_size(args.model, layout, call.get("image"))
     try:
         if size is not None:  # check the layout before the (slow) model load; the pipeline checks it again
-            normalize_instances(layout.get("instances", []), 1, width=size[1], height=size[0], **opts)
+            check_image_size(*size, _vae_factor(args.model) or 1)
+            normalize_instances(layout["instances"], 1, width=size[1], height=size[0], **opts)
         pipe = load_pipeline(args.model, args.controlnet, device, dtype)
         adapter = load_adapter(args.adapter, pipe.unet)
         roictrl = ROICtrlPipeline.from_pipe(pipe, adapter)
         pipe.set_progress_bar_config(desc="denoising", disable=False)
         image = roictrl(
-            prompt, instances=layout.get("instances", []), roictrl_scheduled_sampling_beta=args.beta,
+            prompt, instances=layout["instances"], roictrl_scheduled_sampling_beta=args.beta,
             roictrl_scale=args.scale, **opts, **call,
         ).images[0]
     except (ValueError, TypeError, FileNotFoundError) as e:
         return _fail(str(e))
     height, width = image.height, image.width
-    drawn = normalize_instances(layout.get("instances", []), 1, width=width, height=height, **opts)[0]
+    drawn = normalize_instances(layout["instances"], 1, width=width, height=height, **opts)[0]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
-    draw_boxes(image, drawn).save(boxes_path(out))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image.save(out)
+        draw_boxes(image, drawn).save(boxes_path(out))
+    except OSError as e:
+        return _fail(f"--out {args.out!r}: cannot write the image ({e})")
     print(f"wrote {out} and {boxes_path(out)}")
     return 0

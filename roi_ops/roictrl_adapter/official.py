@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .adapter import ROICtrlAdapter
+from .checkpoint import check_finite, read_safetensors_header
 
 __all__ = [
     "SD14_UNET_CONFIG",
@@ -168,11 +169,20 @@ def _read(path_or_state_dict: Any, keys_only: bool = False) -> Mapping[str, Any]
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        if keys_only:
-            with safe_open(path, framework="pt") as f:
-                return dict.fromkeys(f.keys())
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            if keys_only:
+                with safe_open(path, framework="pt") as f:
+                    return dict.fromkeys(f.keys())
+            return load_file(path)
+        except Exception as e:  # safetensors' own error types (SafetensorError, ...)
+            raise ValueError(f"{path!r} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # pickle, zip and weights_only errors of many kinds
+        raise ValueError(
+            f"{path!r} is neither a safetensors file (.safetensors) nor a torch.save'd state dict that loads with "
+            f"weights_only=True ({type(e).__name__}: {e})"
+        ) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, Mapping) and set(state) == {wrapper}:
             state = state[wrapper]
@@ -245,7 +255,8 @@ def from_official(
 
     Every official key must map to one adapter parameter with the same shape, every adapter parameter must get
     one: otherwise ``ValueError`` with the missing keys, the unexpected keys and the shape / dtype mismatches
-    (each named). Values are copied exactly (cast to ``dtype`` if given). The adapter comes back in eval mode.
+    (each named). A tensor holding a NaN or an infinity is refused (``ValueError`` naming it). Values are copied
+    exactly (cast to ``dtype`` if given). The adapter comes back in eval mode.
     """
     state = _normalise(_read(path_or_state_dict))
     if unet is None:
@@ -274,6 +285,9 @@ def from_official(
             f"missing keys {_format_keys(missing)}; unexpected keys {_format_keys(unexpected)}; "
             f"wrong tensors {_format_keys(problems)}"
         )
+    source = (f"the official ROICtrl checkpoint {os.fspath(path_or_state_dict)!r}"
+              if isinstance(path_or_state_dict, (str, os.PathLike)) else "the official ROICtrl state dict")
+    check_finite({theirs: state[theirs] for theirs in expected}, source)
     with torch.no_grad():
         for theirs, ours in expected.items():
             own[ours].copy_(state[theirs].reshape(own[ours].shape))
@@ -285,32 +299,87 @@ def from_official(
 def _unet_from_folder(folder: str) -> nn.Module:
     import json
 
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--unet {folder!r}: no such folder (a diffusers model or UNet folder)")
     for candidate in (os.path.join(folder, "unet", "config.json"), os.path.join(folder, "config.json")):
         if os.path.isfile(candidate):
-            with open(candidate) as f:
-                config = json.load(f)
+            try:
+                with open(candidate, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"--unet: {candidate!r} is not a JSON file ({e})") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"--unet: {candidate!r} must hold a JSON object, got {type(config).__name__}")
             from diffusers import UNet2DConditionModel
 
-            with torch.device("meta"):
-                return UNet2DConditionModel.from_config(config)
+            try:
+                with torch.device("meta"):
+                    return UNet2DConditionModel.from_config(config)
+            except Exception as e:  # diffusers raises many kinds for a config it cannot build
+                raise ValueError(f"--unet: {candidate!r} does not describe a UNet2DConditionModel: "
+                                 f"{type(e).__name__}: {e}") from None
     raise FileNotFoundError(f"--unet {folder!r}: no config.json or unet/config.json in it")
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _convert_fail(message: str) -> int:
+    import sys
+
+    print(f"roi-ops convert-official: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+def _same_file(a: str, b: str) -> bool:
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def _check_convert_paths(source: str, out_dir: str, overwrite: bool) -> None:
+    """The input is a readable checkpoint file, OUT_DIR is a folder (or can become one) that is not the input and
+    would not overwrite it, and holds no config.json unless ``overwrite``; all before any work."""
+    from .adapter import CONFIG_NAME, WEIGHTS_NAME
+
+    if os.path.isdir(source):
+        raise ValueError(f"input {source!r} is a directory; the official checkpoint is one file (a roi-ops adapter "
+                         "folder needs no conversion)")
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"input {source!r}: no such file")
+    targets = [out_dir, os.path.join(out_dir, CONFIG_NAME), os.path.join(out_dir, WEIGHTS_NAME)]
+    if any(_same_file(source, t) for t in targets):
+        raise ValueError(f"OUT_DIR {out_dir!r} would overwrite the input {source!r}; write the conversion to "
+                         "another folder")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"OUT_DIR {out_dir!r} is a file; expected a folder (it is created if missing)")
+    if os.path.exists(os.path.join(out_dir, CONFIG_NAME)) and not overwrite:
+        raise ValueError(f"{out_dir!r} already holds a {CONFIG_NAME} (use --overwrite)")
+    if source.endswith(".safetensors"):
+        read_safetensors_header(source)  # a truncated or corrupt file: said here, before any work
+
+
 def convert_official(args: argparse.Namespace) -> int:
-    """``roi-ops convert-official IN OUT_DIR``: write the official checkpoint as a roi-ops adapter folder."""
-    out_dir = args.out_dir
-    if os.path.exists(os.path.join(out_dir, "config.json")) and not args.overwrite:
-        raise SystemExit(f"roi-ops convert-official: {out_dir!r} already holds a config.json (use --overwrite)")
-    unet = _unet_from_folder(args.unet) if args.unet else None
-    overrides = {"unpool": args.unpool} if args.unpool else {}
-    adapter = from_official(args.input, unet, dtype=_DTYPES[args.dtype], **overrides)
-    adapter.save_pretrained(out_dir)
+    """``roi-ops convert-official IN OUT_DIR``: write the official checkpoint as a roi-ops adapter folder.
+
+    Errors print one line ``roi-ops convert-official: error: ...`` and exit with status 2."""
+    out_dir, source = args.out_dir, args.input
+    try:
+        _check_convert_paths(source, out_dir, args.overwrite)
+        unet = _unet_from_folder(args.unet) if args.unet else None
+        overrides = {"unpool": args.unpool} if args.unpool else {}
+        keys = _read(source, keys_only=True)
+        if not is_official_checkpoint(keys):
+            raise ValueError(f"input {source!r} is not an official ROICtrl checkpoint: none of its "
+                             f"{len(keys)} keys is a roifuser / position_net weight")
+        adapter = from_official(source, unet, dtype=_DTYPES[args.dtype], **overrides)
+    except (ValueError, TypeError, OSError) as e:
+        return _convert_fail(str(e))
+    try:
+        adapter.save_pretrained(out_dir)
+    except OSError as e:
+        return _convert_fail(f"cannot write {out_dir!r}: {e}")
     count = sum(p.numel() for p in adapter.parameters())
     print(
-        f"converted {args.input} -> {out_dir}: {len(adapter.specs)} blocks, {count:,} parameters, "
+        f"converted {source} -> {out_dir}: {len(adapter.specs)} blocks, {count:,} parameters, "
         f"unpool={adapter.options.unpool}, dtype={args.dtype} (the weights' licence is the authors': cc-by-nc-4.0)"
     )
     return 0

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import threading
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,11 +28,43 @@ from .adapter import KWARG, ROICtrlAdapter, _get_arg, _set_arg, installed_adapte
 from .block import coverage, instance_weights
 from .instances import ROICtrlInstances
 
-__all__ = ["BOX_FORMATS", "BOX_UNITS", "Instance", "ROICtrlPipeline", "normalize_instances"]
+__all__ = [
+    "BOX_FORMATS",
+    "BOX_UNITS",
+    "LAYOUT_KEYS",
+    "MAX_GUIDANCE_SCALE",
+    "MAX_IMAGE_SIDE",
+    "MAX_INSTANCES",
+    "MAX_ROICTRL_SCALE",
+    "MAX_TEXT_CHARS",
+    "Instance",
+    "ROICtrlPipeline",
+    "check_image_size",
+    "check_scales",
+    "normalize_instances",
+    "validate_layout",
+]
 
 BOX_FORMATS = ("xyxy", "xywh")
 BOX_UNITS = ("normalized", "pixels")
 _UNIT_ALIASES = {"normalized": "normalized", "normalised": "normalized", "pixels": "pixels", "pixel": "pixels"}
+
+# Limits on what one call (or one layout) may ask for, checked before anything is tokenised or loaded. They are
+# module constants: a caller who needs more sets them (``pipeline.MAX_INSTANCES = 1024``) or, for the instance
+# count, passes ``max_instances=`` to a call.
+#: Characters in one prompt, negative prompt or caption. The text encoders read 77 tokens (diffusers truncates the
+#: rest, with its warning); 4096 characters is far beyond that and keeps the tokenizer's time and memory small.
+MAX_TEXT_CHARS = 4096
+#: Instances per prompt. Each costs one caption embedding (77 x D) per generated image and one ROI pass per layer.
+MAX_INSTANCES = 256
+#: Largest ``height`` / ``width`` in pixels (sizes must also be multiples of the pipeline's VAE factor).
+MAX_IMAGE_SIDE = 8192
+#: ``guidance_scale`` must be finite and in ``[0, MAX_GUIDANCE_SCALE]`` (diffusers: ``<= 1`` turns guidance off).
+MAX_GUIDANCE_SCALE = 100.0
+#: ``roictrl_scale`` must be finite and in ``[0, MAX_ROICTRL_SCALE]`` (0 = off, 1 = as trained).
+MAX_ROICTRL_SCALE = 10.0
+#: The keys of a layout (``roi-ops generate --layout``); :func:`validate_layout` takes others through ``keys``.
+LAYOUT_KEYS = ("prompt", "negative_prompt", "width", "height", "box_format", "box_units", "instances")
 
 
 @dataclass(frozen=True)
@@ -49,7 +84,7 @@ def _is_instance_like(x: object) -> bool:
     return isinstance(x, (Instance, Mapping))
 
 
-def _as_instance(item: object, where: str) -> Instance:
+def _as_instance(item: object, where: str, sep: str = " ") -> Instance:
     if isinstance(item, Instance):
         box, caption = item.box, item.caption
     elif isinstance(item, Mapping):
@@ -70,13 +105,159 @@ def _as_instance(item: object, where: str) -> Instance:
         or len(box) != 4
         or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in box)
     ):
-        raise ValueError(f"{where} box must be 4 numbers, got {box!r}")
+        raise ValueError(f"{where}{sep}box must be 4 numbers, got {_short(box)}")
     box = tuple(float(v) for v in box)
     if not all(math.isfinite(v) for v in box):
-        raise ValueError(f"{where} box must be finite, got {box!r}")
+        raise ValueError(f"{where}{sep}box must be finite, got {box!r}")
     if not isinstance(caption, str) or not caption.strip():
-        raise ValueError(f"{where} caption must be a non-empty string, got {caption!r}")
+        raise ValueError(f"{where}{sep}caption must be a non-empty string, got {_short(caption)}")
+    _check_text_length(f"{where}{sep}caption", caption)
     return Instance(box, caption)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__})"
+
+
+def _check_text_length(where: str, text: str) -> None:
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(
+            f"{where} has {len(text)} characters; at most {MAX_TEXT_CHARS} (roi_ops.roictrl_adapter.pipeline."
+            "MAX_TEXT_CHARS) are accepted, and the text encoder reads only its first 77 tokens"
+        )
+
+
+def _check_texts(name: str, value: Any) -> None:
+    """A prompt argument: ``None``, a string or a list of strings, each of at most :data:`MAX_TEXT_CHARS`."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        _check_text_length(name, value)
+        return
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{name} must be a string or a list of strings, got {_short(value)}")
+    for i, v in enumerate(value):
+        _check_text_length(f"{name}[{i}]", v)
+
+
+def _check_box_options(box_format: Any, box_units: Any, where: str = "") -> None:
+    if not isinstance(box_format, str) or box_format not in BOX_FORMATS:
+        raise ValueError(f"{where}box_format must be one of {BOX_FORMATS}, got {_short(box_format)}")
+    if not isinstance(box_units, str) or box_units not in _UNIT_ALIASES:
+        raise ValueError(f"{where}box_units must be one of {BOX_UNITS}, got {_short(box_units)}")
+
+
+def _check_count(where: str, n: int, max_instances: int | None) -> None:
+    limit = MAX_INSTANCES if max_instances is None else max_instances
+    if n > limit:
+        raise ValueError(
+            f"{where} has {n} instances; at most {limit} are accepted (max_instances=, default "
+            "roi_ops.roictrl_adapter.pipeline.MAX_INSTANCES)"
+        )
+
+
+def check_image_size(height: Any, width: Any, multiple: int = 1, where: str = "") -> None:
+    """Raise ``ValueError`` unless ``height`` and ``width`` are ints in ``[1, MAX_IMAGE_SIDE]`` and multiples of
+    ``multiple`` (the pipeline's VAE factor). ``None`` (the model's default size) passes."""
+    for key, v in (("height", height), ("width", width)):
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ValueError(f"{where}{key} must be a positive integer (pixels), got {_short(v)}")
+        if not 1 <= v <= MAX_IMAGE_SIDE:
+            raise ValueError(
+                f"{where}{key} must be in [1, {MAX_IMAGE_SIDE}] pixels (roi_ops.roictrl_adapter.pipeline."
+                f"MAX_IMAGE_SIDE), got {v}"
+            )
+        if v % multiple:
+            raise ValueError(f"{where}{key} must be a multiple of {multiple} (the model's VAE factor), got {v}")
+
+
+def _check_number(name: str, value: Any, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {_short(value)}")
+    if not math.isfinite(value) or not 0.0 <= value <= high:
+        raise ValueError(f"{name} must be a finite number in [0, {high:g}], got {value!r}")
+
+
+def check_scales(guidance_scale: Any = None, roictrl_scale: Any = None, beta: Any = None,
+                 names: tuple[str, str, str] = ("guidance_scale", "roictrl_scale",
+                                                "roictrl_scheduled_sampling_beta")) -> None:
+    """Raise ``ValueError`` naming the argument unless each given value is finite and in its range:
+    ``guidance_scale`` in ``[0, MAX_GUIDANCE_SCALE]``, ``roictrl_scale`` in ``[0, MAX_ROICTRL_SCALE]``, ``beta`` in
+    ``[0, 1]`` (``None`` is not checked). ``inf`` guidance gives a black image, ``nan`` silently turns it off."""
+    for name, value, high in zip(names, (guidance_scale, roictrl_scale, beta),
+                                 (MAX_GUIDANCE_SCALE, MAX_ROICTRL_SCALE, 1.0)):
+        if value is not None:
+            _check_number(name, value, high)
+
+
+def validate_layout(
+    layout: Any,
+    *,
+    keys: Sequence[str] = LAYOUT_KEYS,
+    require_prompt: bool = True,
+    max_instances: int | None = None,
+    where: str = "",
+) -> dict[str, Any]:
+    """Check one layout-like JSON object and return a copy with its defaults filled in.
+
+    The one validator of a layout: ``roi-ops generate --layout`` uses it, and so can anything that reads layouts
+    (e.g. a dataset line ``{"file_name", "prompt", "instances", "box_format", "box_units"}``: pass
+    ``keys=("file_name", "prompt", "instances", "box_format", "box_units")`` and check ``file_name`` yourself).
+    ``keys`` are the keys allowed; the ones this function knows (:data:`LAYOUT_KEYS`) are checked when present:
+
+    - ``prompt`` / ``negative_prompt``: a string of at most :data:`MAX_TEXT_CHARS` characters (``prompt``
+      non-empty, and required when ``require_prompt``);
+    - ``width`` / ``height``: an int in ``[1, MAX_IMAGE_SIDE]``;
+    - ``box_format``: one of :data:`BOX_FORMATS` (default ``"xyxy"``); ``box_units``: one of :data:`BOX_UNITS`
+      (default ``"normalized"``; returned in its canonical spelling);
+    - ``instances``: a list of at most ``max_instances`` (default :data:`MAX_INSTANCES`) objects
+      ``{"box": [4 finite numbers], "caption": non-empty string}``; returned as :class:`Instance` objects (the
+      box as given: whether it fits the image is :func:`normalize_instances`' check, which needs the size).
+
+    Raises ``ValueError`` whose message starts with ``where`` and names the key by its path
+    (``instances[0].box must be 4 numbers, got [1, 2]``) and what was expected.
+    """
+    if not isinstance(layout, Mapping):
+        raise ValueError(f"{where or 'a layout '}must hold a JSON object, got {type(layout).__name__}")
+    unknown = sorted(str(k) for k in set(layout) - set(keys))
+    if unknown:
+        raise ValueError(f"{where}unknown keys {unknown[:10]}; expected some of {sorted(keys)}")
+    out = dict(layout)
+    for key in ("prompt", "negative_prompt"):
+        if key in keys and layout.get(key) is not None:
+            value = layout[key]
+            if not isinstance(value, str):
+                raise ValueError(f"{where}{key} must be a string, got {type(value).__name__} {_short(value)}")
+            _check_text_length(f"{where}{key}", value)
+    if require_prompt and (not isinstance(layout.get("prompt"), str) or not layout["prompt"].strip()):
+        raise ValueError(f"{where}prompt must be a non-empty string, got {_short(layout.get('prompt'))}")
+    check_image_size(layout.get("height"), layout.get("width"), where=where)
+    out["box_format"] = layout.get("box_format", "xyxy")
+    units = layout.get("box_units", "normalized")
+    _check_box_options(out["box_format"], units, where)
+    out["box_units"] = _UNIT_ALIASES[units]
+    instances = layout.get("instances", [])
+    if instances is None:
+        instances = []
+    if not isinstance(instances, list):
+        raise ValueError(
+            f"{where}instances must be a list of {{\"box\": [4 numbers], \"caption\": text}}, got "
+            f"{type(instances).__name__}"
+        )
+    _check_count(f"{where}instances", len(instances), max_instances)
+    checked = []
+    for i, item in enumerate(instances):
+        if not isinstance(item, Mapping):
+            raise ValueError(
+                f"{where}instances[{i}] must be an object {{\"box\": [4 numbers], \"caption\": text}}, got "
+                f"{type(item).__name__} {_short(item)}"
+            )
+        checked.append(_as_instance(item, f"{where}instances[{i}]", sep="."))
+    out["instances"] = checked
+    return out
 
 
 def normalize_instances(
@@ -88,6 +269,7 @@ def normalize_instances(
     box_format: str = "xyxy",
     box_units: str = "normalized",
     clip_boxes: bool = False,
+    max_instances: int | None = None,
 ) -> list[list[Instance]]:
     """Validate ``instances`` and return, per prompt, a list of :class:`Instance` with normalised xyxy boxes.
 
@@ -97,12 +279,11 @@ def normalize_instances(
     ``box_units="pixels"`` and let a normalised box that looks like pixels say so.
 
     Raises ``ValueError``/``TypeError`` naming the instance (``instances[p][i]``) and what is wrong; with
-    ``clip_boxes=True``, boxes that overshoot the image are clamped to it with a warning instead.
+    ``clip_boxes=True``, boxes that overshoot the image are clamped to it with a warning instead. A prompt with
+    more than ``max_instances`` instances (default :data:`MAX_INSTANCES`), or a caption longer than
+    :data:`MAX_TEXT_CHARS` characters, is refused.
     """
-    if box_format not in BOX_FORMATS:
-        raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
-    if box_units not in _UNIT_ALIASES:
-        raise ValueError(f"box_units must be one of {BOX_UNITS}, got {box_units!r}")
+    _check_box_options(box_format, box_units)
     units = _UNIT_ALIASES[box_units]
     if instances is None:
         return [[] for _ in range(num_prompts)]
@@ -131,6 +312,8 @@ def normalize_instances(
             raise ValueError(f"instances has {len(instances)} lists but there are {num_prompts} prompts")
         per_prompt = [list(x) for x in instances]
 
+    for p, items in enumerate(per_prompt):
+        _check_count(f"instances[{p}]", len(items), max_instances)
     out, clipped = [], []
     for p, items in enumerate(per_prompt):
         row = []
@@ -233,6 +416,7 @@ class _CallState:
         self.map_count = 0
         self.active_steps: list[int] = []
         self.current: ROICtrlInstances | None = None
+        self.thread = threading.get_ident()
 
     def batch_instances(self, batch: int) -> ROICtrlInstances:
         if batch not in self.by_batch:
@@ -255,6 +439,8 @@ class _CallState:
         return self.by_batch[batch]
 
     def unet_pre_hook(self, module, args, kwargs):
+        if threading.get_ident() != self.thread:  # e.g. the plain pipeline called from another thread meanwhile
+            raise RuntimeError(_NOT_REENTRANT.format(what="UNet"))
         module = unwrap_unet(module)  # the arguments are read by the name of the UNet's own forward
         sample = _get_arg(module, args, kwargs, "sample")
         t = _get_arg(module, args, kwargs, "timestep")
@@ -308,12 +494,47 @@ class _CallState:
         return list((self.map_sum / self.map_count).split(counts))
 
 
+# The UNets and adapters a ROICtrlPipeline call is running on, whichever wrapper runs it: one call at a time each.
+_BUSY: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_BUSY_LOCK = threading.Lock()
+_NOT_REENTRANT = (
+    "ROICtrlPipeline is not re-entrant: another call is running on this pipeline's {what} (from another thread, "
+    "or from inside a callback of that call). A call installs hooks and per-call state on the UNet and the adapter, "
+    "so concurrent calls would mix their instances. For parallel generation use one ROICtrlPipeline per pipeline "
+    "copy, each with its own adapter (e.g. ROICtrlPipeline.from_pipe(copy_of_pipe, copy.deepcopy(adapter))), or "
+    "serialise the calls (a queue, or a threading.Lock around the call)"
+)
+
+
+def _reserve(modules: dict[str, nn.Module]) -> None:
+    with _BUSY_LOCK:
+        for what, module in modules.items():
+            if module in _BUSY:
+                raise RuntimeError(_NOT_REENTRANT.format(what=what))
+        for module in modules.values():
+            _BUSY.add(module)
+
+
+def _release(modules: dict[str, nn.Module]) -> None:
+    with _BUSY_LOCK:
+        for module in modules.values():
+            _BUSY.discard(module)
+
+
+#: The adapter's folder inside a folder written by :meth:`ROICtrlPipeline.save_pretrained`.
+ADAPTER_SUBFOLDER = "roictrl"
+
+
 class ROICtrlPipeline:
     """A diffusers Stable Diffusion / SDXL pipeline (ControlNet, T2I-Adapter and IP-Adapter included) with ROICtrl
     instances: ``ROICtrlPipeline.from_pipe(pipe, adapter)(prompt, instances=[{"box": ..., "caption": ...}])``.
 
     Attributes other than the ones below are the wrapped pipeline's (``roictrl.scheduler`` is
     ``roictrl.pipe.scheduler``). The adapter is installed on ``pipe.unet`` only during a call.
+
+    Not re-entrant: one call at a time per pipeline (UNet) and per adapter. A second call while one runs (another
+    thread, or a callback of the running call) raises ``RuntimeError`` at once; for parallel generation use one
+    wrapper per pipeline copy, each with its own adapter, or a queue.
     """
 
     def __init__(self, pipe: Any, adapter: ROICtrlAdapter):
@@ -339,7 +560,38 @@ class ROICtrlPipeline:
     def __getattr__(self, name: str) -> Any:
         if name in ("pipe", "adapter"):  # not set yet: no recursion through __getattr__
             raise AttributeError(name)
+        if name == "push_to_hub":  # the wrapped pipeline's would upload it without the adapter
+            raise AttributeError(
+                "ROICtrlPipeline has no push_to_hub: save with roictrl.save_pretrained(folder) (the pipeline plus "
+                f"its adapter in {ADAPTER_SUBFOLDER}/) and upload that folder"
+            )
         return getattr(self.pipe, name)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save the wrapped pipeline (``pipe.save_pretrained(save_directory, **kwargs)``) and the adapter beside it,
+        in ``save_directory/roictrl/`` (``ROICtrlAdapter.save_pretrained``). :meth:`from_pretrained` reads both."""
+        self.pipe.save_pretrained(save_directory, **kwargs)
+        self.adapter.save_pretrained(os.path.join(save_directory, ADAPTER_SUBFOLDER))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> "ROICtrlPipeline":
+        """Load a folder written by :meth:`save_pretrained`: the pipeline with diffusers'
+        ``DiffusionPipeline.from_pretrained(directory, **kwargs)`` (e.g. ``torch_dtype=``, ``local_files_only=``),
+        the adapter from ``directory/roictrl/`` (checked against the pipeline's UNet, on its device and dtype)."""
+        from diffusers import DiffusionPipeline
+
+        from .adapter import CONFIG_NAME
+
+        folder = os.fspath(directory)
+        adapter_dir = os.path.join(folder, ADAPTER_SUBFOLDER)
+        if not os.path.isfile(os.path.join(adapter_dir, CONFIG_NAME)):
+            raise FileNotFoundError(
+                f"{folder!r} has no {ADAPTER_SUBFOLDER}/{CONFIG_NAME}: not a folder written by "
+                "ROICtrlPipeline.save_pretrained (a plain diffusers folder loads with DiffusionPipeline."
+                "from_pretrained, its adapter with load_adapter; wrap them with ROICtrlPipeline.from_pipe)"
+            )
+        pipe = DiffusionPipeline.from_pretrained(folder, **kwargs)
+        return cls.from_pipe(pipe, ROICtrlAdapter.from_pretrained(adapter_dir, unet=pipe.unet))
 
     def to(self, *args: Any, **kwargs: Any) -> "ROICtrlPipeline":
         """``pipe.to(...)``, then the adapter follows the UNet's device and dtype."""
@@ -382,6 +634,7 @@ class ROICtrlPipeline:
         roictrl_scheduled_sampling_beta: float = 1.0,
         roictrl_scale: float = 1.0,
         return_blend_maps: bool = False,
+        max_instances: int | None = None,
         **kwargs: Any,
     ):
         """Run the wrapped pipeline with instances.
@@ -403,13 +656,44 @@ class ROICtrlPipeline:
                 ``Tensor[n_instances, height, width]`` per
                 generated image (in the order of ``output.images``); with ``return_dict=False`` it is appended
                 to the returned tuple.
+            max_instances: the most instances a prompt may have (default :data:`MAX_INSTANCES`, 256).
+
+        Before anything is tokenised: prompts and captions of at most :data:`MAX_TEXT_CHARS` characters,
+        ``height``/``width`` in ``[1, MAX_IMAGE_SIDE]`` and multiples of the VAE factor, finite
+        ``guidance_scale`` in ``[0, MAX_GUIDANCE_SCALE]``, ``roictrl_scale`` in ``[0, MAX_ROICTRL_SCALE]``,
+        ``beta`` in ``[0, 1]``; and no component on the meta device. Not re-entrant (see the class).
 
         Returns:
             The wrapped pipeline's output (plus the blend maps when asked).
         """
-        beta = roictrl_scheduled_sampling_beta
-        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= float(beta) <= 1.0:
-            raise ValueError(f"roictrl_scheduled_sampling_beta must be a number in [0, 1], got {beta!r}")
+        unet = unwrap_unet(self.pipe.unet)
+        busy = {"UNet": unet, "ROICtrlAdapter": self.adapter}
+        _reserve(busy)  # before anything else: a concurrent call must not even read the shared state
+        try:
+            return self._call(prompt, instances, box_format, box_units, clip_boxes, roictrl_scheduled_sampling_beta,
+                              roictrl_scale, return_blend_maps, max_instances, kwargs)
+        finally:
+            _release(busy)
+
+    def _check_devices(self) -> None:
+        on_meta = [
+            name for name, component in getattr(self.pipe, "components", {}).items()
+            if isinstance(component, nn.Module) and any(p.is_meta for p in component.parameters())
+        ]
+        if any(p.is_meta for p in self.adapter.parameters()):
+            on_meta.append("adapter")
+        if on_meta:
+            raise RuntimeError(
+                f"ROICtrlPipeline: {', '.join(on_meta)} on the meta device (parameters without data, e.g. after "
+                ".to('meta')): nothing can run there. Load the weights again (from_pretrained) on a real device"
+            )
+
+    def _call(self, prompt, instances, box_format, box_units, clip_boxes, beta, roictrl_scale, return_blend_maps,
+              max_instances, kwargs):
+        check_scales(kwargs.get("guidance_scale"), roictrl_scale, beta)
+        for name in ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2"):
+            _check_texts(name, prompt if name == "prompt" else kwargs.get(name))
+        check_image_size(kwargs.get("height"), kwargs.get("width"), self.pipe.vae_scale_factor)
         n_images = kwargs.get("num_images_per_prompt")
         n_images = 1 if n_images is None else n_images
         if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
@@ -421,10 +705,12 @@ class ROICtrlPipeline:
         else:
             raise ValueError("ROICtrlPipeline needs prompt (or prompt_embeds)")
         image_hw = _image_size(self.pipe, kwargs)
+        check_image_size(*image_hw, self.pipe.vae_scale_factor)
         per_prompt = normalize_instances(
             instances, num_prompts, width=image_hw[1], height=image_hw[0], box_format=box_format,
-            box_units=box_units, clip_boxes=clip_boxes,
+            box_units=box_units, clip_boxes=clip_boxes, max_instances=max_instances,
         )
+        self._check_devices()
         vae_sf = self.pipe.vae_scale_factor
         _warn_tiny(per_prompt, _map_sizes(self.adapter, (image_hw[0] // vae_sf, image_hw[1] // vae_sf), vae_sf))
 

@@ -39,9 +39,12 @@ def test_adapter_takes_the_unets_device_and_dtype(tmp_path):
         assert {p.dtype for p in load_adapter(path, unet).parameters()} == {torch.float64}
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         load_adapter(tmp_path / "missing", unet)
-    (tmp_path / "other.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="is not a ROICtrlAdapter folder .expected config.json"):
+    (tmp_path / "other.safetensors").write_bytes(b"")  # an empty file is no safetensors file, and says so
+    with pytest.raises(ValueError, match="is not a safetensors file: 0 bytes"):
         load_adapter(tmp_path / "other.safetensors", unet)
+    (tmp_path / "other.bin").write_bytes(b"")  # neither a folder nor an official checkpoint
+    with pytest.raises(ValueError, match="is not a ROICtrlAdapter folder .expected config.json"):
+        load_adapter(tmp_path / "other.bin", unet)
 
 
 def test_compiled_unet_is_unwrapped():

@@ -126,7 +126,7 @@ def _bad_layout(root, tmp_path, content):
         (lambda r, t: ["--layout", str(t / "missing.json")], "no such file"),
         (lambda r, t: ["--controlnet", str(r / "sd15")], "--controlnet and --control-image go together"),
         (lambda r, t: ["--steps", "0"], "--steps must be >= 1"),
-        (lambda r, t: ["--beta", "2"], r"--beta must be in \[0, 1\]"),
+        (lambda r, t: ["--beta", "2"], r"--beta must be a finite number in \[0, 1\]"),
         (lambda r, t: ["--adapter", str(t / "nope")], "--adapter .*: no such file or folder"),
         (lambda r, t: ["--adapter", str(r / "layout.json")], "is not a ROICtrlAdapter folder"),
         (lambda r, t: ["--model", str(t / "no-model")], "--model .*: no such file or folder"),

@@ -143,7 +143,7 @@ def test_scheduled_sampling_switches_the_adapter_off_at_the_right_step(sd):
             assert (out.images == base).all()
         elif beta < 1.0:
             assert not (out.images == base).all() and not (out.images == full).all()
-    with pytest.raises(ValueError, match=r"roictrl_scheduled_sampling_beta must be a number in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"roictrl_scheduled_sampling_beta must be a finite number in \[0, 1\], got 1.5"):
         roictrl("a room", instances=[CAT], roictrl_scheduled_sampling_beta=1.5, **kw)
 
 
