@@ -365,7 +365,7 @@ def test_compile_fullgraph(device, backend):
 
 
 def test_fallback_matches_native(device, monkeypatch):
-    import roi_ops._blend as blend_module
+    import roi_ops.functional as blend_module
 
     gen = make_generator(8)
     base, bl, grids, gl = _operands(gen, ((B, C, H, W), (len(ROWS), PH, PW)), torch.float64,
