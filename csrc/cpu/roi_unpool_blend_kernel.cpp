@@ -1,4 +1,4 @@
-// Fused ROI-Unpool + softmax blend (ROI_OPS_SPEC.md, "Fused paste-back and
+// Fused ROI-Unpool + softmax blend (docs/spec.md, "Fused paste-back and
 // blend") on the CPU: forward and deterministic backward, contiguous and
 // channels_last `base`, float16/bfloat16/float32/float64.
 //
