@@ -1,5 +1,5 @@
 """roi_ops.roi_unpool_blend, the fused paste-back + softmax blend
-(ROI_OPS_SPEC.md, "Fused paste-back and blend"): equality with the unfused
+(docs/spec.md, "Fused paste-back and blend"): equality with the unfused
 composition forward and backward for every dtype and layout, exactness where
 no box covers a pixel, gradcheck, opcheck, torch.compile, determinism, empty
 cases, the bad-input contract, and that nothing of size K*C*H*W is allocated.
