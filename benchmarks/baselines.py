@@ -2,7 +2,7 @@
 ``torch.nn.functional.grid_sample``. Used only by the benchmarks, as the
 baseline measured in the same run.
 
-Both follow ROI_OPS_SPEC.md's coordinate frame, so on the same boxes they
+Both follow docs/spec.md's coordinate frame, so on the same boxes they
 compute the same function as roi_ops (tests/test_reference.py checks it, boxes
 across the border included). They are written lean, as a user who cares about
 speed would: ROI-Align clamps its sample coordinates itself (torchvision's edge

@@ -23,7 +23,7 @@ TORCH_LIBRARY(roi_ops, m) {
   m.def(
       "_roi_unpool_backward(Tensor grad, Tensor rois, float spatial_scale, "
       "SymInt pooled_height, SymInt pooled_width, bool aligned) -> Tensor");
-  // Fused paste-back + softmax blend (ROI_OPS_SPEC.md, "Fused paste-back and
+  // Fused paste-back + softmax blend (docs/spec.md, "Fused paste-back and
   // blend"): returns (out [B,C,H,W], base_weight [B,H,W]).
   m.def(
       "roi_unpool_blend(Tensor base, Tensor base_logit, Tensor input, "

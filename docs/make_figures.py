@@ -6,7 +6,7 @@ Whatever the figure shows about coverage and interpolation weights is computed
 by calling roi_ops itself (roi_unpool of all-ones and one-hot grids, roi_align
 of one-hot images), so the picture cannot drift from the code. Only the
 ROI-Align sample positions in panel (a) are drawn from the formula in
-ROI_OPS_SPEC.md; panel (d) checks them through roi_align's weights.
+docs/spec.md; panel (d) checks them through roi_align's weights.
 """
 
 from __future__ import annotations

@@ -1,9 +1,14 @@
-"""Loads the C++ kernels and registers fake kernels and autograd for them.
+"""Loads the C++ kernels and registers fake kernels and autograd for every op.
 
-The schemas live in ``csrc/ops.cpp``. Autograd is registered with
+The one module that registers roi_ops' ops with ``torch.library``: the
+schemas live in ``csrc/ops.cpp`` and the kernels per backend in
+``csrc/cpu`` and ``csrc/cuda``; here, for ``roi_align``, ``roi_unpool`` and
+the fused ``roi_unpool_blend``, the fake (meta) kernels that infer output
+shapes and the autograd formulas. Autograd is registered with
 ``torch.library.register_autograd``, which wraps each op in a
 ``torch.autograd.Function`` that ``torch.compile`` can trace; the backward
-calls the private C++ backward ops, which themselves refuse double backward.
+calls the private C++ backward op, whose own registration refuses double
+backward. The public functions that call these ops are in ``functional.py``.
 
 Before loading ``_C`` it checks that the torch running is the one ``_C`` was
 compiled against (``_build_info.py``, written by setup.py at build time) and
@@ -103,17 +108,21 @@ def _load_extension() -> Optional[ImportError]:
 _IMPORT_ERROR = _load_extension()
 
 
-def _native_dispatch_keys() -> frozenset:
+def kernel_device_types(op: str) -> frozenset:
+    """The device types ("cpu", "cuda") for which the loaded build has a
+    kernel of ``roi_ops::<op>`` (empty when ``_C`` did not load). A build can
+    lack one op's kernel for a device and have the others' (e.g. a CUDA build
+    older than the fused blend)."""
     if _IMPORT_ERROR is not None:
         return frozenset()
     return frozenset(
         key.lower()
         for key in ("CPU", "CUDA")
-        if torch._C._dispatch_has_kernel_for_dispatch_key("roi_ops::roi_align", key)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"roi_ops::{op}", key)
     )
 
 
-NATIVE_DEVICE_TYPES = _native_dispatch_keys()
+NATIVE_DEVICE_TYPES = kernel_device_types("roi_align")
 
 
 def native_available(device_type: str = "cpu") -> bool:
@@ -139,6 +148,8 @@ def _double_backward_error(name: str):
 if _IMPORT_ERROR is None:
     ops = torch.ops.roi_ops
 
+    # ------------------------------------------------ fake kernels
+
     def _empty_like_format(like, shape):
         # outputs are contiguous in the memory format of the op's input
         return torch.empty(shape, dtype=like.dtype, device=like.device,
@@ -148,6 +159,25 @@ if _IMPORT_ERROR is None:
         torch._check(
             rois.dim() == 2 and rois.shape[1] == 5,
             lambda: f"rois must be Tensor[K, 5], got Tensor{list(rois.shape)}",
+        )
+
+    def _check_blend_operands(base, base_logit, input, input_logit, rois):
+        torch._check(base.dim() == 4, lambda: f"base must be 4-D, got {base.dim()}-D")
+        _check_rois(rois)
+        B, C, H, W = base.shape
+        torch._check(
+            base_logit.dim() == 3 and tuple(base_logit.shape) == (B, H, W),
+            lambda: f"base_logit must be Tensor[{B}, {H}, {W}], got Tensor{list(base_logit.shape)}",
+        )
+        torch._check(
+            input.dim() == 4 and input.shape[0] == rois.shape[0] and input.shape[1] == C,
+            lambda: f"input must be Tensor[{rois.shape[0]}, {C}, PH, PW], got Tensor{list(input.shape)}",
+        )
+        torch._check(
+            input_logit.dim() == 3
+            and tuple(input_logit.shape) == (input.shape[0], input.shape[2], input.shape[3]),
+            lambda: "input_logit must be Tensor[K, PH, PW] of input, got "
+            f"Tensor{list(input_logit.shape)}",
         )
 
     @torch.library.register_fake("roi_ops::roi_align")
@@ -181,6 +211,25 @@ if _IMPORT_ERROR is None:
         _check_rois(rois)
         return _empty_like_format(grad, (grad.shape[0], grad.shape[1], pooled_height, pooled_width))
 
+    @torch.library.register_fake("roi_ops::roi_unpool_blend")
+    def _roi_unpool_blend_fake(base, base_logit, input, input_logit, rois, spatial_scale, aligned):
+        _check_blend_operands(base, base_logit, input, input_logit, rois)
+        B, C, H, W = base.shape
+        return _empty_like_format(base, (B, C, H, W)), base_logit.new_empty((B, H, W))
+
+    @torch.library.register_fake("roi_ops::_roi_unpool_blend_backward")
+    def _roi_unpool_blend_backward_fake(grad_out, grad_base_weight, base, base_logit, input,
+                                        input_logit, rois, spatial_scale, aligned):
+        _check_blend_operands(base, base_logit, input, input_logit, rois)
+        return (
+            _empty_like_format(base, base.shape),
+            base_logit.new_empty(base_logit.shape),
+            _empty_like_format(input, input.shape),
+            input_logit.new_empty(input_logit.shape),
+        )
+
+    # ------------------------------------------------ autograd
+
     def _roi_align_setup(ctx, inputs, output):
         input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned = inputs
         ctx.save_for_backward(rois)
@@ -210,15 +259,37 @@ if _IMPORT_ERROR is None:
         )
         return grad_input, None, None, None, None, None
 
+    def _roi_unpool_blend_setup(ctx, inputs, output):
+        base, base_logit, input, input_logit, rois, spatial_scale, aligned = inputs
+        # only the inputs: the backward recomputes the softmax and the pasted
+        # values per pixel instead of keeping anything at full resolution per ROI
+        ctx.save_for_backward(base, base_logit, input, input_logit, rois)
+        ctx.args = (spatial_scale, aligned)
+
+    def _roi_unpool_blend_backward(ctx, grad_out, grad_base_weight):
+        base, base_logit, input, input_logit, rois = ctx.saved_tensors
+        spatial_scale, aligned = ctx.args
+        if grad_out is None:  # only base_weight was used
+            grad_out = torch.zeros_like(base)
+        grads = ops._roi_unpool_blend_backward(
+            grad_out, grad_base_weight, base, base_logit, input, input_logit, rois,
+            spatial_scale, aligned,
+        )
+        return (*grads, None, None, None)
+
     torch.library.register_autograd(
         "roi_ops::roi_align", _roi_align_backward, setup_context=_roi_align_setup
     )
     torch.library.register_autograd(
         "roi_ops::roi_unpool", _roi_unpool_backward, setup_context=_roi_unpool_setup
     )
-    for _name in ("_roi_align_backward", "_roi_unpool_backward"):
+    torch.library.register_autograd(
+        "roi_ops::roi_unpool_blend", _roi_unpool_blend_backward,
+        setup_context=_roi_unpool_blend_setup,
+    )
+    for _op in ("roi_align", "roi_unpool", "roi_unpool_blend"):
         torch.library.register_autograd(
-            f"roi_ops::{_name}",
-            _double_backward_error(_name.strip("_").replace("_backward", "")),
+            f"roi_ops::_{_op}_backward",
+            _double_backward_error(_op),
             setup_context=lambda ctx, inputs, output: None,
         )

@@ -1,4 +1,10 @@
-"""Public functional API: ``roi_align`` and ``roi_unpool``."""
+"""Public functional API: ``roi_align``, ``roi_unpool`` and the fused ``roi_unpool_blend``.
+
+Each function checks its arguments (``_validation.py``), converts the boxes
+to ``Tensor[K, 5]`` and calls the native op (registered in ``_ops.py``) where
+the build has a kernel for the device, else the pure-PyTorch implementation
+of ``reference.py`` (with a one-time ``RuntimeWarning``).
+"""
 from __future__ import annotations
 
 import warnings
@@ -21,6 +27,9 @@ from ._validation import (
 Size2 = Union[int, Tuple[int, int]]
 
 _warned_fallback = set()
+# Decided once, so tracing sees a constant (see _ops.kernel_device_types).
+_BLEND_DEVICE_TYPES = _ops.kernel_device_types("roi_unpool_blend")
+_warned_no_blend_kernel = set()
 
 
 def _use_native(device: torch.device) -> bool:
@@ -42,6 +51,23 @@ def _use_native(device: torch.device) -> bool:
         warnings.warn(
             f"roi_ops: no native kernel for device type '{device.type}'{reason}; "
             "using the pure-PyTorch implementation (slower, same results)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+def _use_blend_kernel(device: torch.device) -> bool:
+    if not _use_native(device):  # warns once about the pure-PyTorch fallback
+        return False
+    if device.type in _BLEND_DEVICE_TYPES or device.type == "meta":  # meta: fake kernel
+        return True
+    if device.type not in _warned_no_blend_kernel:
+        _warned_no_blend_kernel.add(device.type)
+        warnings.warn(
+            f"roi_ops: this build has no roi_unpool_blend kernel for device type "
+            f"'{device.type}'; using the unfused pure-PyTorch composition (slower, "
+            "materialises [K, C, H, W])",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -142,3 +168,101 @@ def roi_unpool(
         )
     check_roi_values(op, rois)
     return reference.roi_unpool(input, rois, (height, width), spatial_scale, aligned)
+
+
+def _same_dtype_and_device(op: str, base: Tensor, name: str, t: Tensor) -> None:
+    if t.dtype != base.dtype:
+        raise TypeError(f"{op}: {name} must have base's dtype {base.dtype}, got {t.dtype}")
+    if t.device != base.device:
+        raise RuntimeError(f"{op}: {name} must be on base's device {base.device}, got {t.device}")
+
+
+def roi_unpool_blend(
+    base: Tensor,
+    base_logit: Tensor,
+    input: Tensor,
+    input_logit: Tensor,
+    boxes: BoxesLike,
+    spatial_scale: float = 1.0,
+    aligned: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """Pastes every ROI grid back and blends it with ``base`` by a per-pixel softmax (fused).
+
+    For image ``b`` and pixel ``p``, with ``S(p)`` the boxes of image ``b``
+    that cover ``p`` (ROI-Unpool's coverage rule), ``v_k(p)`` and ``l_k(p)``
+    the ROI-Unpool of ``input[k]`` and ``input_logit[k]`` at ``p``::
+
+        w_base, {w_k} = softmax(base_logit[b, p], {l_k(p) : k in S(p)})
+        out[b, :, p]  = w_base * base[b, :, p] + sum_{k in S(p)} w_k * v_k(p)
+
+    It equals the unfused composition (stack the pasted maps, mask uncovered
+    logits with -inf, softmax, sum) without ever allocating anything of size
+    ``K * C * H * W``, forward or backward; the backward is deterministic.
+
+    Args:
+        base: ``Tensor[B, C, H, W]``, the global output (contiguous or
+            channels_last; a channels_last view of token-major
+            ``[B, H*W, C]`` states is read in place).
+        base_logit: ``Tensor[B, H, W]``, the global output's blending logit.
+        input: ``Tensor[K, C, PH, PW]``, one grid per box.
+        input_logit: ``Tensor[K, PH, PW]``, each grid cell's blending logit.
+        boxes: ``Tensor[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` or a
+            list of ``B`` tensors ``Tensor[K_b, 4]``; the batch index says
+            which image a box blends into.
+        spatial_scale: multiplies box coordinates to reach feature units.
+        aligned: the half-pixel shift of :func:`roi_ops.roi_unpool`.
+
+    All four tensors share one floating dtype (float16, bfloat16, float32,
+    float64) and device; the softmax and sums run in float32 (float64 for
+    float64).
+
+    Returns:
+        ``(out: Tensor[B, C, H, W], base_weight: Tensor[B, H, W])``: ``out``
+        in base's memory format; ``base_weight`` is ``w_base``, exactly 1
+        where no box covers the pixel (and there ``out`` is bitwise ``base``).
+    """
+    op = "roi_unpool_blend"
+    check_feature_tensor(op, "base", base, 4)
+    check_feature_tensor(op, "base_logit", base_logit, 3)
+    check_feature_tensor(op, "input", input, 4)
+    check_feature_tensor(op, "input_logit", input_logit, 3)
+    for name, t in (("base_logit", base_logit), ("input", input), ("input_logit", input_logit)):
+        _same_dtype_and_device(op, base, name, t)
+    B, C, H, W = base.shape
+    K, _, PH, PW = input.shape
+    if tuple(base_logit.shape) != (B, H, W):
+        raise ValueError(
+            f"{op}: base_logit must be Tensor[B, H, W] = {[B, H, W]} (from base), "
+            f"got Tensor{list(base_logit.shape)}"
+        )
+    if input.shape[1] != C:
+        raise ValueError(
+            f"{op}: input must be Tensor[K, C, PH, PW] with C = {C} (base's channels), "
+            f"got Tensor{list(input.shape)}"
+        )
+    if PH == 0 or PW == 0:
+        raise ValueError(
+            f"{op}: input must have a non-empty grid (PH, PW > 0), got Tensor{list(input.shape)}"
+        )
+    if tuple(input_logit.shape) != (K, PH, PW):
+        raise ValueError(
+            f"{op}: input_logit must be Tensor[K, PH, PW] = {[K, PH, PW]} (from input), "
+            f"got Tensor{list(input_logit.shape)}"
+        )
+    check_scalars(op, spatial_scale, aligned)
+    rois = convert_boxes(op, boxes, base.device, batch_size=B)
+    if rois.shape[0] != K:
+        raise ValueError(
+            f"{op}: input must have one grid per box: input.shape[0] is {K} "
+            f"but boxes hold {rois.shape[0]} boxes"
+        )
+    check_scale_for(op, spatial_scale, base, rois)
+    if _use_blend_kernel(base.device):
+        out, base_weight = torch.ops.roi_ops.roi_unpool_blend(
+            base, base_logit, input, input_logit, rois, float(spatial_scale), aligned
+        )
+        return out, base_weight
+    check_roi_values(op, rois, B)
+    return reference.roi_unpool_blend(
+        base, base_logit, input, input_logit, rois, spatial_scale, aligned
+    )

@@ -17,7 +17,7 @@ They are computed as dense per-ROI 1-D interpolation matrices contracted with
   and ``Wx: [K, W, PW]``; rows of uncovered pixels are zero.
 
 Box arithmetic follows the expression order of ``csrc/common/roi_math.h``
-(see ``ROI_OPS_SPEC.md``) in the coordinate dtype, so every floor, ceil and
+(see ``docs/spec.md``) in the coordinate dtype, so every floor, ceil and
 border test falls exactly where the native kernels put it.
 
 Because the contraction is dense, a non-finite feature value reaches every

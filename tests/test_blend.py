@@ -1,5 +1,5 @@
 """roi_ops.roi_unpool_blend, the fused paste-back + softmax blend
-(ROI_OPS_SPEC.md, "Fused paste-back and blend"): equality with the unfused
+(docs/spec.md, "Fused paste-back and blend"): equality with the unfused
 composition forward and backward for every dtype and layout, exactness where
 no box covers a pixel, gradcheck, opcheck, torch.compile, determinism, empty
 cases, the bad-input contract, and that nothing of size K*C*H*W is allocated.
@@ -365,7 +365,7 @@ def test_compile_fullgraph(device, backend):
 
 
 def test_fallback_matches_native(device, monkeypatch):
-    import roi_ops._blend as blend_module
+    import roi_ops.functional as blend_module
 
     gen = make_generator(8)
     base, bl, grids, gl = _operands(gen, ((B, C, H, W), (len(ROWS), PH, PW)), torch.float64,

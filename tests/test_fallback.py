@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import roi_ops
-import roi_ops._blend as blend_module
+import roi_ops.functional as blend_module
 from helpers import (
     DEVICES, FLOAT_DTYPES, LAYOUTS, Case, assert_native, assert_within, boxes_dtype_of, cases, coord_dtype_for,
     dtype_id, lay_out, make_boxes, make_generator, randn, rois_of, vjp,

@@ -1,7 +1,7 @@
 """Tests that make roi_ops.reference trustworthy as the oracle.
 
 The reference is compared with deliberately naive scalar loops written straight
-from ROI_OPS_SPEC.md / the "exact numerics" contract, in float64 and with
+from docs/spec.md (its ROI-Align and ROI-Unpool sections), in float64 and with
 float32 box arithmetic (numpy float32 scalars round like the kernels), on
 random and adversarial boxes; huge boxes are compared with a brute-force
 enumeration of every sample.

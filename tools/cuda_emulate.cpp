@@ -1,7 +1,8 @@
 // Host emulation of the CUDA backend, for machines without a GPU.
 //
 // Compiles the CUDA backend's own host functions (csrc/cuda/roi_host.h,
-// csrc/cuda/blend_host.h) and element bodies (csrc/cuda/roi_elements.h,
+// csrc/cuda/blend_host.h, with the prologue they share with the CPU,
+// csrc/common/host_prologue.h) and element bodies (csrc/cuda/roi_elements.h,
 // csrc/cuda/blend_elements.h) with the host compiler, and
 // runs every "kernel" as a loop over its element indices instead of a grid
 // launch. Everything but the launch (checks, ROI sorting, footprints, strides,

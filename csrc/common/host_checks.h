@@ -1,11 +1,10 @@
-// Host-side argument checks and preparation shared by the CPU and CUDA
-// backends (not compiled into device code). Messages name the argument, what
-// was expected and what came; ValueError for bad values, TypeError for bad
-// dtypes, RuntimeError for devices.
+// Host-side argument checks shared by the CPU and CUDA backends (not
+// compiled into device code): shapes, dtypes, devices and sizes per op, and
+// the box values. Messages name the argument, what was expected and what
+// came; ValueError for bad values, TypeError for bad dtypes, RuntimeError for
+// devices. host_prologue.h runs them, in a fixed order, for every host function.
 #pragma once
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/all.h>
@@ -13,7 +12,6 @@
 #include <ATen/ops/floor.h>
 #include <ATen/ops/stack.h>
 #include <c10/util/Exception.h>
-#include <c10/util/safe_numerics.h>
 
 #include <cmath>
 #include <initializer_list>
@@ -22,6 +20,7 @@
 #include <sstream>
 #include <utility>
 
+#include "dtype_dispatch.h"
 #include "roi_math.h"
 
 namespace roi_ops {
@@ -29,15 +28,6 @@ namespace roi_ops {
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf ||
          t == at::kBFloat16;
-}
-
-// Box arithmetic runs in float64 when either tensor is float64, else float32.
-inline at::ScalarType coord_type_for(const at::Tensor& input,
-                                     const at::Tensor& rois) {
-  return (input.scalar_type() == at::kDouble ||
-          rois.scalar_type() == at::kDouble)
-             ? at::kDouble
-             : at::kFloat;
 }
 
 inline void check_input_and_rois(const char* op, const at::Tensor& input,
@@ -192,13 +182,6 @@ inline bool check_blend_grads(const char* op, const at::Tensor& grad_out,
   return has_gbw;
 }
 
-// The memory format a kernel works in: channels_last when the tensor is
-// (token-major diffusion states are), else contiguous.
-inline bool use_channels_last(const at::Tensor& t) {
-  return t.dim() == 4 &&
-         t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-}
-
 // Per-op argument checks (shapes, dtypes, devices, sizes), shared by the CPU
 // and CUDA host functions; box values are checked by check_roi_values.
 inline void check_roi_align_args(const char* op, const at::Tensor& input,
@@ -254,40 +237,6 @@ inline void check_roi_unpool_backward_args(const char* op, const at::Tensor& gra
   TORCH_CHECK_VALUE(grad.size(0) == rois.size(0), op,
                     ": grad.shape[0] must equal the ", rois.size(0),
                     " rows of rois, got ", grad.size(0));
-}
-
-inline at::MemoryFormat memory_format_of(bool channels_last) {
-  return channels_last ? at::MemoryFormat::ChannelsLast
-                       : at::MemoryFormat::Contiguous;
-}
-
-// The memory format a kernel uses for (and allocates like) tensor t.
-inline at::MemoryFormat memory_format_of(const at::Tensor& t) {
-  return memory_format_of(use_channels_last(t));
-}
-
-// Calls f(coord_t{}) with coord_t = double or float (see coord_type_for).
-template <typename F>
-void dispatch_coord_type(at::ScalarType t, F&& f) {
-  if (t == at::kDouble) {
-    f(double{});
-  } else {
-    f(float{});
-  }
-}
-
-// Every host function's dispatch: calls f(scalar_t{}, coord_t{}, acc_t{}) for
-// the value dtype (float, double, Half or BFloat16, checked before dispatch),
-// the ROI coordinate dtype (see coord_type_for) and the accumulation type.
-template <typename F>
-void dispatch_value_and_coord_types(at::ScalarType value, at::ScalarType coord,
-                                    F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value, "roi_ops", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    dispatch_coord_type(coord, [&](auto coord_tag) {
-      f(scalar_t{}, decltype(coord_tag){}, acc_t{});
-    });
-  });
 }
 
 // ROI-Align's sampling arguments, for the per-box work bound in
@@ -385,34 +334,6 @@ inline void check_box_operands(const char* op, const at::Tensor& like,
   const at::Tensor host = rois.is_cpu() ? rois : rois.cpu();
   check_roi_values(op, host, batch_size);
   check_roi_geometry(op, host, coord, spatial_scale, aligned, align);
-}
-
-// The output of an op whose size comes from a size argument (`what` names
-// it): an element count that overflows int64, or memory the allocator
-// refuses, is reported as that argument's error before any work starts.
-inline at::Tensor empty_output(const char* op, const char* what, at::IntArrayRef sizes,
-                               const at::TensorOptions& options,
-                               at::MemoryFormat format, bool zeroed = false) {
-  int64_t numel = 1;
-  for (const int64_t s : sizes) {
-    TORCH_CHECK_VALUE(!c10::mul_overflows(numel, s, &numel), op, ": the output Tensor",
-                      sizes, " (from ", what, ") has more elements than int64 can count");
-  }
-  const auto describe = [&] {
-    return c10::str(op, ": cannot allocate the output Tensor", sizes, " (from ", what,
-                    ", ", numel, " elements of ",
-                    c10::elementSize(c10::typeMetaToScalarType(options.dtype())),
-                    " bytes): ");
-  };
-  try {
-    at::Tensor out = at::empty(sizes, options.memory_format(format));
-    if (zeroed) out.zero_();
-    return out;
-  } catch (const c10::OutOfMemoryError& e) {  // device allocators
-    TORCH_CHECK_WITH(OutOfMemoryError, false, describe(), e.what_without_backtrace());
-  } catch (const c10::Error& e) {  // the CPU allocator reports a plain error
-    TORCH_CHECK(false, describe(), e.what_without_backtrace());
-  }
 }
 
 }  // namespace roi_ops

@@ -1,7 +1,7 @@
 // Device-agnostic per-element math of every roi-ops kernel.
 //
 // This header is the single definition of box mapping, sample positions,
-// bilinear taps, clamping and coverage (ROI_OPS_SPEC.md). The CPU kernels
+// bilinear taps, clamping and coverage (docs/spec.md). The CPU kernels
 // (csrc/cpu) and the CUDA kernels (csrc/cuda) both call these functions, and
 // roi_ops/reference.py mirrors the same expression order, so float32
 // coordinate arithmetic agrees bit-for-bit and every floor/ceil/border test
@@ -108,7 +108,7 @@ C10_HOST_DEVICE inline RoiEdges<T> map_edges(const T* roi, T spatial_scale,
           roi[3] * spatial_scale - offset, roi[4] * spatial_scale - offset};
 }
 
-// The spec's validity rule for a box's geometry: its mapped edges and its
+// docs/spec.md's validity rule for a box's geometry: its mapped edges and its
 // extent (x2' - x1', y2' - y1') are finite in the coordinate dtype. A finite
 // box can fail it (0 - (-3e38) + 3e38 overflows float32; so does a
 // coordinate times a large spatial_scale); the host functions refuse such a

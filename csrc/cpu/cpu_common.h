@@ -1,5 +1,6 @@
-// Helpers shared by the CPU kernels: dtype dispatch of the coordinate type,
-// sparse 1-D interpolation tables and per-image ROI lists.
+// Helpers shared by the CPU kernels: the huge-page hint for fresh outputs,
+// the run of ROI-Align and ROI-Unpool kernels after the shared prologue,
+// per-image ROI lists and sparse 1-D interpolation tables.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,13 +9,14 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
 
-#include "../common/host_checks.h"
+#include "../common/host_prologue.h"
 #include "../common/roi_math.h"
 
 namespace roi_ops {
@@ -39,6 +41,18 @@ inline void prefer_huge_pages(const at::Tensor& fresh_output) {
 #else
   (void)fresh_output;
 #endif
+}
+
+// What a ROI-Align or ROI-Unpool host function does after the shared
+// prologue: without work, return the (zero) result; else hint huge pages on
+// the fresh result and run `kernels`, a template lambda over
+// <scalar_t, coord_t, acc_t> (see dispatch_value_and_coord_types).
+template <typename Kernels>
+at::Tensor run_kernels(const GridOperands& o, Kernels&& kernels) {
+  if (!o.has_work) return o.result;
+  prefer_huge_pages(o.result);
+  o.dispatch(std::forward<Kernels>(kernels));
+  return o.result;
 }
 
 template <typename coord_t>

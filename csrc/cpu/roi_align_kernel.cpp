@@ -10,8 +10,9 @@
 
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
-#include "../common/host_checks.h"
+#include "../common/host_prologue.h"
 #include "cpu_common.h"
 
 namespace roi_ops {
@@ -20,14 +21,10 @@ namespace {
 
 constexpr int64_t kChannelBlock = 64;  // channels per task in channels_last
 
-struct AlignShape {
-  int64_t num_rois, channels, height, width, pooled_h, pooled_w;
-};
-
 template <typename scalar_t, typename coord_t, typename acc_t>
 void align_forward_nchw(const scalar_t* input, const coord_t* rois,
                         const AlignTable<acc_t>& ty, const AlignTable<acc_t>& tx,
-                        const AlignShape& s, scalar_t* output) {
+                        const RoiShape& s, scalar_t* output) {
   const int64_t C = s.channels, H = s.height, W = s.width;
   const int64_t PH = s.pooled_h, PW = s.pooled_w;
   at::parallel_for(0, s.num_rois * C, 1, [&](int64_t begin, int64_t end) {
@@ -72,7 +69,7 @@ void align_forward_nchw(const scalar_t* input, const coord_t* rois,
 template <typename scalar_t, typename coord_t, typename acc_t>
 void align_forward_nhwc(const scalar_t* input, const coord_t* rois,
                         const AlignTable<acc_t>& ty, const AlignTable<acc_t>& tx,
-                        const AlignShape& s, scalar_t* output) {
+                        const RoiShape& s, scalar_t* output) {
   const int64_t C = s.channels, H = s.height, W = s.width;
   const int64_t PH = s.pooled_h, PW = s.pooled_w;
   at::parallel_for(0, s.num_rois * PH, 1, [&](int64_t begin, int64_t end) {
@@ -114,7 +111,7 @@ void align_forward_nhwc(const scalar_t* input, const coord_t* rois,
 template <typename scalar_t, typename coord_t, typename acc_t>
 void align_backward_nchw(const scalar_t* grad, const RoisByImage& groups,
                          const AlignTable<acc_t>& ty, const AlignTable<acc_t>& tx,
-                         const AlignShape& s, int64_t batch_size,
+                         const RoiShape& s, int64_t batch_size,
                          scalar_t* grad_input) {
   const int64_t C = s.channels, H = s.height, W = s.width;
   const int64_t PH = s.pooled_h, PW = s.pooled_w;
@@ -171,7 +168,7 @@ void align_backward_nchw(const scalar_t* grad, const RoisByImage& groups,
 template <typename scalar_t, typename coord_t, typename acc_t>
 void align_backward_nhwc(const scalar_t* grad, const RoisByImage& groups,
                          const AlignTable<acc_t>& ty, const AlignTable<acc_t>& tx,
-                         const AlignShape& s, int64_t batch_size,
+                         const RoiShape& s, int64_t batch_size,
                          scalar_t* grad_input) {
   const int64_t C = s.channels, H = s.height, W = s.width;
   const int64_t PH = s.pooled_h, PW = s.pooled_w;
@@ -221,55 +218,31 @@ void align_backward_nhwc(const scalar_t* grad, const RoisByImage& groups,
   });
 }
 
+// The same table-building for both directions: rows (y) and columns (x).
+template <typename coord_t, typename acc_t>
+std::pair<AlignTable<acc_t>, AlignTable<acc_t>> align_tables(const AlignOperands& a) {
+  const RoiShape& s = a.shape;
+  const coord_t* rp = a.rois.const_data_ptr<coord_t>();
+  const coord_t scale = static_cast<coord_t>(a.spatial_scale);
+  return {build_align_table<coord_t, acc_t>(rp, s.num_rois, scale, a.aligned, a.sampling_ratio,
+                                            s.pooled_h, s.height, true),
+          build_align_table<coord_t, acc_t>(rp, s.num_rois, scale, a.aligned, a.sampling_ratio,
+                                            s.pooled_w, s.width, false)};
+}
+
 at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois,
                                  double spatial_scale, int64_t pooled_height,
                                  int64_t pooled_width, int64_t sampling_ratio,
                                  bool aligned) {
-  constexpr const char* op = "roi_align";
-  check_roi_align_args(op, input, rois, pooled_height, pooled_width);
-  const AlignSampling sampling{pooled_height, pooled_width, sampling_ratio,
-                               input.size(2), input.size(3)};
-  check_box_operands(op, input, rois, input.size(0), spatial_scale, aligned, &sampling);
-
-  const bool channels_last = use_channels_last(input);
-  const auto format = memory_format_of(channels_last);
-  const int64_t K = rois.size(0), C = input.size(1);
-  const AlignShape s{K, C, input.size(2), input.size(3), pooled_height, pooled_width};
-  if (K == 0 || C == 0 || s.height == 0 || s.width == 0) {
-    return empty_output(op, "output_size (pooled_height, pooled_width)",
-                        {K, C, pooled_height, pooled_width}, input.options(), format,
-                        /*zeroed=*/true);
-  }
-  at::Tensor output = empty_output(op, "output_size (pooled_height, pooled_width)",
-                                   {K, C, pooled_height, pooled_width}, input.options(),
-                                   format);
-  prefer_huge_pages(output);
-  const at::Tensor x = input.contiguous(format);
-  const at::Tensor r = rois.to(coord_type_for(input, rois)).contiguous();
-
-  dispatch_value_and_coord_types(
-      input.scalar_type(), r.scalar_type(),
-      [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
-        using scalar_t = decltype(scalar_tag);
-        using coord_t = decltype(coord_tag);
-        using acc_t = decltype(acc_tag);
-        const coord_t* rp = r.const_data_ptr<coord_t>();
-        const coord_t scale = static_cast<coord_t>(spatial_scale);
-        const auto ty = build_align_table<coord_t, acc_t>(
-            rp, K, scale, aligned, sampling_ratio, pooled_height, s.height, true);
-        const auto tx = build_align_table<coord_t, acc_t>(
-            rp, K, scale, aligned, sampling_ratio, pooled_width, s.width, false);
-        if (channels_last) {
-          align_forward_nhwc<scalar_t, coord_t, acc_t>(
-              x.const_data_ptr<scalar_t>(), rp, ty, tx, s,
-              output.mutable_data_ptr<scalar_t>());
-        } else {
-          align_forward_nchw<scalar_t, coord_t, acc_t>(
-              x.const_data_ptr<scalar_t>(), rp, ty, tx, s,
-              output.mutable_data_ptr<scalar_t>());
-        }
-      });
-  return output;
+  const AlignOperands a = align_forward_operands(input, rois, spatial_scale, pooled_height,
+                                                 pooled_width, sampling_ratio, aligned);
+  return run_kernels(a, [&]<typename scalar_t, typename coord_t, typename acc_t>() {
+    const auto [ty, tx] = align_tables<coord_t, acc_t>(a);
+    const auto kernel = a.channels_last ? align_forward_nhwc<scalar_t, coord_t, acc_t>
+                                        : align_forward_nchw<scalar_t, coord_t, acc_t>;
+    kernel(a.features.const_data_ptr<scalar_t>(), a.rois.const_data_ptr<coord_t>(), ty, tx,
+           a.shape, a.result.mutable_data_ptr<scalar_t>());
+  });
 }
 
 at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
@@ -277,49 +250,18 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                                   int64_t pooled_width, int64_t batch_size,
                                   int64_t channels, int64_t height, int64_t width,
                                   int64_t sampling_ratio, bool aligned) {
-  constexpr const char* op = "_roi_align_backward";
-  check_roi_align_backward_args(op, grad, rois, pooled_height, pooled_width,
-                                batch_size, channels, height, width);
-  const int64_t K = rois.size(0);
-  const AlignSampling sampling{pooled_height, pooled_width, sampling_ratio, height, width};
-  check_box_operands(op, grad, rois, batch_size, spatial_scale, aligned, &sampling);
-
-  const bool channels_last = use_channels_last(grad);
-  const auto format = memory_format_of(channels_last);
-  if (K == 0 || channels == 0 || height == 0 || width == 0 || batch_size == 0) {
-    return at::zeros({batch_size, channels, height, width}, grad.options().memory_format(format));
-  }
-  at::Tensor grad_input =
-      at::empty({batch_size, channels, height, width}, grad.options(), format);
-  prefer_huge_pages(grad_input);
-  const at::Tensor g = grad.contiguous(format);
-  const at::Tensor r = rois.to(coord_type_for(grad, rois)).contiguous();
-  const AlignShape s{K, channels, height, width, pooled_height, pooled_width};
-
-  dispatch_value_and_coord_types(
-      grad.scalar_type(), r.scalar_type(),
-      [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
-        using scalar_t = decltype(scalar_tag);
-        using coord_t = decltype(coord_tag);
-        using acc_t = decltype(acc_tag);
-        const coord_t* rp = r.const_data_ptr<coord_t>();
-        const coord_t scale = static_cast<coord_t>(spatial_scale);
-        const auto ty = build_align_table<coord_t, acc_t>(
-            rp, K, scale, aligned, sampling_ratio, pooled_height, height, true);
-        const auto tx = build_align_table<coord_t, acc_t>(
-            rp, K, scale, aligned, sampling_ratio, pooled_width, width, false);
-        const RoisByImage groups = group_rois_by_image(rp, K, batch_size);
-        if (channels_last) {
-          align_backward_nhwc<scalar_t, coord_t, acc_t>(
-              g.const_data_ptr<scalar_t>(), groups, ty, tx, s, batch_size,
-              grad_input.mutable_data_ptr<scalar_t>());
-        } else {
-          align_backward_nchw<scalar_t, coord_t, acc_t>(
-              g.const_data_ptr<scalar_t>(), groups, ty, tx, s, batch_size,
-              grad_input.mutable_data_ptr<scalar_t>());
-        }
-      });
-  return grad_input;
+  const AlignOperands a = align_backward_operands(grad, rois, spatial_scale, pooled_height,
+                                                  pooled_width, batch_size, channels, height,
+                                                  width, sampling_ratio, aligned);
+  return run_kernels(a, [&]<typename scalar_t, typename coord_t, typename acc_t>() {
+    const auto [ty, tx] = align_tables<coord_t, acc_t>(a);
+    const RoisByImage groups =
+        group_rois_by_image(a.rois.const_data_ptr<coord_t>(), a.shape.num_rois, batch_size);
+    const auto kernel = a.channels_last ? align_backward_nhwc<scalar_t, coord_t, acc_t>
+                                        : align_backward_nchw<scalar_t, coord_t, acc_t>;
+    kernel(a.features.const_data_ptr<scalar_t>(), groups, ty, tx, a.shape, batch_size,
+           a.result.mutable_data_ptr<scalar_t>());
+  });
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// Fused ROI-Unpool + softmax blend (ROI_OPS_SPEC.md, "Fused paste-back and
+// Fused ROI-Unpool + softmax blend (docs/spec.md, "Fused paste-back and
 // blend") on the CPU: forward and deterministic backward, contiguous and
 // channels_last `base`, float16/bfloat16/float32/float64.
 //
@@ -22,16 +22,12 @@
 #include <utility>
 #include <vector>
 
-#include "../common/host_checks.h"
+#include "../common/host_prologue.h"
 #include "cpu_common.h"
 
 namespace roi_ops {
 namespace cpu {
 namespace {
-
-struct BlendShape {
-  int64_t batch, channels, height, width, num_rois, pooled_h, pooled_w;
-};
 
 // Coverage and taps of every ROI, computed once per call (K * (H + W) taps).
 template <typename acc_t>
@@ -60,8 +56,11 @@ struct BlendGeometry {
 };
 
 template <typename coord_t, typename acc_t>
-BlendGeometry<acc_t> blend_geometry(const coord_t* rois, coord_t scale,
-                                    bool aligned, const BlendShape& s) {
+BlendGeometry<acc_t> blend_geometry(const BlendOperands& o) {
+  const coord_t* rois = o.rois.const_data_ptr<coord_t>();
+  const coord_t scale = static_cast<coord_t>(o.spatial_scale);
+  const bool aligned = o.aligned;
+  const BlendShape& s = o.shape;
   const int64_t K = s.num_rois;
   BlendGeometry<acc_t> g;
   g.image.resize(K);
@@ -111,29 +110,20 @@ struct BlendTensors {
   bool channels_last;
 };
 
-// The forward's and backward's operands as their kernels read them: base is
-// read in place (a channels_last view of token-major states is not copied),
-// the small grids are brought into the same layout, the boxes into the
-// coordinate type.
-struct BlendOperands {
-  at::Tensor base, base_logit, input, input_logit, rois;
-  bool channels_last;
+// The operands as the CPU kernels read them, in base's layout: base is read
+// in place when it already is (a channels_last view of token-major states is
+// not copied), the small grids are brought into it.
+struct BlendLayout {
+  at::Tensor base, input;
 
-  BlendOperands(const at::Tensor& base_, const at::Tensor& base_logit_,
-                const at::Tensor& input_, const at::Tensor& input_logit_,
-                const at::Tensor& rois_, bool channels_last_)
-      : base(base_.contiguous(memory_format_of(channels_last_))),
-        base_logit(base_logit_.contiguous()),
-        input(input_.contiguous(memory_format_of(channels_last_))),
-        input_logit(input_logit_.contiguous()),
-        rois(rois_.to(coord_type_for(base_, rois_)).contiguous()),
-        channels_last(channels_last_) {}
+  explicit BlendLayout(const BlendOperands& o)
+      : base(o.base.contiguous(o.format)), input(o.input.contiguous(o.format)) {}
 
   template <typename scalar_t>
-  BlendTensors<scalar_t> tensors() const {
-    return {base.const_data_ptr<scalar_t>(), base_logit.const_data_ptr<scalar_t>(),
-            input.const_data_ptr<scalar_t>(), input_logit.const_data_ptr<scalar_t>(),
-            channels_last};
+  BlendTensors<scalar_t> tensors(const BlendOperands& o) const {
+    return {base.const_data_ptr<scalar_t>(), o.base_logit.const_data_ptr<scalar_t>(),
+            input.const_data_ptr<scalar_t>(), o.input_logit.const_data_ptr<scalar_t>(),
+            o.channels_last};
   }
 };
 
@@ -589,31 +579,17 @@ std::tuple<at::Tensor, at::Tensor> roi_unpool_blend_forward_cpu(
     const at::Tensor& base, const at::Tensor& base_logit, const at::Tensor& input,
     const at::Tensor& input_logit, const at::Tensor& rois, double spatial_scale,
     bool aligned) {
-  constexpr const char* op = "roi_unpool_blend";
-  check_blend_operands(op, base, base_logit, input, input_logit, rois);
-  const int64_t B = base.size(0), C = base.size(1), H = base.size(2), W = base.size(3);
-  check_box_operands(op, base, rois, B, spatial_scale, aligned);
-
-  const bool channels_last = use_channels_last(base);
-  const auto format = memory_format_of(channels_last);
-  at::Tensor out = at::empty({B, C, H, W}, base.options(), format);
-  prefer_huge_pages(out);
-  at::Tensor base_weight = at::empty({B, H, W}, base_logit.options());
-  if (B == 0 || H == 0 || W == 0) return {out, base_weight};
-
-  const BlendOperands ops(base, base_logit, input, input_logit, rois, channels_last);
-  const BlendShape s{B, C, H, W, rois.size(0), input.size(2), input.size(3)};
-  dispatch_value_and_coord_types(base.scalar_type(), ops.rois.scalar_type(),
-                                 [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
-    using scalar_t = decltype(scalar_tag);
-    using coord_t = decltype(coord_tag);
-    using acc_t = decltype(acc_tag);
-    const BlendGeometry<acc_t> g = blend_geometry<coord_t, acc_t>(
-        ops.rois.const_data_ptr<coord_t>(), static_cast<coord_t>(spatial_scale), aligned, s);
-    blend_forward<scalar_t, acc_t>(ops.tensors<scalar_t>(), g, s, out.mutable_data_ptr<scalar_t>(),
-                                   base_weight.mutable_data_ptr<scalar_t>());
+  const BlendOperands o = blend_forward_operands(base, base_logit, input, input_logit, rois,
+                                                 spatial_scale, aligned);
+  prefer_huge_pages(o.out);
+  if (!o.has_work) return {o.out, o.base_weight};
+  const BlendLayout layout(o);
+  o.dispatch([&]<typename scalar_t, typename coord_t, typename acc_t>() {
+    blend_forward<scalar_t, acc_t>(layout.tensors<scalar_t>(o), blend_geometry<coord_t, acc_t>(o),
+                                   o.shape, o.out.mutable_data_ptr<scalar_t>(),
+                                   o.base_weight.mutable_data_ptr<scalar_t>());
   });
-  return {out, base_weight};
+  return {o.out, o.base_weight};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -623,55 +599,34 @@ roi_unpool_blend_backward_cpu(const at::Tensor& grad_out,
                               const at::Tensor& input, const at::Tensor& input_logit,
                               const at::Tensor& rois, double spatial_scale,
                               bool aligned) {
-  constexpr const char* op = "_roi_unpool_blend_backward";
-  check_blend_operands(op, base, base_logit, input, input_logit, rois);
-  const int64_t B = base.size(0), C = base.size(1), H = base.size(2), W = base.size(3);
-  const int64_t K = rois.size(0), PH = input.size(2), PW = input.size(3);
-  const bool has_gbw = check_blend_grads(op, grad_out, grad_base_weight, base, base_logit);
-  check_box_operands(op, base, rois, B, spatial_scale, aligned);
-
-  const bool channels_last = use_channels_last(base);
-  const auto format = memory_format_of(channels_last);
-  const auto input_format = memory_format_of(input);
-  if (B == 0 || H == 0 || W == 0) {
-    return {at::zeros({B, C, H, W}, base.options().memory_format(format)),
-            at::zeros({B, H, W}, base_logit.options()),
-            at::zeros({K, C, PH, PW}, input.options().memory_format(input_format)),
-            at::zeros({K, PH, PW}, input_logit.options())};
+  const BlendOperands o = blend_backward_operands(grad_out, grad_base_weight, base, base_logit,
+                                                  input, input_logit, rois, spatial_scale,
+                                                  aligned);
+  if (!o.has_work) {
+    return {o.grad_base, o.grad_base_logit, o.grad_input, o.grad_input_logit};
   }
-  at::Tensor grad_base = at::empty({B, C, H, W}, base.options(), format);
-  prefer_huge_pages(grad_base);
-  at::Tensor grad_base_logit = at::empty({B, H, W}, base_logit.options());
-  at::Tensor grad_input = at::empty({K, C, PH, PW}, input.options(), input_format);
-  at::Tensor grad_input_logit = at::empty({K, PH, PW}, input_logit.options());
-
-  const BlendOperands ops(base, base_logit, input, input_logit, rois, channels_last);
-  const at::Tensor g = grad_out.contiguous(format);
-  const at::Tensor gbw = has_gbw ? grad_base_weight->contiguous() : at::Tensor();
-  const BlendShape s{B, C, H, W, K, PH, PW};
-  const int64_t gi_stride[4] = {grad_input.stride(0), grad_input.stride(1),
-                                grad_input.stride(2), grad_input.stride(3)};
-  dispatch_value_and_coord_types(base.scalar_type(), ops.rois.scalar_type(),
-                                 [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
-    using scalar_t = decltype(scalar_tag);
-    using coord_t = decltype(coord_tag);
-    using acc_t = decltype(acc_tag);
-    const BlendGeometry<acc_t> geo = blend_geometry<coord_t, acc_t>(
-        ops.rois.const_data_ptr<coord_t>(), static_cast<coord_t>(spatial_scale), aligned, s);
-    const BlendTensors<scalar_t> t = ops.tensors<scalar_t>();
-    const scalar_t* gbw_ptr = has_gbw ? gbw.const_data_ptr<scalar_t>() : nullptr;
-    const int64_t pixels = B * H * W;
+  prefer_huge_pages(o.grad_base);
+  const BlendLayout layout(o);
+  const at::Tensor g = o.grad_out.contiguous(o.format);
+  const int64_t gi_stride[4] = {o.grad_input.stride(0), o.grad_input.stride(1),
+                                o.grad_input.stride(2), o.grad_input.stride(3)};
+  o.dispatch([&]<typename scalar_t, typename coord_t, typename acc_t>() {
+    const BlendGeometry<acc_t> geo = blend_geometry<coord_t, acc_t>(o);
+    const BlendTensors<scalar_t> t = layout.tensors<scalar_t>(o);
+    const scalar_t* gbw_ptr =
+        o.grad_base_weight.defined() ? o.grad_base_weight.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t pixels = o.shape.batch * o.shape.height * o.shape.width;
     std::vector<acc_t> stats(3 * pixels);
     const PixelStats<acc_t> st{stats.data(), stats.data() + pixels,
                                stats.data() + 2 * pixels};
-    blend_backward_rows<scalar_t, acc_t>(t, geo, s, g.const_data_ptr<scalar_t>(), gbw_ptr,
-                                         grad_base.mutable_data_ptr<scalar_t>(),
-                                         grad_base_logit.mutable_data_ptr<scalar_t>(), st);
-    blend_backward_rois<scalar_t, acc_t>(t, geo, s, g.const_data_ptr<scalar_t>(), gbw_ptr, st,
-                                         grad_input.mutable_data_ptr<scalar_t>(), gi_stride,
-                                         grad_input_logit.mutable_data_ptr<scalar_t>());
+    blend_backward_rows<scalar_t, acc_t>(t, geo, o.shape, g.const_data_ptr<scalar_t>(), gbw_ptr,
+                                         o.grad_base.mutable_data_ptr<scalar_t>(),
+                                         o.grad_base_logit.mutable_data_ptr<scalar_t>(), st);
+    blend_backward_rois<scalar_t, acc_t>(t, geo, o.shape, g.const_data_ptr<scalar_t>(), gbw_ptr,
+                                         st, o.grad_input.mutable_data_ptr<scalar_t>(), gi_stride,
+                                         o.grad_input_logit.mutable_data_ptr<scalar_t>());
   });
-  return {grad_base, grad_base_logit, grad_input, grad_input_logit};
+  return {o.grad_base, o.grad_base_logit, o.grad_input, o.grad_input_logit};
 }
 
 }  // namespace

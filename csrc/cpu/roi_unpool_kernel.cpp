@@ -11,7 +11,7 @@
 
 #include <type_traits>
 
-#include "../common/host_checks.h"
+#include "../common/host_prologue.h"
 #include "cpu_common.h"
 
 namespace roi_ops {
@@ -19,10 +19,6 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kChannelBlock = 64;  // channels per task in channels_last
-
-struct UnpoolShape {
-  int64_t num_rois, channels, height, width, pooled_h, pooled_w;
-};
 
 // Coverage and taps of one ROI, cached per task (recomputed only when the
 // task moves on to another ROI).
@@ -33,7 +29,7 @@ struct UnpoolRoi {
   std::vector<math::Tap<acc_t>> ty, tx;  // indexed by h - ay.first, w - ax.first
 
   void load(const coord_t* rois, int64_t roi, coord_t scale, bool aligned,
-            const UnpoolShape& s) {
+            const RoiShape& s) {
     if (k == roi) return;
     k = roi;
     const math::UnpoolAxes<coord_t> a = math::unpool_axes(
@@ -80,7 +76,7 @@ struct UnpoolRoi {
 
 template <typename scalar_t, typename coord_t, typename acc_t>
 void unpool_forward_nchw(const scalar_t* input, const coord_t* rois,
-                         coord_t scale, bool aligned, const UnpoolShape& s,
+                         coord_t scale, bool aligned, const RoiShape& s,
                          scalar_t* output) {
   const int64_t C = s.channels, H = s.height, W = s.width;
   const int64_t PH = s.pooled_h, PW = s.pooled_w;
@@ -127,7 +123,7 @@ void unpool_forward_nchw(const scalar_t* input, const coord_t* rois,
 
 template <typename scalar_t, typename coord_t, typename acc_t>
 void unpool_forward_nhwc(const scalar_t* input, const coord_t* rois,
-                         coord_t scale, bool aligned, const UnpoolShape& s,
+                         coord_t scale, bool aligned, const RoiShape& s,
                          scalar_t* output) {
   const int64_t C = s.channels, H = s.height, W = s.width;
   const int64_t PH = s.pooled_h, PW = s.pooled_w;
@@ -170,7 +166,7 @@ void unpool_forward_nhwc(const scalar_t* input, const coord_t* rois,
 // gradients into it in a fixed order (adjoint of the forward's two passes).
 template <typename scalar_t, typename coord_t, typename acc_t>
 void unpool_backward_nchw(const scalar_t* grad, const coord_t* rois,
-                          coord_t scale, bool aligned, const UnpoolShape& s,
+                          coord_t scale, bool aligned, const RoiShape& s,
                           scalar_t* grad_input) {
   const int64_t C = s.channels, H = s.height, W = s.width;
   const int64_t PH = s.pooled_h, PW = s.pooled_w;
@@ -221,7 +217,7 @@ void unpool_backward_nchw(const scalar_t* grad, const coord_t* rois,
 // then columns into cells along x), so both layouts agree bitwise.
 template <typename scalar_t, typename coord_t, typename acc_t>
 void unpool_backward_nhwc(const scalar_t* grad, const coord_t* rois,
-                          coord_t scale, bool aligned, const UnpoolShape& s,
+                          coord_t scale, bool aligned, const RoiShape& s,
                           scalar_t* grad_input) {
   const int64_t C = s.channels, H = s.height, W = s.width;
   const int64_t PH = s.pooled_h, PW = s.pooled_w;
@@ -277,83 +273,36 @@ void unpool_backward_nhwc(const scalar_t* grad, const coord_t* rois,
   });
 }
 
+// Both directions on the prepared operands: the forward pastes `features`
+// (the grids) into `result` (the maps), the backward gathers the other way;
+// the kernel is the one for the working layout.
+at::Tensor run_unpool(const UnpoolOperands& u, bool forward) {
+  return run_kernels(u, [&]<typename scalar_t, typename coord_t, typename acc_t>() {
+    const auto kernel =
+        forward ? (u.channels_last ? unpool_forward_nhwc<scalar_t, coord_t, acc_t>
+                                   : unpool_forward_nchw<scalar_t, coord_t, acc_t>)
+                : (u.channels_last ? unpool_backward_nhwc<scalar_t, coord_t, acc_t>
+                                   : unpool_backward_nchw<scalar_t, coord_t, acc_t>);
+    kernel(u.features.const_data_ptr<scalar_t>(), u.rois.const_data_ptr<coord_t>(),
+           static_cast<coord_t>(u.spatial_scale), u.aligned, u.shape,
+           u.result.mutable_data_ptr<scalar_t>());
+  });
+}
+
 at::Tensor roi_unpool_forward_cpu(const at::Tensor& input, const at::Tensor& rois,
                                   double spatial_scale, int64_t height,
                                   int64_t width, bool aligned) {
-  constexpr const char* op = "roi_unpool";
-  check_roi_unpool_args(op, input, rois, height, width);
-  const int64_t K = rois.size(0);
-  // The batch index is not read by unpool (one output map per ROI), but a box
-  // with a bad index is still a bad box: the contract is the same for all ops.
-  check_box_operands(op, input, rois, INT64_MAX, spatial_scale, aligned);
-
-  const bool channels_last = use_channels_last(input);
-  const auto format = memory_format_of(channels_last);
-  const int64_t C = input.size(1), PH = input.size(2), PW = input.size(3);
-  if (K == 0 || C == 0 || PH == 0 || PW == 0) {
-    return empty_output(op, "output_size (height, width)", {K, C, height, width},
-                        input.options(), format, /*zeroed=*/true);
-  }
-  at::Tensor output = empty_output(op, "output_size (height, width)",
-                                   {K, C, height, width}, input.options(), format);
-  prefer_huge_pages(output);
-  const at::Tensor x = input.contiguous(format);
-  const at::Tensor r = rois.to(coord_type_for(input, rois)).contiguous();
-  const UnpoolShape s{K, C, height, width, PH, PW};
-  dispatch_value_and_coord_types(x.scalar_type(), r.scalar_type(), [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
-    using scalar_t = decltype(scalar_tag);
-    using coord_t = decltype(coord_tag);
-    using acc_t = decltype(acc_tag);
-    const coord_t scale = static_cast<coord_t>(spatial_scale);
-    if (channels_last) {
-      unpool_forward_nhwc<scalar_t, coord_t, acc_t>(
-          x.const_data_ptr<scalar_t>(), r.const_data_ptr<coord_t>(), scale,
-          aligned, s, output.mutable_data_ptr<scalar_t>());
-    } else {
-      unpool_forward_nchw<scalar_t, coord_t, acc_t>(
-          x.const_data_ptr<scalar_t>(), r.const_data_ptr<coord_t>(), scale,
-          aligned, s, output.mutable_data_ptr<scalar_t>());
-    }
-  });
-  return output;
+  return run_unpool(
+      unpool_forward_operands(input, rois, spatial_scale, height, width, aligned),
+      /*forward=*/true);
 }
 
 at::Tensor roi_unpool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
                                    double spatial_scale, int64_t pooled_height,
                                    int64_t pooled_width, bool aligned) {
-  constexpr const char* op = "_roi_unpool_backward";
-  check_roi_unpool_backward_args(op, grad, rois, pooled_height, pooled_width);
-  const int64_t K = rois.size(0);
-  check_box_operands(op, grad, rois, INT64_MAX, spatial_scale, aligned);
-
-  const bool channels_last = use_channels_last(grad);
-  const auto format = memory_format_of(channels_last);
-  const int64_t C = grad.size(1), H = grad.size(2), W = grad.size(3);
-  if (K == 0 || C == 0 || H == 0 || W == 0 || pooled_height == 0 || pooled_width == 0) {
-    return at::zeros({K, C, pooled_height, pooled_width}, grad.options().memory_format(format));
-  }
-  at::Tensor grad_input =
-      at::empty({K, C, pooled_height, pooled_width}, grad.options(), format);
-  prefer_huge_pages(grad_input);
-  const at::Tensor g = grad.contiguous(format);
-  const at::Tensor r = rois.to(coord_type_for(grad, rois)).contiguous();
-  const UnpoolShape s{K, C, H, W, pooled_height, pooled_width};
-  dispatch_value_and_coord_types(g.scalar_type(), r.scalar_type(), [&](auto scalar_tag, auto coord_tag, auto acc_tag) {
-    using scalar_t = decltype(scalar_tag);
-    using coord_t = decltype(coord_tag);
-    using acc_t = decltype(acc_tag);
-    const coord_t scale = static_cast<coord_t>(spatial_scale);
-    if (channels_last) {
-      unpool_backward_nhwc<scalar_t, coord_t, acc_t>(
-          g.const_data_ptr<scalar_t>(), r.const_data_ptr<coord_t>(), scale,
-          aligned, s, grad_input.mutable_data_ptr<scalar_t>());
-    } else {
-      unpool_backward_nchw<scalar_t, coord_t, acc_t>(
-          g.const_data_ptr<scalar_t>(), r.const_data_ptr<coord_t>(), scale,
-          aligned, s, grad_input.mutable_data_ptr<scalar_t>());
-    }
-  });
-  return grad_input;
+  return run_unpool(unpool_backward_operands(grad, rois, spatial_scale, pooled_height,
+                                             pooled_width, aligned),
+                    /*forward=*/false);
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
 // Per-element bodies of the fused ROI-Unpool + blend CUDA kernels
-// (ROI_OPS_SPEC.md, "Fused paste-back and blend"): one call computes one
+// (docs/spec.md, "Fused paste-back and blend"): one call computes one
 // output element from raw pointers and a plain parameter struct, as in
 // roi_elements.h; C10_HOST_DEVICE and free of CUDA-only constructs, so a host
 // build runs the very same bodies (emulation). Host side: blend_host.h;

@@ -1,7 +1,8 @@
-// The Launcher of the CUDA host functions (roi_host.h and the like): holds
-// the device guard and the current stream for the lifetime of one op call
-// and runs every "kernel" through launch_elements (launch.h). Host-compiler
-// code (it includes c10/cuda headers that the light .cu files do without).
+// CudaLauncher, the Launcher of the CUDA host functions (roi_host.h,
+// blend_host.h) on a GPU: holds the device guard and the current stream for
+// the lifetime of one op call and runs every "kernel" through
+// launch_elements (launch_elements.h). Host-compiler code (it includes
+// c10/cuda headers that the light .cu files do without).
 #pragma once
 
 #include <c10/core/Device.h>
@@ -10,7 +11,7 @@
 
 #include <cstdint>
 
-#include "launch.h"
+#include "launch_elements.h"
 
 namespace roi_ops {
 namespace cuda {

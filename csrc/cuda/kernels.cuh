@@ -16,7 +16,7 @@
 #include <atomic>
 #include <cstdint>
 
-#include "launch.h"
+#include "launch_elements.h"
 #include "roi_elements.h"
 
 namespace roi_ops {

@@ -1,6 +1,6 @@
 // CUDA registrations of every roi_ops op (forward and backward). Host code
 // only, compiled by the host compiler: the kernels are in the *.cu files,
-// reached through launch.h, so the heavy ATen headers are parsed once rather
+// reached through launch_elements.h, so the heavy ATen headers are parsed once rather
 // than once per architecture.
 #include <torch/library.h>
 

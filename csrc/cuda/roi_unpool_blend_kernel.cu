@@ -1,4 +1,4 @@
-// Fused ROI-Unpool + softmax blend CUDA kernels (ROI_OPS_SPEC.md, "Fused
+// Fused ROI-Unpool + softmax blend CUDA kernels (docs/spec.md, "Fused
 // paste-back and blend"): the tile lists, the forward (per-pixel softmax
 // statistics, then one thread per output element) and the deterministic
 // gather-style backward (per pixel, per (ROI, pixel) pair, per grid cell; no

@@ -31,7 +31,7 @@ def blend(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paste every ROI grid back and blend it with the global output by a per-pixel softmax (unfused).
 
-    Same contract as the fused ``roi_unpool_blend`` op of the spec, which can replace it one for one:
+    Same contract as the fused ``roi_unpool_blend`` op (docs/spec.md), which can replace it one for one:
 
     Args:
         base: ``Tensor[B, C, H, W]``, the global output (a channels_last view of token-major states is fine).

@@ -1,5 +1,6 @@
-// The boundary between the host code (roi_ops_cuda.cpp, compiled by the host
-// compiler) and the kernels (*.cu, compiled by nvcc with light headers only).
+// launch_elements, the boundary between the host code (roi_ops_cuda.cpp,
+// compiled by the host compiler) and the kernels (*.cu, compiled by nvcc with
+// light headers only): declared here, defined in kernels.cuh.
 #pragma once
 
 #include <c10/core/Device.h>
