@@ -265,7 +265,7 @@ def sdist(tmp_path_factory) -> Path:
 
 def _expected_sdist_members() -> set[str]:
     files = {"PKG-INFO", "setup.cfg", "setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE",
-             "CHANGELOG.md", "roi_ops/py.typed"}
+             "CHANGELOG.md", "docs/spec.md", "roi_ops/py.typed"}
     files |= {f"roi_ops.egg-info/{n}" for n in
               ("PKG-INFO", "SOURCES.txt", "dependency_links.txt", "requires.txt", "top_level.txt")}
     if _pyproject()["project"].get("scripts"):
