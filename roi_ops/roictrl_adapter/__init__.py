@@ -18,7 +18,9 @@ Whole pipelines: ``ROICtrlPipeline.from_pipe(pipe, adapter)(prompt, instances=[{
 """
 
 from .adapter import DEFAULT_GRID_SIZES, BlockSpec, ROICtrlAdapter, load_adapter
-from .block import BoxEncoder, ROICtrlBlock, blend, coverage
+from .block import ROICtrlBlock
+from .layers import BoxEncoder
+from .paste import PasteRule, blend, coverage
 from .instances import ROICtrlInstances
 from .official import is_official_checkpoint
 from .options import OFFICIAL_CONFIG, ArchitectureOptions
@@ -31,6 +33,7 @@ __all__ = [
     "BlockSpec",
     "BoxEncoder",
     "Instance",
+    "PasteRule",
     "ROICtrlAdapter",
     "ROICtrlBlock",
     "ROICtrlInstances",

@@ -30,10 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .block import BoxEncoder, ROICtrlBlock
+from .block import ROICtrlBlock
+from .layers import BoxEncoder
 from .checkpoint import architecture_mismatch, read_safetensors_header, validate_config
 from .instances import ROICtrlInstances
 from .options import OFFICIAL_CONFIG, ArchitectureOptions
+from .paste import PasteRule, paste_rule, resolve_fused_blend
 
 __all__ = ["DEFAULT_GRID_SIZES", "ROICtrlAdapter", "installed_adapter", "unwrap_unet"]
 
@@ -170,9 +172,11 @@ class ROICtrlAdapter(nn.Module):
         blocks: one :class:`BlockSpec` (or dict of its fields) per cross-attention block, in UNet order.
         position_dim: width of the box encoder's position tokens. fourier_freqs: frequencies per coordinate.
         position_hidden_dim: hidden width of the box encoder's MLP. ff_mult: expansion of the guidance FF.
-        fused_blend: blend with the fused ``roi_ops.roi_unpool_blend`` op (default), whose memory does not grow
-            with the instance count; ``False`` uses the unfused :func:`blend` (same function, materialises
-            ``[B, N, C, H, W]`` per layer). Also settable later: ``adapter.fused_blend = False``.
+        fused_blend: blend with the fused ``roi_ops.roi_unpool_blend`` op, whose memory does not grow with the
+            instance count; ``False`` uses the unfused :func:`blend` (same function, materialises ``[K, C, H, W]``
+            per layer). ``None`` (default): fused wherever the paste rule has a fused form, i.e. with
+            ``unpool="exact"``; ``True`` with ``unpool="official"`` (no fused form) warns and blends unfused.
+            Also settable later: ``adapter.fused_blend = False``.
         options: the architecture options of :class:`~roi_ops.roictrl_adapter.options.ArchitectureOptions`
             (``ff_activation``, ``fourier_embedding``, ``position_padding``, ``channel_gate``, ``max_instances``,
             ``slot_order``, ``slot_seed``, ``sampling_ratio``, ``guide_empty_samples``, ``dropout``, ``unpool``);
@@ -186,7 +190,7 @@ class ROICtrlAdapter(nn.Module):
         fourier_freqs: int = 8,
         position_hidden_dim: int = 512,
         ff_mult: int = 4,
-        fused_blend: bool = True,
+        fused_blend: bool | None = None,
         **options: Any,
     ):
         super().__init__()
@@ -210,8 +214,9 @@ class ROICtrlAdapter(nn.Module):
             fourier=self.options.fourier_embedding,
             null_token=self.options.position_padding == "null_token",
         )
+        fused_blend = resolve_fused_blend(fused_blend, paste_rule(self.options.unpool))  # warns once, not per block
         self.blocks = nn.ModuleList(
-            ROICtrlBlock(s.dim, s.heads, position_dim, s.grid, ff_mult, bool(fused_blend), self.options) for s in specs
+            ROICtrlBlock(s.dim, s.heads, position_dim, s.grid, ff_mult, fused_blend, self.options) for s in specs
         )
         #: False makes every hook pass the UNet's own computation through untouched.
         self.enabled = True
@@ -292,9 +297,16 @@ class ROICtrlAdapter(nn.Module):
         return all(block.fused_blend for block in self.blocks)
 
     @fused_blend.setter
-    def fused_blend(self, value: bool) -> None:
+    def fused_blend(self, value: bool | None) -> None:
+        value = resolve_fused_blend(value, self.paste_rule)
         for block in self.blocks:
-            block.fused_blend = bool(value)
+            block.fused_blend = value
+
+    @property
+    def paste_rule(self) -> PasteRule:
+        """How every layer pastes its ROI grids back (``options.unpool``): :data:`~.paste.EXACT` or
+        :data:`~.paste.OFFICIAL`; its ``coverage`` says which feature pixels a box reaches."""
+        return paste_rule(self.options.unpool)
 
     def extra_repr(self) -> str:
         return f"num_blocks={len(self.specs)}, installed={self.is_installed}, enabled={self.enabled}"

@@ -22,8 +22,8 @@ from torch import nn
 import roi_ops
 
 from .adapter import KWARG, ROICtrlAdapter, _get_arg, _set_arg, installed_adapter, unwrap_unet
-from .block import coverage, instance_weights
 from .instances import ROICtrlInstances
+from .paste import PasteRule, instance_weights
 
 __all__ = ["BOX_FORMATS", "BOX_UNITS", "Instance", "ROICtrlPipeline", "normalize_instances"]
 
@@ -167,26 +167,31 @@ def normalize_instances(
     return out
 
 
-def _map_sizes(adapter: ROICtrlAdapter, latent_hw: tuple[int, int], vae_scale_factor: int) -> set[tuple[int, int]]:
-    """``H x W`` of every adapter layer's feature map for latents of ``latent_hw`` (stride-2 convs: ceil)."""
+def _map_sizes(
+    adapter: ROICtrlAdapter, latent_hw: tuple[int, int], vae_scale_factor: int
+) -> set[tuple[int, int, int]]:
+    """``(H, W, grid)`` of every adapter layer: its feature map for latents of ``latent_hw`` (stride-2 convs: ceil)
+    and its ROI grid side."""
     sizes = set()
     for spec in adapter.specs:
         h, w = latent_hw
         for _ in range(int(round(math.log2(spec.downsample // vae_scale_factor)))):
             h, w = -(-h // 2), -(-w // 2)
-        sizes.add((h, w))
+        sizes.add((h, w, spec.grid))
     return sizes
 
 
-def _warn_tiny(instances: list[list[Instance]], sizes: set[tuple[int, int]]) -> None:
+def _warn_tiny(instances: list[list[Instance]], sizes: set[tuple[int, int, int]], rule: PasteRule) -> None:
+    """Warn for every box that covers no pixel of any layer under the adapter's paste ``rule``."""
     boxes = [(p, i, inst.box) for p, row in enumerate(instances) for i, inst in enumerate(row)]
     if not boxes:
         return
     b = torch.tensor([box for _, _, box in boxes], dtype=torch.float64)
     seen = torch.zeros(len(boxes), dtype=torch.bool)
-    for h, w in sizes:
+    for h, w, grid in sizes:
         rois = torch.cat([torch.arange(len(boxes), dtype=torch.float64)[:, None], b * torch.tensor([w, h, w, h])], 1)
-        seen |= coverage(rois, len(boxes), (h, w)).flatten(1).any(1)
+        seen |= rule.coverage(rois, len(boxes), (h, w), grid).flatten(1).any(1)
+    sizes = {(h, w) for h, w, _ in sizes}
     for k in (~seen).nonzero().flatten().tolist():
         p, i, box = boxes[k]
         warnings.warn(
@@ -426,7 +431,11 @@ class ROICtrlPipeline:
             box_units=box_units, clip_boxes=clip_boxes,
         )
         vae_sf = self.pipe.vae_scale_factor
-        _warn_tiny(per_prompt, _map_sizes(self.adapter, (image_hw[0] // vae_sf, image_hw[1] // vae_sf), vae_sf))
+        _warn_tiny(
+            per_prompt,
+            _map_sizes(self.adapter, (image_hw[0] // vae_sf, image_hw[1] // vae_sf), vae_sf),
+            self.adapter.paste_rule,
+        )
 
         self._match_unet()
         cond = None

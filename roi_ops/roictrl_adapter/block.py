@@ -1,0 +1,310 @@
+"""One ROICtrl block: the adapter of one cross-attention layer, in the paper's order.
+
+Nothing here knows about diffusers: the block is handed the layer's tensors and the layer's own pretrained
+cross-attention module by the hooks in ``hooks.py``, so it can also be driven by hand (the tests do). How the
+ROI grids go back into the feature map is the block's :class:`~roi_ops.roictrl_adapter.paste.PasteRule`
+(``paste.py``); its layers are in ``layers.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+import roi_ops
+
+from .instances import ROICtrlInstances
+from .layers import BoxEncoder, FeedForward, SelfAttention
+from .options import ArchitectureOptions
+from .paste import paste_rule, resolve_fused_blend
+
+# Names this module held before paste.py and layers.py took them, importable from here as before.
+from .layers import GEGLU  # noqa: F401,E402
+from .paste import blend, coverage, instance_weights, paste_for_blend, roi_unpool_quantized  # noqa: F401,E402
+
+__all__ = ["ROICtrlBlock"]
+
+
+def _gather_encoder_states(encoder_hidden_states: Any, text: torch.Tensor, batch: torch.Tensor) -> Any:
+    """The instance path's ``encoder_hidden_states``: the instance captions, plus any IP-Adapter image tokens of
+    the instance's own sample (diffusers passes those as ``(text, [image_tokens, ...])``)."""
+    if isinstance(encoder_hidden_states, tuple):
+        _, image_states = encoder_hidden_states
+        return (text, [s.index_select(0, batch) for s in image_states])
+    return text
+
+
+class ROICtrlBlock(nn.Module):
+    """The adapter of one cross-attention layer, in the paper's order.
+
+    1. ROI-Align of the layer's normed hidden states (``aligned=True``), one ``grid x grid`` crop per instance;
+    2. instance injection: the layer's *own* cross-attention on the crop tokens with that instance's caption;
+    3. ROI self-attention within each instance, through a tanh gate (zero at init);
+    4. ROI-Unpool and blending: one shared 1x1 projection (C -> 1) gives a logit for the global output and for
+       every instance cell (optionally scaled per slot by the official channel gate); per pixel, a softmax over
+       the global output and the instances covering it, pasted by the block's :attr:`paste_rule`
+       (``options.unpool``), by the fused ``roi_ops.roi_unpool_blend`` (memory of the feature map plus the ROI
+       grids, whatever the instance count) or, with ``fused_blend=False`` or a rule without a fused form (the
+       official paste), the unfused :func:`blend` (same function, materialises ``[K, C, H, W]``);
+    5. box-coordinate guidance on the residual stream: gated self-attention over [visual tokens; position
+       tokens], then a gated feed-forward (both gates zero at init).
+
+    Args:
+        dim: channels ``C`` of the layer. heads: attention heads of the new self-attentions.
+        position_dim: width of the shared box encoder's tokens. grid: ROI grid side. ff_mult: FF expansion.
+        fused_blend: step 4 by the fused op or by the unfused :func:`blend`; ``None`` (default): fused wherever the
+            paste rule has a fused form (``unpool="exact"``); ``True`` with ``unpool="official"`` warns and runs
+            the unfused blend (:func:`~roi_ops.roictrl_adapter.paste.resolve_fused_blend`).
+        options: the :class:`~roi_ops.roictrl_adapter.options.ArchitectureOptions` (default: roi-ops' design).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        position_dim: int,
+        grid: int,
+        ff_mult: int = 4,
+        fused_blend: bool | None = None,
+        options: ArchitectureOptions | None = None,
+    ):
+        super().__init__()
+        options = ArchitectureOptions() if options is None else options
+        self.dim, self.grid, self.options = dim, grid, options
+        #: how this block pastes its grids back (``options.unpool``): the blend, its coverage and the blend maps
+        self.paste_rule = paste_rule(options.unpool)
+        self._fused_blend = resolve_fused_blend(fused_blend, self.paste_rule)
+        self.roi_norm = nn.LayerNorm(dim)
+        self.roi_attn = SelfAttention(dim, heads, options.dropout)
+        self.roi_gate = nn.Parameter(torch.zeros(()))
+        # No bias: one shared by every logit would cancel in the softmax (and never get a gradient).
+        self.blend_proj = nn.Linear(dim, 1, bias=False)
+        # Equal logits at init: a covered pixel starts as the plain mean of the global and instance outputs.
+        nn.init.zeros_(self.blend_proj.weight)
+        if options.channel_gate:
+            slots = options.max_instances + 1  # the global output + every instance slot
+            self.blend_gate = nn.Sequential(nn.Linear(slots, slots), nn.ReLU(), nn.Linear(slots, slots))
+            if options.slot_order == "seeded":
+                generator = torch.Generator().manual_seed(options.slot_seed)
+                perm = torch.randperm(options.max_instances, generator=generator)
+                self.register_buffer("slot_permutation", perm, persistent=False)
+        self.position_proj = nn.Linear(position_dim, dim)
+        self.guide_norm = nn.LayerNorm(dim)
+        self.guide_attn = SelfAttention(dim, heads, options.dropout)
+        self.guide_attn_gate = nn.Parameter(torch.zeros(()))
+        self.guide_ff_norm = nn.LayerNorm(dim)
+        self.guide_ff = FeedForward(dim, ff_mult, options.ff_activation, options.dropout)
+        self.guide_ff_gate = nn.Parameter(torch.zeros(()))
+        # Set by ROICtrlPipeline(return_blend_maps=True): keep (base_logit, pasted logits, covered, rois) of the
+        # last call, what instance_weights needs.
+        self.keep_blend_logits = False
+        self.blend_logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def fused_blend(self) -> bool:
+        """Whether step 4 runs the fused op; assigning ``True`` under a rule without a fused form warns and keeps
+        the unfused blend (as the constructor)."""
+        return self._fused_blend
+
+    @fused_blend.setter
+    def fused_blend(self, value: bool | None) -> None:
+        self._fused_blend = resolve_fused_blend(value, self.paste_rule)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, grid={self.grid}, fused_blend={self.fused_blend}"
+
+    def _blend(self, base, base_logit, input, input_logit, boxes, spatial_scale, aligned):
+        """Step 4's blend: :meth:`PasteRule.blend` of the block's rule, fused or not (the benchmarks' baselines
+        replace this method)."""
+        return self.paste_rule.blend(
+            base, base_logit, input, input_logit, boxes, spatial_scale, aligned, fused=self.fused_blend
+        )
+
+    def _gate_logits(self, base_logit, inst_logit, rois, instances, size):
+        """The official channel gate: scale every slot's logits by ``sigmoid(MLP(max-pooled logit maps))``."""
+        B = base_logit.shape[0]
+        S = self.options.max_instances
+        device = base_logit.device
+        # Max over the pasted map, 0 where the slot does not cover (as the official code pools its dense maps).
+        inst_max = self.paste_rule.paste(inst_logit.unsqueeze(1), rois, size).amax(dim=(1, 2, 3))
+        batch = instances.batch_index.to(device)
+        position = instances.slot_position.to(device)
+        pooled = base_logit.new_zeros(B, S + 1)
+        pooled[:, 0] = base_logit.amax(dim=(1, 2))
+        pooled = pooled.index_put((batch, position + 1), inst_max.to(pooled.dtype))
+        order = self.options.slot_order
+        perm = None
+        if order == "seeded":
+            perm = self.slot_permutation.to(device)
+        elif order == "random":
+            perm = torch.randperm(S).to(device)  # the global CPU generator, as the official code
+        if perm is not None:
+            pooled = torch.cat([pooled[:, :1], pooled[:, 1:].index_select(1, perm)], dim=1)
+        scale = torch.sigmoid(self.blend_gate(pooled.to(self.blend_gate[0].weight.dtype))).to(base_logit.dtype)
+        if perm is not None:
+            scale = torch.cat([scale[:, :1], scale[:, 1:].index_select(1, torch.argsort(perm))], dim=1)
+        return base_logit * scale[:, 0, None, None], inst_logit * scale[batch, position + 1][:, None, None]
+
+    def check_slots(self, instances: ROICtrlInstances) -> None:
+        """Raise ``ValueError`` if an instance sits beyond ``max_instances`` slots (fixed-slot configurations)."""
+        limit = self.options.max_instances
+        if limit is None or instances.boxes.shape[1] <= limit or instances.num_instances == 0:
+            return
+        last = int(instances.slot_position.max())
+        if last >= limit:
+            k = int((instances.slot_position == last).nonzero()[0, 0])
+            raise ValueError(
+                f"this ROICtrl configuration has max_instances={limit} instance slots (the official model's fixed "
+                f"count is 30), but sample {int(instances.batch_index[k])} has an instance in slot {last} "
+                f"(roictrl boxes hold {instances.boxes.shape[1]} slots per sample); pass at most {limit} slots, or "
+                "use the default configuration (max_instances=None) for unbounded instance counts"
+            )
+
+    def instance_path(
+        self,
+        hidden_states: torch.Tensor,
+        global_out: torch.Tensor,
+        attn: nn.Module,
+        instances: ROICtrlInstances,
+        size: tuple[int, int],
+        encoder_hidden_states: Any = None,
+        attn_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 1-4. Returns ``(blended [B, T, C], base_weight [B, H, W], rois [K, 5])``.
+
+        ``hidden_states`` are the layer's normed states ``[B, H*W, C]`` (row-major pixels), ``global_out`` its
+        cross-attention output, ``attn`` the pretrained cross-attention module (called through ``forward`` with
+        ``attn_kwargs``), ``encoder_hidden_states`` what the layer got (only used to carry IP-Adapter tokens).
+        """
+        B, T, C = hidden_states.shape
+        H, W = size
+        if H * W != T:
+            raise ValueError(f"ROICtrlBlock size must satisfy H*W == tokens, got {H}x{W} for {T} tokens")
+        if instances.batch_size != B:
+            raise ValueError(
+                f"roictrl instances are for a batch of {instances.batch_size} but the UNet batch is {B} "
+                "(with classifier-free guidance, give the unconditional half all-zero masks)"
+            )
+        device, dtype = hidden_states.device, hidden_states.dtype
+        rois = instances.rois(H, W, dtype=torch.float64 if dtype == torch.float64 else torch.float32).to(device)
+        K, P = rois.shape[0], self.grid
+        if K == 0:  # only reached with guide_empty_samples: nothing to paste
+            return global_out, global_out.new_ones(B, H, W), rois
+        feature_map = hidden_states.reshape(B, H, W, C).permute(0, 3, 1, 2)  # channels_last view, no copy
+        crops = roi_ops.roi_align(
+            feature_map, rois, (P, P), spatial_scale=1.0, sampling_ratio=self.options.sampling_ratio, aligned=True
+        )
+        tokens = crops.flatten(2).transpose(1, 2)  # [K, P*P, C]
+
+        batch = instances.batch_index.to(device)
+        text = instances.instance_embeddings.to(device=device, dtype=dtype)
+        kwargs = dict(attn_kwargs or {})
+        kwargs.pop("ip_adapter_masks", None)  # full-image masks do not apply to ROI crops
+        x = attn.forward(
+            tokens,
+            encoder_hidden_states=_gather_encoder_states(encoder_hidden_states, text, batch),
+            attention_mask=None,
+            **kwargs,
+        )
+        x = x + torch.tanh(self.roi_gate).to(dtype) * self.roi_attn(self.roi_norm(x))
+
+        # project(roi_unpool(x)) == roi_unpool(project(x)): the instance logits are made on the small grids.
+        inst_logit = self.blend_proj(x).view(K, P, P)
+        base_logit = self.blend_proj(global_out).reshape(B, H, W)
+        if self.options.channel_gate:
+            base_logit, inst_logit = self._gate_logits(base_logit, inst_logit, rois, instances, size)
+        grid_values = x.transpose(1, 2).reshape(K, C, P, P)
+        base = global_out.reshape(B, H, W, C).permute(0, 3, 1, 2)
+        out, base_weight = self._blend(base, base_logit, grid_values, inst_logit, rois, 1.0, True)
+        if self.keep_blend_logits:  # the pipeline's blend maps: the logits pasted as the blend pasted them
+            _, logits, covered = self.paste_rule.paste_for_blend(grid_values.detach(), inst_logit.detach(), rois, size)
+            self.blend_logits = (base_logit.detach(), logits, covered, rois)
+        return out.permute(0, 2, 3, 1).reshape(B, T, C), base_weight, rois
+
+    def box_guidance(
+        self,
+        residual: torch.Tensor,
+        position_tokens: torch.Tensor,
+        instances: ROICtrlInstances,
+        rows: torch.Tensor | None = None,
+        null_position: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Step 5. ``residual`` is ``[S, T, C]``: the batch rows ``rows`` (default ``instances.sample_index``, the
+        samples with instances), ``position_tokens`` ``[K, position_dim]``; returns the residual update.
+
+        With ``position_padding="null_token"`` every row attends to ``max_instances`` tokens, padded slots holding
+        ``null_position`` (``[position_dim]``), without a key mask; otherwise only to its real instances."""
+        S, T, C = residual.shape
+        device = residual.device
+        rows = instances.sample_index.to(device) if rows is None else rows.to(device)
+        row_of = torch.zeros(instances.batch_size, dtype=torch.long, device=device)
+        row_of[rows] = torch.arange(S, device=device)
+        inst_rows = row_of[instances.batch_index.to(device)]
+        pos = self.position_proj(position_tokens.to(residual.dtype))
+        if self.options.position_padding == "null_token":
+            if null_position is None:
+                raise ValueError("ROICtrlBlock with position_padding='null_token' needs null_position, got None")
+            slots = self.options.max_instances
+            null = self.position_proj(null_position.to(residual.dtype))
+            dense = null.expand(S, slots, C).index_put((inst_rows, instances.slot_position.to(device)), pos)
+            key_valid = None  # every slot attended, as the official code
+        else:
+            index = (inst_rows, instances.slot_index.to(device))
+            slots = instances.max_instances_per_sample
+            dense = residual.new_zeros(S, slots, C).index_put(index, pos)
+            key_valid = torch.zeros(S, T + slots, dtype=torch.bool, device=device)
+            key_valid[:, :T] = True
+            key_valid[index[0], T + index[1]] = True  # padded position slots are never attended to
+
+        attn_out = self.guide_attn(self.guide_norm(torch.cat([residual, dense], dim=1)), key_valid)[:, :T]
+        d_attn = torch.tanh(self.guide_attn_gate).to(residual.dtype) * attn_out
+        d_ff = torch.tanh(self.guide_ff_gate).to(residual.dtype) * self.guide_ff(self.guide_ff_norm(residual + d_attn))
+        return d_attn + d_ff
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor,
+        global_out: torch.Tensor,
+        attn: nn.Module,
+        instances: ROICtrlInstances,
+        size: tuple[int, int],
+        position_tokens: torch.Tensor,
+        encoder_hidden_states: Any = None,
+        attn_kwargs: dict[str, Any] | None = None,
+        null_position: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Replace the layer's cross-attention output.
+
+        The caller's block then adds the result to ``residual`` as it would the plain output. Samples with no
+        valid instance get ``global_out`` back bitwise (unless ``guide_empty_samples``: then the guidance runs on
+        them too); for the others the result is ``global_out + scale * (blended + guidance - global_out)``.
+        ``null_position`` is the box encoder's null token, needed with ``position_padding="null_token"``.
+
+        Returns ``(new_output [B, T, C], stats)`` where ``stats`` holds ``base_weight`` ``[B, H, W]`` and
+        ``covered`` ``BoolTensor[B, H, W]`` for the fusion-weight regulariser.
+        """
+        empty_too = self.options.guide_empty_samples
+        if instances.num_instances == 0 and not empty_too:
+            shape = (global_out.shape[0], *size)
+            covered = torch.zeros(shape, dtype=torch.bool, device=global_out.device)
+            return global_out, {"base_weight": global_out.new_ones(shape), "covered": covered}
+        self.check_slots(instances)
+        blended, base_weight, rois = self.instance_path(
+            hidden_states, global_out, attn, instances, size, encoder_hidden_states, attn_kwargs
+        )
+        B = global_out.shape[0]
+        sel = torch.arange(B, device=global_out.device) if empty_too else instances.sample_index.to(global_out.device)
+        blended_rows = blended.index_select(0, sel)
+        delta = self.box_guidance(
+            residual.index_select(0, sel) + blended_rows, position_tokens, instances, sel, null_position
+        )
+        new_rows = blended_rows + delta
+        if instances.scale != 1.0:
+            g = global_out.index_select(0, sel)
+            new_rows = g + instances.scale * (new_rows - g)
+        out = global_out.index_copy(0, sel, new_rows)
+        covered = self.paste_rule.coverage(rois, B, size, grid=self.grid)
+        return out, {"base_weight": base_weight, "covered": covered}
