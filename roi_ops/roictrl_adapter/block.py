@@ -18,11 +18,11 @@ import roi_ops
 from .instances import ROICtrlInstances
 from .layers import BoxEncoder, FeedForward, SelfAttention
 from .options import ArchitectureOptions
-from .paste import paste_rule, resolve_fused_blend
+from .paste import instance_weights, paste_rule, resolve_fused_blend
 
 # Names this module held before paste.py and layers.py took them, importable from here as before.
 from .layers import GEGLU  # noqa: F401,E402
-from .paste import blend, coverage, instance_weights, paste_for_blend, roi_unpool_quantized  # noqa: F401,E402
+from .paste import blend, coverage, paste_for_blend, roi_unpool_quantized  # noqa: F401,E402
 
 __all__ = ["ROICtrlBlock"]
 
@@ -97,10 +97,6 @@ class ROICtrlBlock(nn.Module):
         self.guide_ff_norm = nn.LayerNorm(dim)
         self.guide_ff = FeedForward(dim, ff_mult, options.ff_activation, options.dropout)
         self.guide_ff_gate = nn.Parameter(torch.zeros(()))
-        # Set by ROICtrlPipeline(return_blend_maps=True): keep (base_logit, pasted logits, covered, rois) of the
-        # last call, what instance_weights needs.
-        self.keep_blend_logits = False
-        self.blend_logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def fused_blend(self) -> bool:
@@ -171,12 +167,15 @@ class ROICtrlBlock(nn.Module):
         size: tuple[int, int],
         encoder_hidden_states: Any = None,
         attn_kwargs: dict[str, Any] | None = None,
+        blend_record: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 1-4. Returns ``(blended [B, T, C], base_weight [B, H, W], rois [K, 5])``.
 
         ``hidden_states`` are the layer's normed states ``[B, H*W, C]`` (row-major pixels), ``global_out`` its
         cross-attention output, ``attn`` the pretrained cross-attention module (called through ``forward`` with
         ``attn_kwargs``), ``encoder_hidden_states`` what the layer got (only used to carry IP-Adapter tokens).
+        Given a dict ``blend_record``, puts the blend maps in it: ``"instance_weights"`` ``Tensor[K, H, W]``
+        (detached; the logits pasted once more, by the block's paste rule, as the blend pasted them).
         """
         B, T, C = hidden_states.shape
         H, W = size
@@ -218,9 +217,11 @@ class ROICtrlBlock(nn.Module):
         grid_values = x.transpose(1, 2).reshape(K, C, P, P)
         base = global_out.reshape(B, H, W, C).permute(0, 3, 1, 2)
         out, base_weight = self._blend(base, base_logit, grid_values, inst_logit, rois, 1.0, True)
-        if self.keep_blend_logits:  # the pipeline's blend maps: the logits pasted as the blend pasted them
+        if blend_record is not None:
             _, logits, covered = self.paste_rule.paste_for_blend(grid_values.detach(), inst_logit.detach(), rois, size)
-            self.blend_logits = (base_logit.detach(), logits, covered, rois)
+            blend_record["instance_weights"] = instance_weights(
+                base_weight.detach(), base_logit.detach(), logits, covered, rois
+            )
         return out.permute(0, 2, 3, 1).reshape(B, T, C), base_weight, rois
 
     def box_guidance(
@@ -275,6 +276,7 @@ class ROICtrlBlock(nn.Module):
         encoder_hidden_states: Any = None,
         attn_kwargs: dict[str, Any] | None = None,
         null_position: torch.Tensor | None = None,
+        record_blend: bool = False,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Replace the layer's cross-attention output.
 
@@ -284,7 +286,8 @@ class ROICtrlBlock(nn.Module):
         ``null_position`` is the box encoder's null token, needed with ``position_padding="null_token"``.
 
         Returns ``(new_output [B, T, C], stats)`` where ``stats`` holds ``base_weight`` ``[B, H, W]`` and
-        ``covered`` ``BoolTensor[B, H, W]`` for the fusion-weight regulariser.
+        ``covered`` ``BoolTensor[B, H, W]`` for the fusion-weight regulariser; with ``record_blend`` and at least
+        one instance also ``instance_weights`` ``Tensor[K, H, W]`` (the blend maps) and ``rois`` ``Tensor[K, 5]``.
         """
         empty_too = self.options.guide_empty_samples
         if instances.num_instances == 0 and not empty_too:
@@ -292,8 +295,9 @@ class ROICtrlBlock(nn.Module):
             covered = torch.zeros(shape, dtype=torch.bool, device=global_out.device)
             return global_out, {"base_weight": global_out.new_ones(shape), "covered": covered}
         self.check_slots(instances)
+        record = {} if record_blend else None
         blended, base_weight, rois = self.instance_path(
-            hidden_states, global_out, attn, instances, size, encoder_hidden_states, attn_kwargs
+            hidden_states, global_out, attn, instances, size, encoder_hidden_states, attn_kwargs, blend_record=record
         )
         B = global_out.shape[0]
         sel = torch.arange(B, device=global_out.device) if empty_too else instances.sample_index.to(global_out.device)
@@ -307,4 +311,7 @@ class ROICtrlBlock(nn.Module):
             new_rows = g + instances.scale * (new_rows - g)
         out = global_out.index_copy(0, sel, new_rows)
         covered = self.paste_rule.coverage(rois, B, size, grid=self.grid)
-        return out, {"base_weight": base_weight, "covered": covered}
+        stats = {"base_weight": base_weight, "covered": covered}
+        if record:
+            stats.update(record, rois=rois)
+        return out, stats

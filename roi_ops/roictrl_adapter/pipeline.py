@@ -9,6 +9,7 @@ off. Everything is removed afterwards, on errors too. See docs/pipeline.md.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -21,9 +22,10 @@ from torch import nn
 
 import roi_ops
 
-from .adapter import KWARG, ROICtrlAdapter, _get_arg, _set_arg, installed_adapter, unwrap_unet
+from .adapter import ROICtrlAdapter
+from .hooks import KWARG, BlendMapRecorder, get_call_arg, installed_adapter, set_call_arg, unwrap_unet
 from .instances import ROICtrlInstances
-from .paste import PasteRule, instance_weights
+from .paste import PasteRule
 
 __all__ = ["BOX_FORMATS", "BOX_UNITS", "Instance", "ROICtrlPipeline", "normalize_instances"]
 
@@ -234,6 +236,7 @@ class _CallState:
         self.by_batch: dict[int, ROICtrlInstances] = {}
         self.step, self.last_t, self.cutoff = -1, None, None
         self.maps = maps  # per UNet call the adapter ran on: the sum of the instance weight maps, and the count
+        self.recorder: BlendMapRecorder | None = None  # the adapter's, while the call records the blend maps
         self.map_sum: torch.Tensor | None = None
         self.map_count = 0
         self.active_steps: list[int] = []
@@ -261,8 +264,8 @@ class _CallState:
 
     def unet_pre_hook(self, module, args, kwargs):
         module = unwrap_unet(module)  # the arguments are read by the name of the UNet's own forward
-        sample = _get_arg(module, args, kwargs, "sample")
-        t = _get_arg(module, args, kwargs, "timestep")
+        sample = get_call_arg(module, args, kwargs, "sample")
+        t = get_call_arg(module, args, kwargs, "timestep")
         t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
         if self.cutoff is None:
             lat_h, lat_w = sample.shape[-2:]
@@ -284,20 +287,19 @@ class _CallState:
         if not self.active_steps or self.active_steps[-1] != self.step:
             self.active_steps.append(self.step)
         self.current = instances
-        cak = _get_arg(module, args, kwargs, "cross_attention_kwargs")
+        cak = get_call_arg(module, args, kwargs, "cross_attention_kwargs")
         cak = {**(cak or {}), KWARG: instances}
-        return _set_arg(module, args, kwargs, "cross_attention_kwargs", cak)
+        return set_call_arg(module, args, kwargs, "cross_attention_kwargs", cak)
 
     def unet_post_hook(self, module, args, kwargs, output):
-        if not self.maps or self.current is None:
+        if self.recorder is None:
+            return None
+        records = self.recorder.take()  # this UNet call's layers, in block order
+        if self.current is None:
             return None
         per_layer = []
-        for block, state in zip(self.adapter.blocks, self.adapter._states):
-            logits = block.blend_logits
-            block.blend_logits = None
-            if logits is None or state.stats is None:
-                continue
-            w = instance_weights(state.stats["base_weight"], *logits)
+        for record in records:
+            w = record.instance_weights
             per_layer.append(torch.nn.functional.interpolate(w[None].float(), size=self.image_hw, mode="bilinear")[0])
         if per_layer:
             m = torch.stack(per_layer).mean(0).cpu()
@@ -473,12 +475,13 @@ class ROICtrlPipeline:
         we_installed = found is None
         was_enabled = self.adapter.enabled
         handles = []
+        recording = contextlib.ExitStack()
         try:
             if we_installed:
                 self.adapter.install(unet)
             self.adapter.enabled = True
-            for block in self.adapter.blocks:
-                block.keep_blend_logits = return_blend_maps
+            if return_blend_maps:
+                state.recorder = recording.enter_context(self.adapter.record_blend_maps())
             # On the module the pipeline calls: for a torch.compile'd UNet that is the wrapper, whose own hooks
             # run eagerly around the compiled forward (step counting is Python state, not graph code).
             handles.append(self.pipe.unet.register_forward_pre_hook(state.unet_pre_hook, with_kwargs=True))
@@ -487,8 +490,7 @@ class ROICtrlPipeline:
         finally:
             for h in handles:
                 h.remove()
-            for block in self.adapter.blocks:
-                block.keep_blend_logits, block.blend_logits = False, None
+            recording.close()
             self.adapter.enabled = was_enabled
             if we_installed and self.adapter.is_installed:
                 self.adapter.uninstall(unet)

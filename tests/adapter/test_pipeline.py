@@ -10,7 +10,7 @@ import torch
 
 import tiny_pipelines as tp
 from roi_ops.roictrl_adapter import Instance, ROICtrlAdapter, ROICtrlPipeline, blend, normalize_instances
-from roi_ops.roictrl_adapter.adapter import _transformer_blocks
+from roi_ops.roictrl_adapter.hooks import transformer_blocks
 from roi_ops.roictrl_adapter import paste as paste_module
 from roi_ops.roictrl_adapter.paste import instance_weights, paste_for_blend
 from roi_ops.roictrl_adapter.pipeline import _schedule_length
@@ -38,7 +38,7 @@ class Recorder:
     """
 
     def __init__(self, unet):
-        _, block = _transformer_blocks(unet)[0]
+        _, block = transformer_blocks(unet)[0]
         self.calls: list[tuple[torch.Tensor, object]] = []
         self.handle = block.register_forward_pre_hook(self.hook, with_kwargs=True)
 
@@ -182,7 +182,7 @@ def test_unet_is_left_as_found(sd):
     roictrl("a room", instances=[CAT], generator=seed(), return_blend_maps=True, **STEPS)
     _same(before, _unet_snapshot(pipe.unet))
     assert not adapter.is_installed and adapter.enabled
-    assert all(not b.keep_blend_logits and b.blend_logits is None for b in adapter.blocks)
+    assert adapter.blend_recorder is None  # the call's recording ended with it
 
     def boom(*args):
         raise KeyboardInterrupt("stop")
@@ -471,7 +471,7 @@ def test_ip_adapter(tmp_path, diffusers_log):
     calls = []
     handles = [
         m.register_forward_pre_hook(lambda m, a, k: calls.append(k["encoder_hidden_states"]), with_kwargs=True)
-        for _, m in _transformer_blocks(pipe.unet)[:1]
+        for _, m in transformer_blocks(pipe.unet)[:1]
     ]
     try:
         _run_variant(pipe, {"ip_adapter_image": tp.control_image()})
