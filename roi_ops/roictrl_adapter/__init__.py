@@ -22,8 +22,8 @@ from .block import ROICtrlBlock
 from .layers import BoxEncoder
 from .paste import PasteRule, blend, coverage
 from .instances import ROICtrlInstances
-from .official import is_official_checkpoint
-from .options import OFFICIAL_CONFIG, ArchitectureOptions
+from .official import OFFICIAL_CONFIG, is_official_checkpoint
+from .options import ArchitectureOptions
 from .pipeline import Instance, ROICtrlPipeline, normalize_instances
 
 __all__ = [

@@ -19,7 +19,6 @@ from torch import nn
 
 from .block import ROICtrlBlock
 from .layers import BoxEncoder
-from .checkpoint import architecture_mismatch, read_safetensors_header, validate_config
 from .hooks import (
     SUPPORTED_NORMS,
     AdapterHooks,
@@ -30,8 +29,16 @@ from .hooks import (
     unet_levels,
     unwrap_unet,
 )
-from .options import OFFICIAL_CONFIG, ArchitectureOptions
+from .official import (
+    OFFICIAL_CONFIG,
+    is_official_checkpoint,
+    load_official_weights,
+    read_official,
+    sd14_unet_structure,
+)
+from .options import ArchitectureOptions
 from .paste import PasteRule, paste_rule, resolve_fused_blend
+from .validation import architecture_mismatch, read_safetensors_header, validate_config
 
 __all__ = ["DEFAULT_GRID_SIZES", "ROICtrlAdapter", "installed_adapter", "unwrap_unet"]
 
@@ -359,7 +366,7 @@ class ROICtrlAdapter(nn.Module):
         the file's dtype).
 
         The folder is untrusted input: ``config.json`` is checked key by key (types, ranges, relations; see
-        :mod:`roi_ops.roictrl_adapter.checkpoint`), the safetensors header is read and checked (float dtypes,
+        :mod:`roi_ops.roictrl_adapter.validation`), the safetensors header is read and checked (float dtypes,
         shapes, offsets, total size against the file) and compared with the shapes the config implies and with
         the config saved beside the weights, all before any parameter is allocated.
         """
@@ -415,14 +422,32 @@ class ROICtrlAdapter(nn.Module):
         cls,
         path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
         unet: nn.Module | None = None,
-        **kwargs: Any,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **overrides: Any,
     ) -> "ROICtrlAdapter":
-        """Load the official ROICtrl release (``ROICtrl_sdv14_30K.safetensors``) into an adapter in the official
-        configuration; see :func:`roi_ops.roictrl_adapter.official.from_official` (``unet=None``: the SD1.x
-        block structure; ``kwargs``: ``device``, ``dtype``, option overrides such as ``unpool="exact"``)."""
-        from .official import from_official
+        """Build an adapter in the official configuration for ``unet`` and load the official ROICtrl release
+        (``ROICtrl_sdv14_30K.safetensors``) into it (:mod:`roi_ops.roictrl_adapter.official`).
 
-        return from_official(path_or_state_dict, unet, **kwargs)
+        Args:
+            path_or_state_dict: the release file (``.safetensors``, or a ``torch.save``d state dict) or the state
+                dict itself; keys bare or prefixed by ``unet.`` and/or ``module.``.
+            unet: the UNet it will run on (any ``UNet2DConditionModel`` with the SD1.x block structure: SD1.4, 1.5
+                and their fine-tunes); ``None`` uses :func:`~roi_ops.roictrl_adapter.official.sd14_unet_structure`.
+            device, dtype: where the adapter goes (default CPU, float32; the release is float32).
+            overrides: architecture options that keep the parameters, e.g. ``unpool="exact"`` or ``slot_order``.
+
+        Every official key must map to one adapter parameter with the same shape, every adapter parameter must get
+        one: otherwise ``ValueError`` with the missing keys, the unexpected keys and the shape / dtype mismatches
+        (each named). Values are copied exactly (cast to ``dtype`` if given). The adapter comes back in eval mode.
+        """
+        state = read_official(path_or_state_dict)
+        if unet is None:
+            unet = sd14_unet_structure()
+        adapter = cls.from_unet(unet, preset="official", **overrides)
+        load_official_weights(adapter, state)
+        # Eval mode, as a loaded diffusers model: the official dropout (0.2) acts only after adapter.train().
+        return adapter.to(device=device, dtype=dtype).eval()
 
 
 def load_adapter(
@@ -435,7 +460,7 @@ def load_adapter(
 
     Accepted: a folder written by :meth:`ROICtrlAdapter.save_pretrained` (``config.json`` +
     ``roictrl_adapter.safetensors``), the path of that weights file, or the official ROICtrl release file
-    (detected by :func:`~roi_ops.roictrl_adapter.official.is_official_checkpoint`, loaded by ``from_official``). With ``unet`` the adapter is checked
+    (detected by :func:`~roi_ops.roictrl_adapter.official.is_official_checkpoint`, loaded by :meth:`~ROICtrlAdapter.from_official`). With ``unet`` the adapter is checked
     against it and put on its device and dtype (``device``/``dtype`` override). Not installed.
     """
     path = os.fspath(path)
@@ -446,10 +471,8 @@ def load_adapter(
         return ROICtrlAdapter.from_pretrained(folder, unet=unet, device=device, dtype=dtype)
     if not os.path.exists(path):
         raise FileNotFoundError(f"adapter path {path!r}: no such file or folder")
-    from .official import from_official, is_official_checkpoint
-
     if is_official_checkpoint(path):
-        return from_official(path, unet, device=device, dtype=dtype)
+        return ROICtrlAdapter.from_official(path, unet, device=device, dtype=dtype)
     raise ValueError(
         f"adapter path {path!r} is not a ROICtrlAdapter folder (expected {CONFIG_NAME} and {WEIGHTS_NAME}, as "
         "ROICtrlAdapter.save_pretrained writes), the path of that weights file, or an official ROICtrl checkpoint"

@@ -11,7 +11,7 @@ from roictrl_testutils import make_adapter, make_instances, make_unet, unet_inpu
 from roi_ops.roictrl_adapter import OFFICIAL_CONFIG, ArchitectureOptions, ROICtrlAdapter, ROICtrlInstances
 from roi_ops.roictrl_adapter.block import ROICtrlBlock
 from roi_ops.roictrl_adapter.layers import BoxEncoder, FeedForward, SelfAttention
-from roi_ops.roictrl_adapter.paste import roi_unpool_quantized
+from roi_ops.roictrl_adapter.official import roi_unpool_quantized
 
 
 def test_defaults_are_the_roi_ops_design_and_the_preset_is_official():
