@@ -16,12 +16,12 @@ from torch import nn
 import roi_ops
 
 from .instances import ROICtrlInstances
-from .layers import BoxEncoder, FeedForward, SelfAttention
+from .layers import FeedForward, SelfAttention
 from .options import ArchitectureOptions
 from .paste import instance_weights, paste_rule, resolve_fused_blend
 
 # Names this module held before paste.py and layers.py took them, importable from here as before.
-from .layers import GEGLU  # noqa: F401,E402
+from .layers import GEGLU, BoxEncoder  # noqa: F401,E402
 from .paste import blend, coverage, paste_for_blend, roi_unpool_quantized  # noqa: F401,E402
 
 __all__ = ["ROICtrlBlock"]
