@@ -64,12 +64,12 @@ class NaiveROICtrlBlock(ROICtrlBlock):
         return f"dim={self.dim}, grid={self.grid}, blend=naive [B, N+1, C, H, W]"
 
     def instance_path(self, hidden_states, global_out, attn, instances, size, encoder_hidden_states=None,
-                      attn_kwargs=None):
+                      attn_kwargs=None, blend_record=None):
         # The padded layout needs each instance's slot, which the blend's arguments do not carry.
         self._dense = _dense_index(instances, hidden_states.device)
         try:
             return super().instance_path(
-                hidden_states, global_out, attn, instances, size, encoder_hidden_states, attn_kwargs
+                hidden_states, global_out, attn, instances, size, encoder_hidden_states, attn_kwargs, blend_record
             )
         finally:
             self._dense = None
@@ -124,7 +124,7 @@ class MaskedAttnROICtrlBlock(ROICtrlBlock):
         return self.roi_attn(self.roi_norm(x), keys)
 
     def instance_path(self, hidden_states, global_out, attn, instances, size, encoder_hidden_states=None,
-                      attn_kwargs=None):
+                      attn_kwargs=None, blend_record=None):  # blend_record: not filled (no ROI paste to record)
         B, T, C = hidden_states.shape
         H, W = size
         if H * W != T:

@@ -27,8 +27,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from test_official import SMALL  # noqa: E402
 
 from roi_ops.roictrl_adapter import OFFICIAL_CONFIG, ROICtrlAdapter  # noqa: E402
-from roi_ops.roictrl_adapter.block import roi_unpool_quantized  # noqa: E402
-from roi_ops.roictrl_adapter.official import from_official  # noqa: E402
+from roi_ops.roictrl_adapter.official import roi_unpool_quantized  # noqa: E402
 
 LATENT = (64, 64)
 
@@ -76,7 +75,7 @@ def main() -> None:
             if adapter is not None:
                 adapter.uninstall()
 
-    official = from_official(state, unet)
+    official = ROICtrlAdapter.from_official(state, unet)
     weights = official.state_dict()
 
     def variant(**overrides):

@@ -14,7 +14,7 @@ import sys
 #: Modules providing one subcommand each (imported when the parser is built; heavy imports stay inside them).
 SUBCOMMANDS = [
     "roi_ops.roictrl_adapter.generate",
-    "roi_ops.roictrl_adapter.official",
+    "roi_ops.roictrl_adapter.convert",
 ]
 
 

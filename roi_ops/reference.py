@@ -609,8 +609,27 @@ def roi_unpool_blend(
     acc = accumulate_dtype_for(base, input)
     values, covered = _roi_unpool_acc(input, rois, (H, W), spatial_scale, aligned, coord, acc)
     logits, _ = _roi_unpool_acc(input_logit[:, None], rois, (H, W), spatial_scale, aligned, coord, acc)
+    return blend_pasted(base, base_logit, values, logits[:, 0], covered, batch)
+
+
+def blend_pasted(
+    base: Tensor, base_logit: Tensor, values: Tensor, logits: Tensor, covered: Tensor, batch: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """The blend step of :func:`roi_unpool_blend`, whatever pasted the ROIs back.
+
+    Args:
+        base: Tensor[B, C, H, W]; base_logit: Tensor[B, H, W].
+        values: Tensor[K, C, H, W], logits: Tensor[K, H, W]: the pasted ROIs and their logits.
+        covered: BoolTensor[K, H, W], the pixels each ROI takes part in; batch: Tensor[K] long, its image.
+
+    Returns ``(out, base_weight)`` as :func:`roi_unpool_blend` (computed in
+    ``accumulate_dtype_for(base, values)``).
+    """
+    B, C, H, W = base.shape
+    acc = accumulate_dtype_for(base, values)
+    values = values.to(acc)
     neg_inf = torch.full((), float("-inf"), dtype=acc, device=base.device)
-    logits = torch.where(covered, logits[:, 0], neg_inf)
+    logits = torch.where(covered, logits.to(acc), neg_inf)
 
     outs, weights = [], []
     for b in range(B):

@@ -18,10 +18,12 @@ Whole pipelines: ``ROICtrlPipeline.from_pipe(pipe, adapter)(prompt, instances=[{
 """
 
 from .adapter import DEFAULT_GRID_SIZES, BlockSpec, ROICtrlAdapter, load_adapter
-from .block import BoxEncoder, ROICtrlBlock, blend, coverage
+from .block import ROICtrlBlock
+from .layers import BoxEncoder
+from .paste import PasteRule, blend, coverage
 from .instances import ROICtrlInstances
-from .official import is_official_checkpoint
-from .options import OFFICIAL_CONFIG, ArchitectureOptions
+from .official import OFFICIAL_CONFIG, is_official_checkpoint
+from .options import ArchitectureOptions
 from .pipeline import Instance, ROICtrlPipeline, normalize_instances, validate_layout
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "BlockSpec",
     "BoxEncoder",
     "Instance",
+    "PasteRule",
     "ROICtrlAdapter",
     "ROICtrlBlock",
     "ROICtrlInstances",

@@ -1,39 +1,44 @@
 """ROICtrlAdapter: one :class:`ROICtrlBlock` per cross-attention transformer block of a diffusers UNet.
 
-Installation only registers PyTorch hooks (``uninstall`` removes them); no diffusers module, processor or
-parameter is replaced, so the UNet's ``state_dict``, its attention processors (default, SDPA, IP-Adapter,
-LoRA layers...) and anything attached to it later keep working. Per block:
-
-* a forward pre-hook on the ``BasicTransformerBlock`` takes the ``"roictrl"`` entry out of
-  ``cross_attention_kwargs`` before the block forwards them to ``attn1``/``attn2`` (so no processor ever sees
-  an unexpected keyword), and keeps the instances for this call;
-* a forward pre-hook on ``norm2`` keeps the residual stream that enters the cross-attention sub-layer;
-* a forward hook on ``attn2`` replaces the global cross-attention output with the ROICtrl result, which the
-  block then adds to the residual stream as usual;
-* a forward pre-hook on the parent ``Transformer2DModel`` records the feature map's ``H x W`` (exact for any
-  aspect ratio and any latent size).
-
-The hooks ride on the modules' own calls, so gradient checkpointing recomputes them too.
+The module (its blocks, box encoder, options and config), install/uninstall, its training signals and its
+persistence (``save_pretrained`` / ``from_pretrained`` / :func:`load_adapter`). The hooks that run it inside a
+UNet are in ``hooks.py``; one layer's computation is ``block.py``.
 """
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import json
 import os
-import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from .block import BoxEncoder, ROICtrlBlock
-from .checkpoint import architecture_mismatch, check_finite, read_safetensors_header, validate_config
-from .instances import ROICtrlInstances
-from .options import OFFICIAL_CONFIG, ArchitectureOptions
+from .block import ROICtrlBlock
+from .layers import BoxEncoder
+from .hooks import (
+    SUPPORTED_NORMS,
+    AdapterHooks,
+    BlendMapRecorder,
+    installed_adapter,
+    top_level,
+    transformer_blocks,
+    unet_levels,
+    unwrap_unet,
+)
+from .official import (
+    OFFICIAL_CONFIG,
+    is_official_checkpoint,
+    load_official_weights,
+    read_official,
+    sd14_unet_structure,
+)
+from .options import ArchitectureOptions
+from .paste import PasteRule, paste_rule, resolve_fused_blend
+from .validation import architecture_mismatch, check_finite, read_safetensors_header, validate_config
 
 __all__ = ["DEFAULT_GRID_SIZES", "ROICtrlAdapter", "installed_adapter", "unwrap_unet"]
 
@@ -41,9 +46,6 @@ __all__ = ["DEFAULT_GRID_SIZES", "ROICtrlAdapter", "installed_adapter", "unwrap_
 DEFAULT_GRID_SIZES = {8: 25, 16: 19, 32: 13, 64: 7}
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "roictrl_adapter.safetensors"
-KWARG = "roictrl"
-# Norm types whose norm2 takes the residual stream right before attn2 (see BasicTransformerBlock.forward).
-_SUPPORTED_NORMS = ("layer_norm", "ada_norm", "ada_norm_zero", "layer_norm_i2vgen", "ada_norm_continuous")
 
 
 @dataclass
@@ -58,103 +60,11 @@ class BlockSpec:
     grid: int  # ROI grid side
 
 
-class _LayerState:
-    """Per-call scratch of one block; lives outside the modules so that nothing is added to the UNet."""
-
-    __slots__ = ("instances", "residual", "sizes", "stats")
-
-    def __init__(self, sizes: dict):
-        self.instances: ROICtrlInstances | None = None
-        self.residual: torch.Tensor | None = None
-        self.sizes = sizes  # token count -> (H, W), shared by the blocks of one Transformer2DModel
-        self.stats: dict[str, torch.Tensor] | None = None
-
-
-_SIGNATURES: dict[type, list[str]] = {}
-
-
-def _param_names(module: nn.Module) -> list[str]:
-    cls = type(module)
-    if cls not in _SIGNATURES:
-        params = list(inspect.signature(cls.forward).parameters)
-        _SIGNATURES[cls] = params[1:]  # drop self
-    return _SIGNATURES[cls]
-
-
-def _get_arg(module: nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    names = _param_names(module)
-    pos = names.index(name) if name in names else len(args)
-    return args[pos] if pos < len(args) else None
-
-
-def _set_arg(module: nn.Module, args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:
-    names = _param_names(module)
-    pos = names.index(name) if name in names else len(args)
-    if name not in kwargs and pos < len(args):
-        args = args[:pos] + (value,) + args[pos + 1 :]
-    else:
-        kwargs = {**kwargs, name: value}
-    return args, kwargs
-
-
-def _transformer_blocks(unet: nn.Module) -> list[tuple[str, nn.Module]]:
-    from diffusers.models.attention import BasicTransformerBlock
-
-    found = []
-    for name, module in unet.named_modules():
-        if isinstance(module, BasicTransformerBlock) and getattr(module, "attn2", None) is not None:
-            if module.attn2.is_cross_attention:
-                found.append((name, module))
-    return found
-
-
-def _levels(unet: nn.Module) -> dict[str, int]:
-    """Number of 2x downsamplings before each top-level UNet block ("down_blocks.1", "mid_block", ...)."""
-    levels, level = {}, 0
-    for i, block in enumerate(getattr(unet, "down_blocks", [])):
-        levels[f"down_blocks.{i}"] = level
-        if getattr(block, "downsamplers", None):
-            level += 1
-    levels["mid_block"] = level
-    for i, block in enumerate(getattr(unet, "up_blocks", [])):
-        levels[f"up_blocks.{i}"] = level
-        if getattr(block, "upsamplers", None):
-            level -= 1
-    return levels
-
-
-def unwrap_unet(unet: nn.Module) -> nn.Module:
-    """The module ``torch.compile`` wrapped (``OptimizedModule._orig_mod``), or ``unet`` itself.
-
-    Hooks go on the original module: the compiled wrapper calls its ``forward``, so they run (and are traced)
-    either way, and they are removed from the same module by ``uninstall``.
-    """
-    while isinstance(getattr(unet, "_orig_mod", None), nn.Module):
-        unet = unet._orig_mod
-    return unet
-
-
 def _device_and_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype] | tuple[None, None]:
     for p in module.parameters():
         if p.is_floating_point():
             return p.device, p.dtype
     return None, None
-
-
-def installed_adapter(unet: nn.Module) -> "ROICtrlAdapter | None":
-    """The :class:`ROICtrlAdapter` whose hooks are on ``unet`` (a compiled UNet is unwrapped), or ``None``."""
-    for hook in unwrap_unet(unet)._forward_pre_hooks.values():
-        owner = getattr(hook, "__self__", None)
-        if isinstance(owner, ROICtrlAdapter):
-            return owner
-    return None
-
-
-def _top_level(name: str) -> str:
-    parts = name.split(".")
-    return parts[0] if parts[0] == "mid_block" else ".".join(parts[:2])
 
 
 class ROICtrlAdapter(nn.Module):
@@ -170,9 +80,11 @@ class ROICtrlAdapter(nn.Module):
         blocks: one :class:`BlockSpec` (or dict of its fields) per cross-attention block, in UNet order.
         position_dim: width of the box encoder's position tokens. fourier_freqs: frequencies per coordinate.
         position_hidden_dim: hidden width of the box encoder's MLP. ff_mult: expansion of the guidance FF.
-        fused_blend: blend with the fused ``roi_ops.roi_unpool_blend`` op (default), whose memory does not grow
-            with the instance count; ``False`` uses the unfused :func:`blend` (same function, materialises
-            ``[B, N, C, H, W]`` per layer). Also settable later: ``adapter.fused_blend = False``.
+        fused_blend: blend with the fused ``roi_ops.roi_unpool_blend`` op, whose memory does not grow with the
+            instance count; ``False`` uses the unfused :func:`blend` (same function, materialises ``[K, C, H, W]``
+            per layer). ``None`` (default): fused wherever the paste rule has a fused form, i.e. with
+            ``unpool="exact"``; ``True`` with ``unpool="official"`` (no fused form) warns and blends unfused.
+            Also settable later: ``adapter.fused_blend = False``.
         options: the architecture options of :class:`~roi_ops.roictrl_adapter.options.ArchitectureOptions`
             (``ff_activation``, ``fourier_embedding``, ``position_padding``, ``channel_gate``, ``max_instances``,
             ``slot_order``, ``slot_seed``, ``sampling_ratio``, ``guide_empty_samples``, ``dropout``, ``unpool``);
@@ -186,7 +98,7 @@ class ROICtrlAdapter(nn.Module):
         fourier_freqs: int = 8,
         position_hidden_dim: int = 512,
         ff_mult: int = 4,
-        fused_blend: bool = True,
+        fused_blend: bool | None = None,
         **options: Any,
     ):
         super().__init__()
@@ -210,14 +122,14 @@ class ROICtrlAdapter(nn.Module):
             fourier=self.options.fourier_embedding,
             null_token=self.options.position_padding == "null_token",
         )
+        fused_blend = resolve_fused_blend(fused_blend, paste_rule(self.options.unpool))  # warns once, not per block
         self.blocks = nn.ModuleList(
-            ROICtrlBlock(s.dim, s.heads, position_dim, s.grid, ff_mult, bool(fused_blend), self.options) for s in specs
+            ROICtrlBlock(s.dim, s.heads, position_dim, s.grid, ff_mult, fused_blend, self.options) for s in specs
         )
         #: False makes every hook pass the UNet's own computation through untouched.
         self.enabled = True
-        self._handles: list[Any] = []
-        self._states: list[_LayerState] = []
-        self._unet_ref: weakref.ref | None = None
+        self._hooks: AdapterHooks | None = None
+        self._blend_recorder: BlendMapRecorder | None = None
 
     # ------------------------------------------------------------------ construction and config
     @classmethod
@@ -249,10 +161,10 @@ class ROICtrlAdapter(nn.Module):
             raise ValueError(f"ROICtrlAdapter.from_unet preset must be None, 'default' or 'official', got {preset!r}")
         grid_sizes = dict(DEFAULT_GRID_SIZES if grid_sizes is None else grid_sizes)
         unet = unwrap_unet(unet)
-        levels = _levels(unet)
+        levels = unet_levels(unet)
         specs = []
-        for name, block in _transformer_blocks(unet):
-            top = _top_level(name)
+        for name, block in transformer_blocks(unet):
+            top = top_level(name)
             if top not in levels:
                 raise ValueError(
                     f"cannot tell the downsampling of cross-attention block {name!r}: expected it under "
@@ -292,9 +204,16 @@ class ROICtrlAdapter(nn.Module):
         return all(block.fused_blend for block in self.blocks)
 
     @fused_blend.setter
-    def fused_blend(self, value: bool) -> None:
+    def fused_blend(self, value: bool | None) -> None:
+        value = resolve_fused_blend(value, self.paste_rule)
         for block in self.blocks:
-            block.fused_blend = bool(value)
+            block.fused_blend = value
+
+    @property
+    def paste_rule(self) -> PasteRule:
+        """How every layer pastes its ROI grids back (``options.unpool``): :data:`~.paste.EXACT` or
+        :data:`~.paste.OFFICIAL`; its ``coverage`` says which feature pixels a box reaches."""
+        return paste_rule(self.options.unpool)
 
     def extra_repr(self) -> str:
         return f"num_blocks={len(self.specs)}, installed={self.is_installed}, enabled={self.enabled}"
@@ -302,12 +221,12 @@ class ROICtrlAdapter(nn.Module):
     # ------------------------------------------------------------------ install / uninstall
     @property
     def is_installed(self) -> bool:
-        return bool(self._handles)
+        return self._hooks is not None
 
     def check_compatible(self, unet: nn.Module) -> None:
         """Raise ``ValueError`` saying what differs if ``unet`` is not the kind of UNet this adapter was built for."""
         unet = unwrap_unet(unet)
-        found = dict(_transformer_blocks(unet))
+        found = dict(transformer_blocks(unet))
         names = [s.name for s in self.specs]
         missing = [n for n in names if n not in found]
         extra = [n for n in found if n not in set(names)]
@@ -331,8 +250,8 @@ class ROICtrlAdapter(nn.Module):
                     f"the UNet has {attn.heads}"
                 )
             norm_type = getattr(found[spec.name], "norm_type", None)
-            if norm_type not in _SUPPORTED_NORMS:
-                raise ValueError(f"block {spec.name!r} has norm_type {norm_type!r}; supported: {_SUPPORTED_NORMS}")
+            if norm_type not in SUPPORTED_NORMS:
+                raise ValueError(f"block {spec.name!r} has norm_type {norm_type!r}; supported: {SUPPORTED_NORMS}")
 
     def install(self, unet: nn.Module) -> "ROICtrlAdapter":
         """Attach to ``unet`` (hooks only). Returns ``self``.
@@ -342,7 +261,7 @@ class ROICtrlAdapter(nn.Module):
         the instance entry removed by the other, so the second would silently do nothing); ``ValueError`` if
         the shapes differ.
         """
-        if self._handles:
+        if self._hooks is not None:
             raise RuntimeError("ROICtrlAdapter is already installed; call uninstall() first")
         unet = unwrap_unet(unet)
         other = installed_adapter(unet)
@@ -352,125 +271,17 @@ class ROICtrlAdapter(nn.Module):
                 "call uninstall() on that one first"
             )
         self.check_compatible(unet)
-        handles, states, sizes_by_parent = [], [], {}
-        try:
-            handles.append(unet.register_forward_pre_hook(self._unet_pre_hook, with_kwargs=True))
-            for i, spec in enumerate(self.specs):
-                block = unet.get_submodule(spec.name)
-                parent_name = spec.name.rsplit(".transformer_blocks.", 1)[0]
-                if parent_name not in sizes_by_parent:
-                    sizes_by_parent[parent_name] = {}
-                    parent = unet.get_submodule(parent_name)
-                    handles.append(
-                        parent.register_forward_pre_hook(
-                            partial(_record_size, sizes_by_parent[parent_name]), with_kwargs=True
-                        )
-                    )
-                states.append(_LayerState(sizes_by_parent[parent_name]))
-                handles.append(block.register_forward_pre_hook(partial(self._block_pre_hook, i), with_kwargs=True))
-                handles.append(block.norm2.register_forward_pre_hook(partial(self._norm2_pre_hook, i)))
-                handles.append(block.attn2.register_forward_hook(partial(self._attn2_hook, i), with_kwargs=True))
-                handles.append(block.register_forward_hook(partial(self._block_post_hook, i)))
-        except Exception:
-            for h in handles:
-                h.remove()
-            raise
-        self._handles, self._states, self._unet_ref = handles, states, weakref.ref(unet)
+        self._hooks = AdapterHooks(self, unet)
         return self
 
     def uninstall(self, unet: nn.Module | None = None) -> None:
         """Remove every hook; the UNet is then exactly what it was before :meth:`install`."""
-        if not self._handles:
+        if self._hooks is None:
             raise RuntimeError("ROICtrlAdapter is not installed")
-        if unet is not None and (self._unet_ref is None or self._unet_ref() is not unwrap_unet(unet)):
+        if unet is not None and not self._hooks.is_on(unet):
             raise ValueError("ROICtrlAdapter.uninstall got a different UNet from the one it is installed on")
-        for h in self._handles:
-            h.remove()
-        self._handles, self._states, self._unet_ref = [], [], None
-
-    # ------------------------------------------------------------------ hooks
-    def _unet_pre_hook(self, module, args, kwargs):
-        # Every call starts from empty size records, so a torch.compile'd UNet sees the same state at each call
-        # (otherwise the first call, with nothing recorded yet, is compiled again at the second).
-        for state in self._states:
-            state.sizes.clear()
-        # Validate the instance data once per UNet call rather than once per block.
-        if not self.enabled:
-            return None
-        cak = _get_arg(module, args, kwargs, "cross_attention_kwargs")
-        if isinstance(cak, Mapping) and cak.get(KWARG) is not None:
-            instances = ROICtrlInstances.coerce(cak[KWARG])
-            for spec in self.specs:  # fail before the first layer runs, naming the width the UNet expects
-                instances.check_embedding_width(spec.cross_attention_dim, f"block {spec.name!r}")
-            if instances is not cak[KWARG]:
-                cak = {**cak, KWARG: instances}
-                return _set_arg(module, args, kwargs, "cross_attention_kwargs", cak)
-        return None
-
-    def _block_pre_hook(self, i, module, args, kwargs):
-        state = self._states[i]
-        state.instances, state.residual, state.stats = None, None, None
-        cak = _get_arg(module, args, kwargs, "cross_attention_kwargs")
-        if not isinstance(cak, Mapping) or KWARG not in cak:
-            return None
-        cak = dict(cak)
-        data = cak.pop(KWARG)  # never reaches attn1/attn2, so no processor warns about it
-        if self.enabled and data is not None:
-            instances = ROICtrlInstances.coerce(data)
-            active = instances.num_instances > 0 or self.options.guide_empty_samples
-            if active and instances.scale != 0.0:
-                state.instances = instances
-        return _set_arg(module, args, kwargs, "cross_attention_kwargs", cak)
-
-    def _norm2_pre_hook(self, i, module, args):
-        state = self._states[i]
-        if state.instances is not None:
-            state.residual = args[0]
-
-    def _attn2_hook(self, i, module, args, kwargs, output):
-        state = self._states[i]
-        instances = state.instances
-        if instances is None:
-            return None
-        kwargs = dict(kwargs)
-        hidden_states = args[0] if args else kwargs.pop("hidden_states")
-        encoder_hidden_states = args[1] if len(args) > 1 else kwargs.pop("encoder_hidden_states", None)
-        kwargs.pop("attention_mask", None)
-        spec = self.specs[i]
-        instances.check_embedding_width(spec.cross_attention_dim, f"block {spec.name!r}")
-        size = state.sizes.get(hidden_states.shape[1])
-        if size is None or state.residual is None:
-            raise RuntimeError(
-                f"ROICtrl block {spec.name!r} could not see its feature-map size or residual stream; the adapter "
-                "supports BasicTransformerBlocks called by a Transformer2DModel with 4-D input"
-            )
-        param = self.blocks[i].blend_proj.weight
-        mixed = torch.is_autocast_enabled(hidden_states.device.type)  # autocast mixes dtypes on purpose
-        if param.device != hidden_states.device or (param.dtype != hidden_states.dtype and not mixed):
-            raise RuntimeError(
-                f"ROICtrlAdapter is on {param.device}/{param.dtype} but the UNet runs on "
-                f"{hidden_states.device}/{hidden_states.dtype} at {spec.name!r}; move it with adapter.to(...)"
-            )
-        position_tokens = self.box_encoder(instances.instance_boxes.to(hidden_states.device))
-        null_position = self.box_encoder.null_token() if self.box_encoder.null_feature is not None else None
-        out, stats = self.blocks[i](
-            hidden_states,
-            state.residual,
-            output,
-            module,
-            instances,
-            size,
-            position_tokens,
-            encoder_hidden_states=encoder_hidden_states,
-            attn_kwargs=kwargs,
-            null_position=null_position,
-        )
-        state.stats = stats
-        return out
-
-    def _block_post_hook(self, i, module, args, output):
-        state = self._states[i]
-        state.instances, state.residual = None, None
+        self._hooks.remove()
+        self._hooks = None
 
     # ------------------------------------------------------------------ training signals
     def regularization_loss(self) -> torch.Tensor:
@@ -481,7 +292,7 @@ class ROICtrlAdapter(nn.Module):
         adds ``0.01 * adapter.regularization_loss()`` to the diffusion loss.
         """
         terms = []
-        for state in self._states:
+        for state in self._layer_states():
             if state.stats is not None:
                 w, m = state.stats["base_weight"], state.stats["covered"]
                 terms.append((w.float() * m).sum() / m.sum().clamp(min=1))
@@ -491,7 +302,39 @@ class ROICtrlAdapter(nn.Module):
 
     def fusion_weights(self) -> dict[str, torch.Tensor]:
         """The global output's blending weight ``[B, H, W]`` per layer name, from the last UNet call."""
-        return {s.name: st.stats["base_weight"] for s, st in zip(self.specs, self._states) if st.stats is not None}
+        return {
+            s.name: st.stats["base_weight"] for s, st in zip(self.specs, self._layer_states()) if st.stats is not None
+        }
+
+    def _layer_states(self) -> list:
+        return [] if self._hooks is None else self._hooks.states
+
+    @contextlib.contextmanager
+    def record_blend_maps(self) -> Iterator[BlendMapRecorder]:
+        """Record the blend of every layer in every UNet call made inside the ``with`` block.
+
+        Yields a :class:`~roi_ops.roictrl_adapter.hooks.BlendMapRecorder`: one
+        :class:`~roi_ops.roictrl_adapter.hooks.BlendRecord` (layer, ROIs, the global output's weight, each
+        instance's weight ``Tensor[K, H, W]``, detached) per layer that blended instances, in call order;
+        ``recorder.take()`` returns (in block order) and forgets the ones made since the last ``take``. Recording
+        pastes each layer's logits once more (by the layer's paste rule, as its blend did)::
+
+            with adapter.record_blend_maps() as recorder:
+                unet(latents, t, text_emb, cross_attention_kwargs={"roictrl": instances})
+            for record in recorder.take():
+                print(record.layer, record.instance_weights.shape)   # [K, H, W]
+        """
+        recorder, previous = BlendMapRecorder(), self._blend_recorder
+        self._blend_recorder = recorder
+        try:
+            yield recorder
+        finally:
+            self._blend_recorder = previous
+
+    @property
+    def blend_recorder(self) -> BlendMapRecorder | None:
+        """The recorder of the innermost :meth:`record_blend_maps` block, or ``None`` (not recording)."""
+        return self._blend_recorder
 
     # ------------------------------------------------------------------ weights
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -523,7 +366,7 @@ class ROICtrlAdapter(nn.Module):
         the file's dtype).
 
         The folder is untrusted input: ``config.json`` is checked key by key (types, ranges, relations; see
-        :mod:`roi_ops.roictrl_adapter.checkpoint`), the safetensors header is read and checked (float dtypes,
+        :mod:`roi_ops.roictrl_adapter.validation`), the safetensors header is read and checked (float dtypes,
         shapes, offsets, total size against the file) and compared with the shapes the config implies and with
         the config saved beside the weights, all before any parameter is allocated. Weights holding a NaN or an
         infinity are refused (``ValueError`` naming the tensors).
@@ -572,21 +415,34 @@ class ROICtrlAdapter(nn.Module):
         cls,
         path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
         unet: nn.Module | None = None,
-        **kwargs: Any,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **overrides: Any,
     ) -> "ROICtrlAdapter":
-        """Load the official ROICtrl release (``ROICtrl_sdv14_30K.safetensors``) into an adapter in the official
-        configuration; see :func:`roi_ops.roictrl_adapter.official.from_official` (``unet=None``: the SD1.x
-        block structure; ``kwargs``: ``device``, ``dtype``, option overrides such as ``unpool="exact"``)."""
-        from .official import from_official
+        """Build an adapter in the official configuration for ``unet`` and load the official ROICtrl release
+        (``ROICtrl_sdv14_30K.safetensors``) into it (:mod:`roi_ops.roictrl_adapter.official`).
 
-        return from_official(path_or_state_dict, unet, **kwargs)
+        Args:
+            path_or_state_dict: the release file (``.safetensors``, or a ``torch.save``d state dict) or the state
+                dict itself; keys bare or prefixed by ``unet.`` and/or ``module.``.
+            unet: the UNet it will run on (any ``UNet2DConditionModel`` with the SD1.x block structure: SD1.4, 1.5
+                and their fine-tunes); ``None`` uses :func:`~roi_ops.roictrl_adapter.official.sd14_unet_structure`.
+            device, dtype: where the adapter goes (default CPU, float32; the release is float32).
+            overrides: architecture options that keep the parameters, e.g. ``unpool="exact"`` or ``slot_order``.
 
-
-def _record_size(sizes: dict, module, args, kwargs):
-    hidden_states = args[0] if args else kwargs.get("hidden_states")
-    if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 4:
-        H, W = hidden_states.shape[-2:]
-        sizes[H * W] = (H, W)
+        Every official key must map to one adapter parameter with the same shape, every adapter parameter must get
+        one: otherwise ``ValueError`` with the missing keys, the unexpected keys and the shape / dtype mismatches
+        (each named). Values are copied exactly (cast to ``dtype`` if given). The adapter comes back in eval mode.
+        """
+        state = read_official(path_or_state_dict)
+        if unet is None:
+            unet = sd14_unet_structure()
+        adapter = cls.from_unet(unet, preset="official", **overrides)
+        source = (f"the official ROICtrl checkpoint {os.fspath(path_or_state_dict)!r}"
+                  if isinstance(path_or_state_dict, (str, os.PathLike)) else "the official ROICtrl state dict")
+        load_official_weights(adapter, state, source)
+        # Eval mode, as a loaded diffusers model: the official dropout (0.2) acts only after adapter.train().
+        return adapter.to(device=device, dtype=dtype).eval()
 
 
 def _read_config(directory: str | os.PathLike, class_name: str = "ROICtrlAdapter") -> dict[str, Any]:
@@ -632,8 +488,6 @@ def check_adapter_path(path: str | os.PathLike) -> str:
         raise ValueError(not_adapter)
     if path.endswith(".safetensors"):
         read_safetensors_header(path)  # a truncated or corrupt file says so here, not "not an adapter"
-    from .official import is_official_checkpoint
-
     if is_official_checkpoint(path):
         return "official"
     raise ValueError(not_adapter)
@@ -649,7 +503,7 @@ def load_adapter(
 
     Accepted: a folder written by :meth:`ROICtrlAdapter.save_pretrained` (``config.json`` +
     ``roictrl_adapter.safetensors``), the path of that weights file, or the official ROICtrl release file
-    (detected by :func:`~roi_ops.roictrl_adapter.official.is_official_checkpoint`, loaded by ``from_official``). With ``unet`` the adapter is checked
+    (detected by :func:`~roi_ops.roictrl_adapter.official.is_official_checkpoint`, loaded by :meth:`~ROICtrlAdapter.from_official`). With ``unet`` the adapter is checked
     against it and put on its device and dtype (``device``/``dtype`` override). Not installed. The path and format
     are checked first (:func:`check_adapter_path`).
     """
@@ -657,6 +511,4 @@ def load_adapter(
     if check_adapter_path(path) == "folder":
         folder = os.path.dirname(path) if os.path.isfile(path) else path
         return ROICtrlAdapter.from_pretrained(folder, unet=unet, device=device, dtype=dtype)
-    from .official import from_official
-
-    return from_official(path, unet, device=device, dtype=dtype)
+    return ROICtrlAdapter.from_official(path, unet, device=device, dtype=dtype)

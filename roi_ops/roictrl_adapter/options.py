@@ -1,9 +1,9 @@
 """Architecture options of the ROICtrl adapter: the one place that names them, their types, ranges and defaults.
 
 Every option is a constructor argument of :class:`~roi_ops.roictrl_adapter.ROICtrlAdapter` and a key of its
-``config.json``. The defaults are roi-ops' own design; :data:`OFFICIAL_OPTIONS` (inside :data:`OFFICIAL_CONFIG`)
-reproduces the block of the official ROICtrl release (showlab/ROICtrl) so that its weights can be loaded
-(``docs/official.md`` lists every difference and its measured effect).
+``config.json``. The defaults are roi-ops' own design; the official release's values are
+:data:`roi_ops.roictrl_adapter.official.OFFICIAL_OPTIONS` (``docs/official.md`` lists every difference and its
+measured effect).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["ArchitectureOptions", "OFFICIAL_CONFIG", "OFFICIAL_OPTIONS", "OPTION_RULES"]
+__all__ = ["ArchitectureOptions", "OPTION_RULES"]
 
 #: key -> (allowed types, allowed values or a range description checked in ``ArchitectureOptions.__post_init__``).
 #: Kept as data so that a config.json validator can reuse it.
@@ -117,28 +117,3 @@ class ArchitectureOptions:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
-
-
-#: The official release's block (showlab/ROICtrl, ``ROICtrl_sdv14_30K``).
-OFFICIAL_OPTIONS = ArchitectureOptions(
-    ff_activation="geglu",
-    fourier_embedding="gligen",
-    position_padding="null_token",
-    channel_gate=True,
-    max_instances=30,
-    slot_order="identity",
-    sampling_ratio=2,
-    guide_empty_samples=True,
-    dropout=0.2,
-    unpool="official",
-)
-
-#: Constructor arguments of ``ROICtrlAdapter`` (besides ``blocks``) for the official architecture:
-#: ``ROICtrlAdapter.from_unet(unet, **OFFICIAL_CONFIG)`` or ``from_unet(unet, preset="official")``.
-OFFICIAL_CONFIG: dict[str, Any] = {
-    "position_dim": 64,
-    "fourier_freqs": 8,
-    "position_hidden_dim": 512,
-    "ff_mult": 4,
-    **OFFICIAL_OPTIONS.to_dict(),
-}

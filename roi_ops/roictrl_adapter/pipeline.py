@@ -9,6 +9,7 @@ off. Everything is removed afterwards, on errors too. See docs/pipeline.md.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -24,9 +25,10 @@ from torch import nn
 
 import roi_ops
 
-from .adapter import KWARG, ROICtrlAdapter, _get_arg, _set_arg, installed_adapter, unwrap_unet
-from .block import coverage, instance_weights
+from .adapter import ROICtrlAdapter
+from .hooks import KWARG, BlendMapRecorder, get_call_arg, installed_adapter, set_call_arg, unwrap_unet
 from .instances import ROICtrlInstances
+from .paste import PasteRule
 
 __all__ = [
     "BOX_FORMATS",
@@ -350,26 +352,31 @@ def normalize_instances(
     return out
 
 
-def _map_sizes(adapter: ROICtrlAdapter, latent_hw: tuple[int, int], vae_scale_factor: int) -> set[tuple[int, int]]:
-    """``H x W`` of every adapter layer's feature map for latents of ``latent_hw`` (stride-2 convs: ceil)."""
+def _map_sizes(
+    adapter: ROICtrlAdapter, latent_hw: tuple[int, int], vae_scale_factor: int
+) -> set[tuple[int, int, int]]:
+    """``(H, W, grid)`` of every adapter layer: its feature map for latents of ``latent_hw`` (stride-2 convs: ceil)
+    and its ROI grid side."""
     sizes = set()
     for spec in adapter.specs:
         h, w = latent_hw
         for _ in range(int(round(math.log2(spec.downsample // vae_scale_factor)))):
             h, w = -(-h // 2), -(-w // 2)
-        sizes.add((h, w))
+        sizes.add((h, w, spec.grid))
     return sizes
 
 
-def _warn_tiny(instances: list[list[Instance]], sizes: set[tuple[int, int]]) -> None:
+def _warn_tiny(instances: list[list[Instance]], sizes: set[tuple[int, int, int]], rule: PasteRule) -> None:
+    """Warn for every box that covers no pixel of any layer under the adapter's paste ``rule``."""
     boxes = [(p, i, inst.box) for p, row in enumerate(instances) for i, inst in enumerate(row)]
     if not boxes:
         return
     b = torch.tensor([box for _, _, box in boxes], dtype=torch.float64)
     seen = torch.zeros(len(boxes), dtype=torch.bool)
-    for h, w in sizes:
+    for h, w, grid in sizes:
         rois = torch.cat([torch.arange(len(boxes), dtype=torch.float64)[:, None], b * torch.tensor([w, h, w, h])], 1)
-        seen |= coverage(rois, len(boxes), (h, w)).flatten(1).any(1)
+        seen |= rule.coverage(rois, len(boxes), (h, w), grid).flatten(1).any(1)
+    sizes = {(h, w) for h, w, _ in sizes}
     for k in (~seen).nonzero().flatten().tolist():
         p, i, box = boxes[k]
         warnings.warn(
@@ -412,6 +419,7 @@ class _CallState:
         self.by_batch: dict[int, ROICtrlInstances] = {}
         self.step, self.last_t, self.cutoff = -1, None, None
         self.maps = maps  # per UNet call the adapter ran on: the sum of the instance weight maps, and the count
+        self.recorder: BlendMapRecorder | None = None  # the adapter's, while the call records the blend maps
         self.map_sum: torch.Tensor | None = None
         self.map_count = 0
         self.active_steps: list[int] = []
@@ -442,8 +450,8 @@ class _CallState:
         if threading.get_ident() != self.thread:  # e.g. the plain pipeline called from another thread meanwhile
             raise RuntimeError(_NOT_REENTRANT.format(what="UNet"))
         module = unwrap_unet(module)  # the arguments are read by the name of the UNet's own forward
-        sample = _get_arg(module, args, kwargs, "sample")
-        t = _get_arg(module, args, kwargs, "timestep")
+        sample = get_call_arg(module, args, kwargs, "sample")
+        t = get_call_arg(module, args, kwargs, "timestep")
         t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
         if self.cutoff is None:
             lat_h, lat_w = sample.shape[-2:]
@@ -465,20 +473,19 @@ class _CallState:
         if not self.active_steps or self.active_steps[-1] != self.step:
             self.active_steps.append(self.step)
         self.current = instances
-        cak = _get_arg(module, args, kwargs, "cross_attention_kwargs")
+        cak = get_call_arg(module, args, kwargs, "cross_attention_kwargs")
         cak = {**(cak or {}), KWARG: instances}
-        return _set_arg(module, args, kwargs, "cross_attention_kwargs", cak)
+        return set_call_arg(module, args, kwargs, "cross_attention_kwargs", cak)
 
     def unet_post_hook(self, module, args, kwargs, output):
-        if not self.maps or self.current is None:
+        if self.recorder is None:
+            return None
+        records = self.recorder.take()  # this UNet call's layers, in block order
+        if self.current is None:
             return None
         per_layer = []
-        for block, state in zip(self.adapter.blocks, self.adapter._states):
-            logits = block.blend_logits
-            block.blend_logits = None
-            if logits is None or state.stats is None:
-                continue
-            w = instance_weights(state.stats["base_weight"], *logits)
+        for record in records:
+            w = record.instance_weights
             per_layer.append(torch.nn.functional.interpolate(w[None].float(), size=self.image_hw, mode="bilinear")[0])
         if per_layer:
             m = torch.stack(per_layer).mean(0).cpu()
@@ -712,7 +719,11 @@ class ROICtrlPipeline:
         )
         self._check_devices()
         vae_sf = self.pipe.vae_scale_factor
-        _warn_tiny(per_prompt, _map_sizes(self.adapter, (image_hw[0] // vae_sf, image_hw[1] // vae_sf), vae_sf))
+        _warn_tiny(
+            per_prompt,
+            _map_sizes(self.adapter, (image_hw[0] // vae_sf, image_hw[1] // vae_sf), vae_sf),
+            self.adapter.paste_rule,
+        )
 
         self._match_unet()
         cond = None
@@ -750,12 +761,13 @@ class ROICtrlPipeline:
         we_installed = found is None
         was_enabled = self.adapter.enabled
         handles = []
+        recording = contextlib.ExitStack()
         try:
             if we_installed:
                 self.adapter.install(unet)
             self.adapter.enabled = True
-            for block in self.adapter.blocks:
-                block.keep_blend_logits = return_blend_maps
+            if return_blend_maps:
+                state.recorder = recording.enter_context(self.adapter.record_blend_maps())
             # On the module the pipeline calls: for a torch.compile'd UNet that is the wrapper, whose own hooks
             # run eagerly around the compiled forward (step counting is Python state, not graph code).
             handles.append(self.pipe.unet.register_forward_pre_hook(state.unet_pre_hook, with_kwargs=True))
@@ -764,8 +776,7 @@ class ROICtrlPipeline:
         finally:
             for h in handles:
                 h.remove()
-            for block in self.adapter.blocks:
-                block.keep_blend_logits, block.blend_logits = False, None
+            recording.close()
             self.adapter.enabled = was_enabled
             if we_installed and self.adapter.is_installed:
                 self.adapter.uninstall(unet)

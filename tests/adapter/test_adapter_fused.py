@@ -142,11 +142,12 @@ def _ancestors(event):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_fused_path_reads_nothing_back_to_the_host(fused):
-    """Every host read-back (``aten::_local_scalar_dense``: ``.item()``, ``int(t)``, ``bool(t)``: a device sync
-    on GPUs) in the block's forward and backward comes from inside an roi_ops operator's own box checks, none
-    from the adapter's code; the unfused blend reads the ROI count back, which shows the check can fail."""
+    """Every host read-back (``aten::_local_scalar_dense``: ``.item()``, ``int(t)``, ``bool(t)``; ``aten::nonzero``,
+    whose size is read back: a device sync on GPUs) in the block's forward and backward comes from inside an
+    roi_ops operator's own box checks, none from the adapter's code; the unfused blend picks each image's ROIs
+    with ``nonzero``, which shows the check can fail."""
     events = _profile_block_step(fused)
-    reads = [e for e in events if e.name == "aten::_local_scalar_dense"]
+    reads = [e for e in events if e.name in ("aten::_local_scalar_dense", "aten::nonzero")]
     outside = [_ancestors(e) for e in reads if not any(a.startswith("roi_ops::") for a in _ancestors(e))]
     if fused:
         assert outside == []
@@ -170,3 +171,42 @@ def test_fused_blend_is_the_default_and_round_trips(tmp_path):
     unfused.save_pretrained(tmp_path / "unfused")
     loaded = ROICtrlAdapter.from_pretrained(tmp_path / "unfused")
     assert loaded.config["fused_blend"] is False and not any(b.fused_blend for b in loaded.blocks)
+
+
+def test_fused_blend_with_the_official_paste_says_so(tmp_path):
+    """The fused op pastes exactly, so it cannot run the official quantised paste: by default an official block
+    blends unfused without a word, an explicit fused_blend=True warns (at construction, on assignment, and when
+    loading a folder saved before this was reported) and the unfused blend runs; the rule itself refuses."""
+    import warnings
+
+    from roi_ops.roictrl_adapter import ArchitectureOptions
+    from roi_ops.roictrl_adapter.paste import EXACT, OFFICIAL
+
+    official = ArchitectureOptions(unpool="official")
+    match = "fused_blend=True has no effect with unpool='official'"
+    unet = make_unet("sd15")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ROICtrlBlock(8, 2, 8, 3, options=official).fused_blend is False
+        adapter = make_adapter(unet, "sd15", preset="official")
+    assert adapter.paste_rule is OFFICIAL and all(b.paste_rule is OFFICIAL for b in adapter.blocks)
+    assert adapter.fused_blend is False and adapter.config["fused_blend"] is False
+    with pytest.warns(UserWarning, match=match):
+        block = ROICtrlBlock(8, 2, 8, 3, fused_blend=True, options=official)
+    assert block.fused_blend is False
+    with pytest.warns(UserWarning, match=match):
+        block.fused_blend = True
+    assert block.fused_blend is False
+    with pytest.warns(UserWarning, match=match) as record:
+        adapter.fused_blend = True
+    assert len(record) == 1 and adapter.fused_blend is False  # once per adapter, not once per block
+    adapter.save_pretrained(tmp_path / "official")
+    config_path = tmp_path / "official" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "fused_blend": True}))  # as converted folders said before
+    with pytest.warns(UserWarning, match=match):
+        assert ROICtrlAdapter.from_pretrained(tmp_path / "official").fused_blend is False
+    assert EXACT.fused and not OFFICIAL.fused
+    x = torch.zeros(1, 2, 4, 4), torch.zeros(1, 4, 4), torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2)
+    with pytest.raises(ValueError, match="the 'official' paste rule has no fused blend"):
+        OFFICIAL.blend(*x, torch.tensor([[0.0, 0, 0, 2, 2]]), fused=True)

@@ -19,7 +19,7 @@ import torch
 from roictrl_testutils import SD15, make_adapter, make_instances, make_unet, unet_inputs
 
 from roi_ops.roictrl_adapter import ArchitectureOptions, ROICtrlAdapter
-from roi_ops.roictrl_adapter.checkpoint import BLOCK_SCHEMA, CONFIG_SCHEMA, read_safetensors_header
+from roi_ops.roictrl_adapter.validation import BLOCK_SCHEMA, CONFIG_SCHEMA, read_safetensors_header
 
 CONFIG = "config.json"
 WEIGHTS = "roictrl_adapter.safetensors"

@@ -86,3 +86,40 @@ def test_official_key_names_are_aliases():
     b = unet(sample, t, text, cross_attention_kwargs={"roictrl": data}).sample
     adapter.uninstall()
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("preset", [None, "official"])
+def test_record_blend_maps(preset):
+    """adapter.record_blend_maps(): one record per layer that blended instances and UNet call, the instance
+    weights of its softmax (with base_weight they sum to 1 on covered pixels, 0 outside each instance), nothing
+    outside the ``with`` block and nothing changed in the UNet output."""
+    unet = make_unet("sd15")
+    options = {} if preset is None else {"preset": "official"}
+    adapter = make_adapter(unet, "sd15", **options).eval().install(unet)
+    sample, t, text, extra = unet_inputs("sd15", batch=2)
+    data = make_instances(2, 4, text.shape[-1], masks=[[1, 1, 0, 0], [1, 0, 0, 0]])
+    kwargs = dict(cross_attention_kwargs={"roictrl": data}, **extra)
+    torch.manual_seed(0)
+    plain = unet(sample, t, text, **kwargs).sample
+    assert adapter.blend_recorder is None
+    with adapter.record_blend_maps() as recorder:
+        assert adapter.blend_recorder is recorder
+        torch.manual_seed(0)
+        out = unet(sample, t, text, **kwargs).sample
+        unet(sample, t, text, **kwargs)
+    assert adapter.blend_recorder is None
+    unet(sample, t, text, **kwargs)  # not recorded
+    assert torch.equal(out, plain)
+    assert len(recorder) == 2 * len(adapter.blocks)
+    first = recorder.take()
+    assert len(recorder) == 0 and recorder.calls == 2
+    assert [(r.call, r.layer) for r in first] == [(c, s.name) for c in (0, 1) for s in adapter.specs]
+    for record in first[: len(adapter.blocks)]:
+        K, H, W = record.instance_weights.shape
+        assert K == 3 and record.rois.shape == (3, 5) and record.base_weight.shape == (2, H, W)
+        assert not record.instance_weights.requires_grad and float(record.instance_weights.min()) >= 0
+        total = record.base_weight.double().index_add(
+            0, record.rois[:, 0].long(), record.instance_weights.double()
+        )
+        torch.testing.assert_close(total, torch.ones_like(total), rtol=1e-5, atol=1e-5)
+    adapter.uninstall()

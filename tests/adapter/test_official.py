@@ -20,7 +20,6 @@ from roi_ops.cli import main as cli_main
 from roi_ops.roictrl_adapter import OFFICIAL_CONFIG, ROICtrlAdapter, is_official_checkpoint, load_adapter
 from roi_ops.roictrl_adapter.official import (
     SD14_UNET_CONFIG,
-    from_official,
     official_key_map,
     sd14_unet_structure,
     to_official_state_dict,
@@ -87,7 +86,7 @@ def test_full_size_synthetic_release_converts_losslessly():
         released = json.load(f)
     g = torch.Generator().manual_seed(0)
     state = {k: torch.empty(shape).uniform_(-1, 1, generator=g) for k, shape in released.items()}
-    adapter = from_official({f"unet.{k}": v for k, v in state.items()})  # default: the SD1.4 structure
+    adapter = ROICtrlAdapter.from_official({f"unet.{k}": v for k, v in state.items()})  # default: the SD1.4 structure
     assert adapter.config["position_dim"] == 64 and adapter.options.max_instances == 30
     back = to_official_state_dict(adapter)
     assert back.keys() == state.keys()
@@ -96,7 +95,7 @@ def test_full_size_synthetic_release_converts_losslessly():
 
 @pytest.mark.parametrize("prefix", ["", "unet.", "module.", "module.unet."])
 def test_prefixes_are_accepted(small_unet, small_state, prefix):
-    adapter = from_official({prefix + k: v for k, v in small_state.items()}, small_unet)
+    adapter = ROICtrlAdapter.from_official({prefix + k: v for k, v in small_state.items()}, small_unet)
     assert to_official_state_dict(adapter).keys() == small_state.keys()
 
 
@@ -104,25 +103,25 @@ def test_mutated_key_shape_or_dtype_is_named(small_unet, small_state):
     key = "up_blocks.2.attentions.1.transformer_blocks.0.roifuser.ff.net.0.proj.weight"
     renamed = {(k.replace("ff.net.0.proj", "ff.net.0.prj") if k == key else k): v for k, v in small_state.items()}
     with pytest.raises(ValueError) as e:
-        from_official(renamed, small_unet)
+        ROICtrlAdapter.from_official(renamed, small_unet)
     assert f"missing keys [{key}]" in str(e.value)
     assert "unexpected keys [up_blocks.2.attentions.1.transformer_blocks.0.roifuser.ff.net.0.prj.weight]" in str(e.value)
 
     gate = "mid_block.attentions.0.transformer_blocks.0.roifuser.roiattn_fuser.channel_gate.mlp.0.weight"
     reshaped = {**small_state, gate: torch.zeros(32, 31)}
     with pytest.raises(ValueError, match=rf"{gate}: expected shape \[31, 31\], got \[32, 31\]"):
-        from_official(reshaped, small_unet)
+        ROICtrlAdapter.from_official(reshaped, small_unet)
 
     null = "position_net.null_position_feature"
     with pytest.raises(ValueError, match=rf"{null}: expected a floating-point tensor, got torch.int64"):
-        from_official({**small_state, null: torch.zeros(64, dtype=torch.long)}, small_unet)
+        ROICtrlAdapter.from_official({**small_state, null: torch.zeros(64, dtype=torch.long)}, small_unet)
 
     extra = {**small_state, "unet.down_blocks.0.resnets.0.conv1.weight": torch.zeros(1)}
     with pytest.raises(ValueError, match=r"unexpected keys \[down_blocks.0.resnets.0.conv1.weight\] \(1\)"):
-        from_official(extra, small_unet)
+        ROICtrlAdapter.from_official(extra, small_unet)
 
     with pytest.raises(ValueError, match="twice"):
-        from_official({**small_state, "unet." + null: small_state[null]}, small_unet)
+        ROICtrlAdapter.from_official({**small_state, "unet." + null: small_state[null]}, small_unet)
 
 
 def test_non_official_adapter_has_no_key_map(small_unet):
@@ -231,7 +230,7 @@ def comparison(small_unet, small_state):
         official.set(boxes, masks, emb, LATENT)
         outs["reference"] = _run(unet, sample, t, text)
     for unpool in ("official", "exact"):
-        adapter = from_official(small_state, unet, dtype=torch.float64, unpool=unpool).install(unet)
+        adapter = ROICtrlAdapter.from_official(small_state, unet, dtype=torch.float64, unpool=unpool).install(unet)
         try:
             outs[unpool] = _run(unet, sample, t, text, kw)
         finally:
@@ -268,7 +267,7 @@ def test_random_slot_order_reproduces_the_official_rng_stream(comparison, small_
         official.set(boxes, masks, emb, LATENT)
         torch.manual_seed(7)
         expected = _run(unet, sample, t, text)
-    adapter = from_official(small_state, unet, dtype=torch.float64, slot_order="random").install(unet)
+    adapter = ROICtrlAdapter.from_official(small_state, unet, dtype=torch.float64, slot_order="random").install(unet)
     try:
         torch.manual_seed(7)
         got = _run(unet, sample, t, text, kw)
@@ -279,7 +278,7 @@ def test_random_slot_order_reproduces_the_official_rng_stream(comparison, small_
 
 
 def test_thirty_one_instances_are_refused(small_unet, small_state):
-    adapter = from_official(small_state, small_unet).install(small_unet)
+    adapter = ROICtrlAdapter.from_official(small_state, small_unet).install(small_unet)
     try:
         sample, t, text = _unet_args()
         boxes = torch.tensor([0.1, 0.1, 0.6, 0.6]).expand(2, 31, 4)

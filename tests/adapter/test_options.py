@@ -9,7 +9,9 @@ import torch
 from roictrl_testutils import make_adapter, make_instances, make_unet, unet_inputs
 
 from roi_ops.roictrl_adapter import OFFICIAL_CONFIG, ArchitectureOptions, ROICtrlAdapter, ROICtrlInstances
-from roi_ops.roictrl_adapter.block import BoxEncoder, FeedForward, ROICtrlBlock, SelfAttention, roi_unpool_quantized
+from roi_ops.roictrl_adapter.block import ROICtrlBlock
+from roi_ops.roictrl_adapter.layers import BoxEncoder, FeedForward, SelfAttention
+from roi_ops.roictrl_adapter.official import roi_unpool_quantized
 
 
 def test_defaults_are_the_roi_ops_design_and_the_preset_is_official():

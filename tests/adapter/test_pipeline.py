@@ -10,9 +10,9 @@ import torch
 
 import tiny_pipelines as tp
 from roi_ops.roictrl_adapter import Instance, ROICtrlAdapter, ROICtrlPipeline, blend, normalize_instances
-from roi_ops.roictrl_adapter.adapter import _transformer_blocks
-import roi_ops.roictrl_adapter.block as block_module
-from roi_ops.roictrl_adapter.block import instance_weights, paste_for_blend
+from roi_ops.roictrl_adapter.hooks import transformer_blocks
+from roi_ops.roictrl_adapter import paste as paste_module
+from roi_ops.roictrl_adapter.paste import instance_weights, paste_for_blend
 from roi_ops.roictrl_adapter.pipeline import _schedule_length
 
 CAT = {"box": [0.1, 0.1, 0.6, 0.7], "caption": "a cat"}
@@ -38,7 +38,7 @@ class Recorder:
     """
 
     def __init__(self, unet):
-        _, block = _transformer_blocks(unet)[0]
+        _, block = transformer_blocks(unet)[0]
         self.calls: list[tuple[torch.Tensor, object]] = []
         self.handle = block.register_forward_pre_hook(self.hook, with_kwargs=True)
 
@@ -182,7 +182,7 @@ def test_unet_is_left_as_found(sd):
     roictrl("a room", instances=[CAT], generator=seed(), return_blend_maps=True, **STEPS)
     _same(before, _unet_snapshot(pipe.unet))
     assert not adapter.is_installed and adapter.enabled
-    assert all(not b.keep_blend_logits and b.blend_logits is None for b in adapter.blocks)
+    assert adapter.blend_recorder is None  # the call's recording ended with it
 
     def boom(*args):
         raise KeyboardInterrupt("stop")
@@ -240,11 +240,12 @@ def test_blend_maps_official_configuration(sd, monkeypatch):
     roictrl = ROICtrlPipeline.from_pipe(pipe, adapter)
     modes = []
 
-    def spy(*args, **kwargs):
-        modes.append(args[6] if len(args) > 6 else kwargs.get("unpool", "exact"))
-        return paste_for_blend(*args, **kwargs)
+    for rule in (paste_module.EXACT, paste_module.OFFICIAL):
+        def spy(self, *args, _original=type(rule).paste_for_blend, **kwargs):
+            modes.append(self.name)
+            return _original(self, *args, **kwargs)
 
-    monkeypatch.setattr(block_module, "paste_for_blend", spy)
+        monkeypatch.setattr(type(rule), "paste_for_blend", spy)
     out = roictrl("a room", instances=[CAT], generator=seed(), return_blend_maps=True, **STEPS)
     (maps,) = out.blend_maps
     assert maps.shape == (1, 64, 64)
@@ -391,6 +392,25 @@ def test_a_box_smaller_than_a_feature_pixel_warns(sd):
         roictrl("a room", instances=[CAT], **STEPS)
 
 
+def test_the_tiny_box_warning_asks_the_adapters_paste_rule(sd, monkeypatch):
+    """The tiny-box check uses the adapter's own paste rule, with each layer's grid (the official rule's zeroed
+    rims depend on it), not the exact rule whatever the adapter."""
+    pipe, _ = sd
+    adapter = tp.make_pipeline_adapter(pipe, preset="official", position_dim=64, position_hidden_dim=16)
+    asked = []
+    original = type(paste_module.OFFICIAL).coverage
+
+    def spy(self, boxes, batch_size, size, grid=1, aligned=True):
+        asked.append((self.name, tuple(size), grid))
+        return original(self, boxes, batch_size, size, grid, aligned)
+
+    monkeypatch.setattr(type(paste_module.OFFICIAL), "coverage", spy)
+    monkeypatch.setattr(type(paste_module.EXACT), "coverage", spy)
+    ROICtrlPipeline.from_pipe(pipe, adapter)("a room", instances=[CAT], **STEPS)
+    assert {name for name, _, _ in asked} == {"official"}
+    assert {(size, grid) for _, size, grid in asked} == {((4, 4), tp.GRIDS[16]), ((8, 8), tp.GRIDS[8])}
+
+
 def test_from_pipe_checks_the_adapter(sd, tmp_path):
     pipe, _ = sd
     xl = tp.make_unet(tp.SDXL_UNET)
@@ -451,7 +471,7 @@ def test_ip_adapter(tmp_path, diffusers_log):
     calls = []
     handles = [
         m.register_forward_pre_hook(lambda m, a, k: calls.append(k["encoder_hidden_states"]), with_kwargs=True)
-        for _, m in _transformer_blocks(pipe.unet)[:1]
+        for _, m in transformer_blocks(pipe.unet)[:1]
     ]
     try:
         _run_variant(pipe, {"ip_adapter_image": tp.control_image()})

@@ -23,7 +23,7 @@ from roi_ops.cli import main
 from roi_ops.roictrl_adapter import ROICtrlAdapter, ROICtrlPipeline, load_adapter, normalize_instances
 from roi_ops.roictrl_adapter import pipeline as pipeline_module
 from roi_ops.roictrl_adapter.generate import boxes_path, read_layout
-from roi_ops.roictrl_adapter.official import SD14_UNET_CONFIG, from_official
+from roi_ops.roictrl_adapter.official import SD14_UNET_CONFIG
 from roi_ops.roictrl_adapter.pipeline import MAX_INSTANCES, MAX_TEXT_CHARS, validate_layout
 
 CAT = {"box": [0.1, 0.1, 0.6, 0.7], "caption": "a cat"}
@@ -179,7 +179,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, capsys):
     bad[key] = bad[key].clone()
     bad[key].view(-1)[0] = float("nan")
     with pytest.raises(ValueError, match=rf"non-finite weights \(NaN or inf\): {re.escape(key)} \(1 NaN, 0 inf"):
-        from_official(bad, unet)
+        ROICtrlAdapter.from_official(bad, unet)
     bad[key].view(-1)[0] = float("inf")
     src = tmp_path / "nan.safetensors"
     save_file(bad, str(src))
@@ -190,7 +190,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, capsys):
     assert key in one_line_error(capsys, "convert-official")
     assert not (tmp_path / "out").exists()
     # ROICtrlAdapter.from_pretrained: a saved adapter whose weights were edited to hold a NaN
-    good = from_official(state, unet)
+    good = ROICtrlAdapter.from_official(state, unet)
     good.save_pretrained(tmp_path / "saved")
     weights_file = tmp_path / "saved" / "roictrl_adapter.safetensors"
     weights = load_file(weights_file)

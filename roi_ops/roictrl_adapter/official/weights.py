@@ -1,20 +1,21 @@
-"""Load the official ROICtrl release into a :class:`ROICtrlAdapter`, and the ``roi-ops convert-official`` command.
+"""The official ROICtrl release's weights: its file, its key names, and loading them into an adapter.
 
 The release (``ROICtrl_sdv14_30K.safetensors``, hub repo ``guyuchao/ROICtrl``, licence cc-by-nc-4.0: the weights
 are the authors', under their licence) stores one ``roifuser`` per cross-attention transformer block of an SD1.x
 UNet, under that block's module path, plus a shared ``position_net``. Every official key maps to one parameter
-of an adapter built with ``preset="official"`` (:data:`~roi_ops.roictrl_adapter.options.OFFICIAL_CONFIG`)::
+of an adapter built with ``preset="official"`` (:data:`~roi_ops.roictrl_adapter.official.OFFICIAL_CONFIG`)::
 
     <block path>.roifuser.<official name>   ->  blocks.<i>.<ours>       (i = the block's rank in the UNet)
     position_net.<official name>            ->  box_encoder.<ours>
 
 The block path (``down_blocks.0.attentions.0.transformer_blocks.0``, ...) is matched by name, never by position
-in the file. See docs/official.md.
+in the file. See docs/official.md. Nothing here imports the adapter: the functions take an adapter built by
+:meth:`ROICtrlAdapter.from_official <roi_ops.roictrl_adapter.ROICtrlAdapter.from_official>` (which reads the file
+with :func:`read_official`, builds the adapter and calls :func:`load_official_weights`) or by ``from_unet``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -22,14 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import ROICtrlAdapter
-from .checkpoint import check_finite, read_safetensors_header
+from ..validation import check_finite
 
 __all__ = [
     "SD14_UNET_CONFIG",
-    "from_official",
     "is_official_checkpoint",
+    "load_official_weights",
     "official_key_map",
+    "read_official",
+    "read_official_keys",
     "sd14_unet_structure",
     "to_official_state_dict",
 ]
@@ -88,7 +90,7 @@ def _rename(key: str, rules) -> str | None:
     return None
 
 
-def official_key_map(adapter: ROICtrlAdapter) -> dict[str, str]:
+def official_key_map(adapter: nn.Module) -> dict[str, str]:
     """``{our state_dict key: official key}`` for every parameter of ``adapter``.
 
     Raises ``ValueError`` naming the parameters without an official counterpart (an adapter that is not in the
@@ -129,7 +131,7 @@ def _official_shape(ours: str, shape: torch.Size) -> tuple[int, ...]:
     return (*shape, 1, 1) if ours.endswith("blend_proj.weight") else tuple(shape)
 
 
-def to_official_state_dict(adapter: ROICtrlAdapter) -> dict[str, torch.Tensor]:
+def to_official_state_dict(adapter: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's weights under the official names and shapes (the inverse of :func:`from_official`)."""
     state = adapter.state_dict()
     return {
@@ -236,32 +238,29 @@ def _format_keys(keys: list[str], limit: int = 20) -> str:
     return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)})"
 
 
-def from_official(
-    path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
-    unet: nn.Module | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    **overrides: Any,
-) -> ROICtrlAdapter:
-    """Build an adapter in the official configuration for ``unet`` and load the official weights into it.
+def read_official_keys(path: str | os.PathLike) -> Mapping[str, Any]:
+    """The keys of the official checkpoint file at ``path`` (a dict of keys to ``None`` where only the header needs
+    reading), not stripped: enough for :func:`is_official_checkpoint` without loading the weights."""
+    return _read(path, keys_only=True)
 
-    Args:
-        path_or_state_dict: the release file (``.safetensors``, or a ``torch.save``d state dict) or the state dict
-            itself; keys bare or prefixed by ``unet.`` and/or ``module.``.
-        unet: the UNet it will run on (any ``UNet2DConditionModel`` with the SD1.x block structure: SD1.4, 1.5 and
-            their fine-tunes); ``None`` uses :func:`sd14_unet_structure`.
-        device, dtype: where the adapter goes (default CPU, float32; the release is float32).
-        overrides: architecture options that keep the parameters, e.g. ``unpool="exact"`` or ``slot_order``.
+
+def read_official(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The official state dict of ``path_or_state_dict`` (the release file, ``.safetensors`` or a ``torch.save``d
+    state dict, or the state dict itself), its keys stripped of ``unet.`` / ``module.`` prefixes."""
+    return _normalise(_read(path_or_state_dict))
+
+
+def load_official_weights(
+    adapter: nn.Module, state: Mapping[str, Any], source: str = "the official ROICtrl state dict"
+) -> nn.Module:
+    """Copy the official weights ``state`` (from :func:`read_official`) into ``adapter``, an adapter in the official
+    configuration (``from_unet(unet, preset="official")``, option overrides that keep the parameters allowed).
 
     Every official key must map to one adapter parameter with the same shape, every adapter parameter must get
     one: otherwise ``ValueError`` with the missing keys, the unexpected keys and the shape / dtype mismatches
-    (each named). A tensor holding a NaN or an infinity is refused (``ValueError`` naming it). Values are copied
-    exactly (cast to ``dtype`` if given). The adapter comes back in eval mode.
+    (each named). A tensor holding a NaN or an infinity is refused (``ValueError`` naming it, and ``source`` says
+    where the weights came from). Values are copied exactly. Returns ``adapter``.
     """
-    state = _normalise(_read(path_or_state_dict))
-    if unet is None:
-        unet = sd14_unet_structure()
-    adapter = ROICtrlAdapter.from_unet(unet, preset="official", **overrides)
     key_map = official_key_map(adapter)
     own = adapter.state_dict()
     expected = {theirs: ours for ours, theirs in key_map.items()}
@@ -285,130 +284,8 @@ def from_official(
             f"missing keys {_format_keys(missing)}; unexpected keys {_format_keys(unexpected)}; "
             f"wrong tensors {_format_keys(problems)}"
         )
-    source = (f"the official ROICtrl checkpoint {os.fspath(path_or_state_dict)!r}"
-              if isinstance(path_or_state_dict, (str, os.PathLike)) else "the official ROICtrl state dict")
     check_finite({theirs: state[theirs] for theirs in expected}, source)
     with torch.no_grad():
         for theirs, ours in expected.items():
             own[ours].copy_(state[theirs].reshape(own[ours].shape))
-    # Eval mode, as a loaded diffusers model: the official dropout (0.2) acts only after adapter.train().
-    return adapter.to(device=device, dtype=dtype).eval()
-
-
-# ---------------------------------------------------------------------------------------------- command line
-def _unet_from_folder(folder: str) -> nn.Module:
-    import json
-
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--unet {folder!r}: no such folder (a diffusers model or UNet folder)")
-    for candidate in (os.path.join(folder, "unet", "config.json"), os.path.join(folder, "config.json")):
-        if os.path.isfile(candidate):
-            try:
-                with open(candidate, encoding="utf-8") as f:
-                    config = json.load(f)
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-                raise ValueError(f"--unet: {candidate!r} is not a JSON file ({e})") from None
-            if not isinstance(config, dict):
-                raise ValueError(f"--unet: {candidate!r} must hold a JSON object, got {type(config).__name__}")
-            from diffusers import UNet2DConditionModel
-
-            try:
-                with torch.device("meta"):
-                    return UNet2DConditionModel.from_config(config)
-            except Exception as e:  # diffusers raises many kinds for a config it cannot build
-                raise ValueError(f"--unet: {candidate!r} does not describe a UNet2DConditionModel: "
-                                 f"{type(e).__name__}: {e}") from None
-    raise FileNotFoundError(f"--unet {folder!r}: no config.json or unet/config.json in it")
-
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _convert_fail(message: str) -> int:
-    import sys
-
-    print(f"roi-ops convert-official: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
-
-
-def _same_file(a: str, b: str) -> bool:
-    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
-
-
-def _check_convert_paths(source: str, out_dir: str, overwrite: bool) -> None:
-    """The input is a readable checkpoint file, OUT_DIR is a folder (or can become one) that is not the input and
-    would not overwrite it, and holds no config.json unless ``overwrite``; all before any work."""
-    from .adapter import CONFIG_NAME, WEIGHTS_NAME
-
-    if os.path.isdir(source):
-        raise ValueError(f"input {source!r} is a directory; the official checkpoint is one file (a roi-ops adapter "
-                         "folder needs no conversion)")
-    if not os.path.isfile(source):
-        raise FileNotFoundError(f"input {source!r}: no such file")
-    targets = [out_dir, os.path.join(out_dir, CONFIG_NAME), os.path.join(out_dir, WEIGHTS_NAME)]
-    if any(_same_file(source, t) for t in targets):
-        raise ValueError(f"OUT_DIR {out_dir!r} would overwrite the input {source!r}; write the conversion to "
-                         "another folder")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"OUT_DIR {out_dir!r} is a file; expected a folder (it is created if missing)")
-    if os.path.exists(os.path.join(out_dir, CONFIG_NAME)) and not overwrite:
-        raise ValueError(f"{out_dir!r} already holds a {CONFIG_NAME} (use --overwrite)")
-    if source.endswith(".safetensors"):
-        read_safetensors_header(source)  # a truncated or corrupt file: said here, before any work
-
-
-def convert_official(args: argparse.Namespace) -> int:
-    """``roi-ops convert-official IN OUT_DIR``: write the official checkpoint as a roi-ops adapter folder.
-
-    Errors print one line ``roi-ops convert-official: error: ...`` and exit with status 2."""
-    out_dir, source = args.out_dir, args.input
-    try:
-        _check_convert_paths(source, out_dir, args.overwrite)
-        unet = _unet_from_folder(args.unet) if args.unet else None
-        overrides = {"unpool": args.unpool} if args.unpool else {}
-        keys = _read(source, keys_only=True)
-        if not is_official_checkpoint(keys):
-            raise ValueError(f"input {source!r} is not an official ROICtrl checkpoint: none of its "
-                             f"{len(keys)} keys is a roifuser / position_net weight")
-        adapter = from_official(source, unet, dtype=_DTYPES[args.dtype], **overrides)
-    except (ValueError, TypeError, OSError) as e:
-        return _convert_fail(str(e))
-    try:
-        adapter.save_pretrained(out_dir)
-    except OSError as e:
-        return _convert_fail(f"cannot write {out_dir!r}: {e}")
-    count = sum(p.numel() for p in adapter.parameters())
-    print(
-        f"converted {source} -> {out_dir}: {len(adapter.specs)} blocks, {count:,} parameters, "
-        f"unpool={adapter.options.unpool}, dtype={args.dtype} (the weights' licence is the authors': cc-by-nc-4.0)"
-    )
-    return 0
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``convert-official`` on an ``argparse`` subparsers object."""
-    parser = subparsers.add_parser(
-        "convert-official",
-        help="convert the official ROICtrl checkpoint into a roi-ops adapter folder",
-        description=(
-            "Convert the official ROICtrl release (ROICtrl_sdv14_30K.safetensors; weights licensed cc-by-nc-4.0 by "
-            "their authors) into a roi-ops adapter folder (config.json + roictrl_adapter.safetensors) in the "
-            "official configuration. Load it with ROICtrlAdapter.from_pretrained(OUT_DIR, unet)."
-        ),
-    )
-    parser.add_argument("input", help="the official checkpoint (.safetensors, or a torch.save'd state dict)")
-    parser.add_argument("out_dir", help="output folder")
-    parser.add_argument(
-        "--unet",
-        help="a local diffusers model or UNet folder whose (unet/)config.json gives the block structure "
-        "(default: Stable Diffusion 1.4/1.5)",
-    )
-    parser.add_argument(
-        "--unpool",
-        choices=("official", "exact"),
-        help="ROI-Unpool semantics saved in the config: the release's quantised one (default) or roi-ops' exact one",
-    )
-    parser.add_argument("--dtype", choices=tuple(_DTYPES), default="float32", help="dtype of the saved weights")
-    parser.add_argument("--overwrite", action="store_true", help="write into a folder that already holds a config")
-    parser.set_defaults(func=convert_official)
-    return parser
+    return adapter
