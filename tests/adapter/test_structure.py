@@ -102,7 +102,9 @@ def test_no_import_circle_in_the_adapter_wing():
             rooms.setdefault(room(name), set()).update(room(e) for e in edges if room(e) != room(name))
     assert _cycles(rooms) == []
     assert "adapter" not in rooms["official"] and "official" in rooms["adapter"]
-    assert rooms["official"] <= {"options"}, rooms["official"]  # only the option table below it
+    # only leaves below it: the option table and the weights validation (the finite-weights check)
+    assert rooms["official"] <= {"options", "validation"}, rooms["official"]
+    assert rooms["validation"] <= {"options"}, rooms["validation"]
 
 
 def test_the_official_room_imports_first_in_a_fresh_interpreter():
