@@ -35,8 +35,8 @@ class CocoOptions:
     """The conversion rules (each one a CLI option of ``roi-ops prepare coco``)."""
 
     #: Boxes whose width or height is below this fraction of the image's width or height are dropped (a box
-    #: with no area is always dropped). 0.02 is about one latent pixel at the finest adapter level for a
-    #: 512 px training image (64 latent pixels a side), below which the box covers no feature-map pixel.
+    #: with no area is always dropped). 0.02 is a bit over one pixel of the finest adapter feature map of a
+    #: 512 px training image (64 latent pixels a side); a thinner box may cover no feature-map pixel.
     min_box_side: float = 0.02
     #: At most this many instances per image (the largest by area are kept, ties to the earlier annotation,
     #: in the file's order); 0 = no limit.
@@ -82,7 +82,7 @@ class CocoStats:
         parts.append("skipped images: " + ", ".join(f"{n} {what}" for what, n in skipped))
         parts.append("dropped boxes: " + ", ".join(f"{n} {what}" for what, n in dropped))
         if self.clamped_boxes:
-            parts.append(f"{self.clamped_boxes} boxes clamped to the image")
+            parts.append(f"clamped to the image: {self.clamped_boxes} box(es)")
         return "; ".join(parts)
 
 

@@ -86,7 +86,7 @@ def test_convert_exact_lines_and_counts(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "2 images, 3 instances" in printed
     assert "1 without instances, 1 without a caption" in printed  # c.png (crowd only), d.png (no caption)
-    assert "2 crowd, 2 too small" in printed
+    assert "2 crowd, 2 too small" in printed and "clamped to the image: 1 box(es)" in printed
     # copies by default, byte for byte, at the COCO file_name
     for name in ("a.png", "sub/b.png"):
         assert not (out / name).is_symlink()
@@ -207,3 +207,17 @@ def test_subprocess_exit_status_and_one_line(tmp_path):
     good = subprocess.run([*cmd, "--skip-bad-images"], capture_output=True, text=True, timeout=120)
     assert good.returncode == 0, good.stderr
     assert read_lines(tmp_path / "out") == EXPECTED[1:]
+
+
+def test_docs_show_this_output(tmp_path, capsys):
+    """docs/training.md quotes this split's output: it must stay what the command writes."""
+    import re
+
+    paths = write_coco(tmp_path)
+    out = tmp_path / "out"
+    assert main(args_for(paths, out)) == 0
+    printed = capsys.readouterr().out.strip()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
+    assert printed.replace(str(out), "out") in doc
+    block = re.search(r"```json\n(.*?)```", doc, re.S).group(1)
+    assert [json.loads(line) for line in block.splitlines()] == read_lines(out) == EXPECTED
