@@ -5,7 +5,8 @@
                                                        #   on 2 shared cores)
     python benchmarks/bench_training.py --quick         # tiny models, 2 steps, all in one worker process:
                                                        #   checks it all runs (JSON in the temp dir)
-    python benchmarks/bench_training.py --report        # the markdown table from the JSON
+    python benchmarks/bench_training.py --report --docs # the markdown table from the JSON (--docs: into
+                                                       #   docs/training.md, between its markers)
 
 Models are built from configs with random weights (nothing is downloaded): SD1.5's UNet
 (``UNet2DConditionModel``, block_out_channels 320/640/1280/1280, cross_attention_dim 768, attention_head_dim 8,
@@ -33,7 +34,10 @@ writing ``5`` to ``/proc/self/clear_refs`` just before each step and read right 
 torch's CPU allocator takes from the OS (weights, activations, gradients, optimizer state, oneDNN/BLAS
 workspaces), which ``tracemalloc`` (Python objects only) does not see; a fresh process per configuration keeps
 the peaks independent. ``peak_mib`` is the whole process (weights included: comparable to a GPU's peak memory);
-``step_extra_mib`` is the peak minus the RSS at the start of the step (what the step itself adds). Where
+``above_setup_mib`` is the peak minus the RSS once the models and inputs were built, before the first step:
+what training adds to the weights (activations, gradients, optimizer state, workspaces). (The peak minus the
+RSS at the step's own start, ``step_extra_mib``, is also recorded, but after the first step it is small because
+the C allocator keeps freed memory mapped, so the RSS no longer drops between steps.) Where
 ``clear_refs`` cannot be written, ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (never reset) is used and the
 JSON says so.
 """
@@ -57,6 +61,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
 JSON_PATH = RESULTS / "training_cpu.json"
+DOC_PATH = REPO / "docs" / "training.md"
+TABLE_BEGIN, TABLE_END = "<!-- training-cost:begin (bench_training.py --report --docs writes this) -->", \
+    "<!-- training-cost:end -->"
 THREADS = int(os.environ.get("ROI_OPS_BENCH_THREADS", "2"))
 MIB = 2.0**20
 
@@ -298,6 +305,7 @@ def summarise_row(result: dict) -> dict:
     out = {key: _summary([s[key] for s in timed])
            for key in ("step_s", "encode_s", "forward_s", "backward_s", "optimizer_s", "cpu_s", "peak_mib",
                        "step_extra_mib")}
+    out["above_setup_mib"] = _summary([s["peak_mib"] - result["rss_after_setup_mib"] for s in timed])
     out["calls_per_step"] = timed[-1]["calls"]
     return out
 
@@ -309,7 +317,7 @@ def _ratio(a: float, b: float) -> float | None:
 def _ratio_set(row: dict, base: dict) -> dict:
     return {key: _ratio(row["stats"][stat]["median"], base["stats"][stat]["median"])
             for key, stat in (("step_time", "step_s"), ("peak_memory", "peak_mib"),
-                              ("step_extra_memory", "step_extra_mib"))}
+                              ("above_setup_memory", "above_setup_mib"))}
 
 
 def ratios(configs: dict) -> dict:
@@ -359,6 +367,7 @@ def run(args) -> dict:
         cfg["warmup"] = args.warmup
     modes = args.modes.split(",")
     env = environment()
+    env["started_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     load_before = [round(x, 2) for x in os.getloadavg()]
     started = time.perf_counter()
     configs: dict = {}
@@ -413,7 +422,8 @@ def _write(args, cfg, env, load_before, started, configs, planned, one_process, 
         "complete": complete,
         "planned": [row["name"] for row, _ in planned],
         "benchmark": "one ROICtrl adapter training step vs the plain UNet's forward + backward, CPU",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": env.get("started_at") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/bench_training.py " + " ".join(args.argv),
         "quick": bool(args.quick),
         "one_process": bool(one_process),
@@ -446,7 +456,10 @@ def _write(args, cfg, env, load_before, started, configs, planned, one_process, 
                     "over the timed steps after the warm-up steps (the warm-up step allocates AdamW's state)",
             "memory": "peak RSS (VmHWM of /proc/self/status, reset by writing 5 to /proc/self/clear_refs before "
                       "each step): peak_mib is the whole process's peak during the step (weights included), "
-                      "step_extra_mib that peak minus the RSS at the step's start; "
+                      "above_setup_mib that peak minus the RSS after the models and inputs were built (what "
+                      "training adds: activations, gradients, optimizer state, workspaces), step_extra_mib the "
+                      "peak minus the RSS at the step's start (small after the first step: the C allocator keeps "
+                      "freed memory mapped); "
                       + ("all configurations in one process (--one-process), in turn" if one_process else
                          "one fresh subprocess per configuration")
                       + ". tracemalloc would miss torch's tensors (it traces Python allocations only)",
@@ -469,7 +482,7 @@ def _write(args, cfg, env, load_before, started, configs, planned, one_process, 
 def table(doc: dict) -> str:
     """Markdown table of one run, from its JSON."""
     lines = [
-        f"Measured {doc['created']} on {doc['machine']['cpu_model']} ({doc['threads']} threads; load average "
+        f"Run {doc['created']} to {doc.get('finished', doc['created'])} (UTC) on {doc['machine']['cpu_model']} ({doc['threads']} threads; load average "
         f"{doc['loadavg_before']} before, {doc['loadavg_after']} after), torch {doc['versions']['torch']}, "
         f"diffusers {doc['versions']['diffusers']}; `{doc['command']}`. "
         f"{doc['setup']['image_px']} px ({doc['setup']['latent']}x{doc['setup']['latent']} latents), batch "
@@ -477,36 +490,46 @@ def table(doc: dict) -> str:
         f"{doc['setup']['timed_steps']} steps after {doc['setup']['warmup_steps']} warm-up.",
         "",
         "| configuration | checkpointing | step (s) | fwd / bwd / opt (s) | encode (s) | peak RSS (MiB) | "
-        "step adds (MiB) | time / plain | peak / plain | block calls (UNet, adapter) | load after |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "above setup (MiB) | time / plain | peak / plain | above setup / plain | block calls (UNet, adapter) | "
+        "load after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rat = doc["ratios"]
     for name, row in doc["configs"].items():
         if row["status"] != "ok":
             lines.append(f"| {row['mode']} | {'on' if row['checkpointing'] else 'off'} | {row['status']} | "
-                         f"{row.get('reason', '')[:80]} | | | | | | | |")
+                         f"{row.get('reason', '')[:80]} | | | | | | | | |")
             continue
         s = row["stats"]
         r = rat.get(name)
         calls = s["calls_per_step"]
-        rel = " | ".join("n/a" if v is None else f"{v:.2f}x" for v in (r["step_time"], r["peak_memory"])) if r \
-            else "1 | 1"
+        rel = " | ".join("n/a" if v is None else f"{v:.2f}x"
+                         for v in (r["step_time"], r["peak_memory"], r["above_setup_memory"])) if r else "1 | 1 | 1"
         lines.append(
             f"| {row['mode']} | {'on' if row['checkpointing'] else 'off'} | {s['step_s']['median']:.2f} "
             f"[{s['step_s']['min']:.2f}-{s['step_s']['max']:.2f}] | {s['forward_s']['median']:.2f} / "
             f"{s['backward_s']['median']:.2f} / {s['optimizer_s']['median']:.3f} | {s['encode_s']['median']:.2f} | "
-            f"{s['peak_mib']['median']:.0f} | {s['step_extra_mib']['median']:.0f} | {rel} | "
+            f"{s['peak_mib']['median']:.0f} | {s['above_setup_mib']['median']:.0f} | {rel} | "
             f"{calls['unet_transformer_blocks']}, {calls['adapter_blocks']} | {row['loadavg_after'][0]} |"
         )
     missing = [name for name in doc.get("planned", []) if name not in doc["configs"]]
     if missing:
-        lines.append(f"| not run (the run was stopped before them): {', '.join(missing)} | | | | | | | | | | |")
+        lines.append(f"| not run (the run was stopped before them): {', '.join(missing)} | | | | | | | | | | | |")
     lines.append("")
     for name, r in rat.items():
         if "ckpt over" in name:
             lines.append(f"- {name}: step time x{r['step_time']}, peak RSS x{r['peak_memory']}, "
-                         f"step's own memory x{r['step_extra_memory']}")
+                         f"memory above setup x{r['above_setup_memory']}")
     return "\n".join(lines)
+
+
+def write_docs(text: str) -> None:
+    doc = DOC_PATH.read_text()
+    if TABLE_BEGIN not in doc or TABLE_END not in doc:
+        raise SystemExit(f"{DOC_PATH} has no {TABLE_BEGIN!r} ... {TABLE_END!r} markers to write the table between")
+    before, rest = doc.split(TABLE_BEGIN, 1)
+    DOC_PATH.write_text(before + TABLE_BEGIN + "\n" + text + "\n" + TABLE_END + rest.split(TABLE_END, 1)[1])
+    print(f"wrote the table in {DOC_PATH}")
 
 
 def main(argv=None) -> None:
@@ -516,6 +539,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true",
                     help="tiny models, 1 warm-up + 1 timed step, --one-process; JSON in the temp dir")
     ap.add_argument("--report", action="store_true", help="print the markdown table of --json")
+    ap.add_argument("--docs", action="store_true",
+                    help=f"with --report: also write the table into {DOC_PATH.relative_to(REPO)} between its markers")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per configuration (default 3; quick 1)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
@@ -548,7 +573,17 @@ def main(argv=None) -> None:
     # A quick run is a smoke test: its JSON goes to the temp dir, never over the committed results.
     args.json = args.json or str(Path(tempfile.gettempdir()) / "training_cpu_quick.json" if args.quick else JSON_PATH)
     if args.report:
-        print(table(json.loads(Path(args.json).read_text())))
+        doc = json.loads(Path(args.json).read_text())
+        # Statistics and ratios again from the raw per-step rows, so the JSON and the table follow this code.
+        for row in doc["configs"].values():
+            if row["status"] == "ok":
+                row["stats"] = summarise_row(row)
+        doc["ratios"] = ratios(doc["configs"])
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+        text = table(doc)
+        print(text)
+        if args.docs:
+            write_docs(text)
         return
     run(args)
 

@@ -44,6 +44,7 @@ def test_structure(quick_doc):
         timed = [s for s in steps if not s["warmup"]]
         assert stats["step_s"]["all"] == [round(s["step_s"], 4) for s in timed]
         assert stats["step_s"]["min"] <= stats["step_s"]["median"] <= stats["step_s"]["max"]
+        assert stats["above_setup_mib"]["all"] == [round(s["peak_mib"] - row["rss_after_setup_mib"], 4) for s in timed]
         assert row["unet_got_gradients"] is False
         layers = 4  # the quick UNet: 1 cross-attention transformer block down, 1 mid, 2 up
         calls = stats["calls_per_step"]
@@ -65,7 +66,8 @@ def test_ratios_come_from_its_own_rows(quick_doc):
     for name, base in (("adapter_uncached", "plain"), ("adapter_uncached+ckpt", "plain+ckpt")):
         r = doc["ratios"][name]
         assert r["over"] == base
-        for key, stat in (("step_time", "step_s"), ("peak_memory", "peak_mib"), ("step_extra_memory", "step_extra_mib")):
+        for key, stat in (("step_time", "step_s"), ("peak_memory", "peak_mib"),
+                          ("above_setup_memory", "above_setup_mib")):
             num, den = rows[name]["stats"][stat]["median"], rows[base]["stats"][stat]["median"]
             if den == 0:  # the tiny plain step may add no measurable RSS: no ratio rather than a division error
                 assert r[key] is None
