@@ -482,7 +482,8 @@ def _write(args, cfg, env, load_before, started, configs, planned, one_process, 
 def table(doc: dict) -> str:
     """Markdown table of one run, from its JSON."""
     lines = [
-        f"Run {doc['created']} to {doc.get('finished', doc['created'])} (UTC) on {doc['machine']['cpu_model']} ({doc['threads']} threads; load average "
+        (f"Run {doc['created']} to {doc['finished']} (UTC) on" if "finished" in doc else f"Written {doc['created']} on")
+        + f" {doc['machine']['cpu_model']} ({doc['threads']} threads; load average "
         f"{doc['loadavg_before']} before, {doc['loadavg_after']} after), torch {doc['versions']['torch']}, "
         f"diffusers {doc['versions']['diffusers']}; `{doc['command']}`. "
         f"{doc['setup']['image_px']} px ({doc['setup']['latent']}x{doc['setup']['latent']} latents), batch "
@@ -521,6 +522,23 @@ def table(doc: dict) -> str:
             lines.append(f"- {name}: step time x{r['step_time']}, peak RSS x{r['peak_memory']}, "
                          f"memory above setup x{r['above_setup_memory']}")
     return "\n".join(lines)
+
+
+def parameter_breakdown(unet_config: dict) -> dict:
+    """The default adapter's parameter count per part (summed over blocks), built on the meta device (no memory,
+    no weights): where the adapter's size, hence its gradients and optimizer state, comes from."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from roi_ops.roictrl_adapter import ROICtrlAdapter
+
+    with torch.device("meta"):
+        adapter = ROICtrlAdapter.from_unet(UNet2DConditionModel(**unet_config))
+    parts: dict[str, int] = {}
+    for name, p in adapter.named_parameters():
+        part = name.split(".")[2] if name.startswith("blocks.") else name.split(".")[0]
+        parts[part] = parts.get(part, 0) + p.numel()
+    return dict(sorted(parts.items(), key=lambda kv: -kv[1]))
 
 
 def write_docs(text: str) -> None:
@@ -579,6 +597,12 @@ def main(argv=None) -> None:
             if row["status"] == "ok":
                 row["stats"] = summarise_row(row)
         doc["ratios"] = ratios(doc["configs"])
+        if not doc.get("quick"):
+            doc["adapter_parameter_breakdown"] = {
+                "how": "ROICtrlAdapter.from_unet(UNet2DConditionModel(**setup.unet)) on the meta device, "
+                       "named_parameters() summed per block part (bench_training.parameter_breakdown)",
+                "parameters": parameter_breakdown(doc["setup"]["unet"]),
+            }
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
         text = table(doc)
         print(text)
