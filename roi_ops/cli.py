@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS = [
     "roi_ops.roictrl_adapter.generate",
     "roi_ops.roictrl_adapter.convert",
+    "roi_ops.training.prepare",
 ]
 
 

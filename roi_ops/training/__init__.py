@@ -1,0 +1,1 @@
+"""Training ROICtrl adapters: data preparation and the trainer behind ``roi-ops train``."""
