@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS = [
     "roi_ops.roictrl_adapter.generate",
     "roi_ops.roictrl_adapter.official",
+    "roi_ops.training.train",
 ]
 
 
