@@ -8,8 +8,9 @@ into ``ROICtrlAdapter.from_unet`` arguments:
 * ``vae_scale_factor`` = ``2 ** (len(vae.block_out_channels) - 1)`` (8 for SD1.x/SDXL, 2 for the toy model);
 * the ROI grid of each cross-attention level: the paper's grids are a function of the feature map's side ``m``
   (25/19/13/7 on the 64/32/16/8 maps of SD1.5 at 512 px, i.e. ``6 log2(m) - 11``), capped at
-  ``ceil(m / 2)``: a ROI grid finer than a box half the map wide resamples the same pixels. SD1.5 at 512 px:
-  ``{8: 25, 16: 16, 32: 8, 64: 4}``; SDXL at 1024 px: ``{16: 25, 32: 16}``; the 32 px toy: ``{2: 8, 4: 4}``;
+  ``ceil(m / 2)``: a ROI grid finer than a box half the map wide resamples the same pixels; and at least
+  ``min(m, 2)`` (the formula falls under 2 on maps under 8 wide). SD1.5 at 512 px:
+  ``{8: 25, 16: 16, 32: 8, 64: 4}``; SDXL at 1024 px: ``{16: 25, 32: 16}`` (its cross-attention levels); the 32 px toy: ``{2: 8, 4: 4}``;
 * ``position_dim`` = the caption width (the UNet's ``cross_attention_dim``), at most 768;
   ``position_hidden_dim`` = ``min(512, 2 * position_dim)`` (512 as the adapter's default for SD-sized models).
 """
@@ -91,7 +92,7 @@ def model_geometry(model_dir: str) -> Geometry:
 def grid_for_map(m: int) -> int:
     """ROI grid side for a feature map of side ``m`` (see the module docstring)."""
     paper = round(6 * math.log2(max(m, 1)) - 11)
-    return max(1, min(paper, math.ceil(m / 2)))
+    return max(min(paper, math.ceil(m / 2)), min(m, 2))
 
 
 def adapter_defaults(geometry: Geometry, resolution: int) -> dict[str, Any]:

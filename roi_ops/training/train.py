@@ -217,7 +217,11 @@ def _run(args: argparse.Namespace) -> int:
     for name, module in pipe.components.items():
         if isinstance(module, torch.nn.Module):
             # the VAE stays float32 (SDXL's overflows in float16); it only encodes, without gradients
-            module.to(device, dtype=torch.float32 if name == "vae" else weight_dtype)
+            dtype = torch.float32 if name == "vae" else weight_dtype
+            if any(p.dtype != dtype for p in module.parameters()):
+                module.to(device, dtype=dtype)
+            else:
+                module.to(device)
     unet = pipe.unet
 
     set_seed(args.seed)  # the adapter's initial weights

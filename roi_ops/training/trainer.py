@@ -4,12 +4,13 @@ and ``examples/train_roictrl.py`` all run :func:`train_adapter`.
 What one optimisation step does (``B`` = batch size per process, ``A`` = gradient-accumulation steps, ``P``
 processes, process ``r``):
 
-1. for each micro-batch ``a`` of the step, its global index ``i = ((step * A) + a) * P + r`` seeds a generator
-   ``g = torch.Generator().manual_seed(seed * 100_003 + 7 * i + 2)``; from ``g``, in this order: the sample
-   indices (``B`` drawn uniformly with replacement from the dataset), the latent drawn from each image's VAE
-   posterior (``mean + std * eps``), the noise and the timesteps. So the data order, the latents and the noise of
-   a step are a pure function of (seed, step, process), and a resumed run sees exactly what an uninterrupted one
-   would have seen;
+1. micro-batch ``m = step * A + a`` (``a`` = 0..A-1) seeds a generator
+   ``g = torch.Generator().manual_seed(seed * 100_003 + 7 * m + 2)``; from ``g``, in this order, for the global
+   batch of ``P * B`` samples: the sample indices (drawn uniformly with replacement from the dataset), the
+   ``eps`` of the latent drawn from each image's VAE posterior (``mean + std * eps``), the noise and the timesteps;
+   process ``r`` takes samples ``r * B`` to ``(r + 1) * B - 1``. So the data, latents and noise of a step are a
+   pure function of (seed, step): a resumed run sees exactly what an uninterrupted one would have seen, and
+   ``P`` processes at batch ``B`` see the samples and noise of one process at batch ``P * B``;
 2. the frozen text encoder(s) encode the prompts and every instance caption (the same ``encode_prompt`` the
    pipeline uses at sampling time; SDXL: both encoders' penultimate states, the pooled embedding and the size
    time ids), the frozen UNet with the adapter installed predicts the noise (or ``v``), and
@@ -223,14 +224,14 @@ def _load_checkpoint(accelerator, path: str, adapter, optimizer, scheduler) -> d
 
 # ---------------------------------------------------------------------------------------------- the loop
 class _StepBatches(torch.utils.data.Dataset):
-    """Item ``i`` = the batch of micro-batch ``i`` of this process (for the DataLoader workers)."""
+    """Item ``m`` = this process's batch of micro-batch ``m`` (for the DataLoader workers)."""
 
     def __init__(self, data, seed, batch_size, accum, world, rank):
         self.data, self.seed, self.B, self.A, self.P, self.r = data, seed, batch_size, accum, world, rank
 
     def indices(self, micro: int) -> torch.Tensor:
-        g = step_generator(self.seed, micro * self.P + self.r)
-        return torch.randint(len(self.data), (self.B,), generator=g)
+        g = step_generator(self.seed, micro)
+        return torch.randint(len(self.data), (self.P * self.B,), generator=g)[self.r * self.B: (self.r + 1) * self.B]
 
     def __len__(self):
         return 1 << 62
@@ -324,8 +325,9 @@ def train_adapter(
             sums = {"loss": 0.0, "l_ldm": 0.0, "l_reg": 0.0}
             for a in range(A):
                 micro = step * A + a
-                g = step_generator(config.seed, micro * P + r)
-                idx = torch.randint(len(data), (B,), generator=g)
+                g = step_generator(config.seed, micro)
+                mine = slice(r * B, (r + 1) * B)  # this process's share of the global batch
+                idx = torch.randint(len(data), (P * B,), generator=g)[mine]
                 batch = next(loader) if loader is not None else data.get(idx)
                 encoder.new_step()
                 with torch.no_grad():
@@ -334,12 +336,13 @@ def train_adapter(
                     else:
                         post = vae.encode(batch.images.to(device, vae.dtype)).latent_dist
                         mean, std = post.mean, post.std
-                    z = mean + std * torch.randn(mean.shape, generator=g).to(mean.device, mean.dtype)
+                    shape = (P * B, *mean.shape[1:])
+                    z = mean + std * torch.randn(shape, generator=g)[mine].to(mean.device, mean.dtype)
                     if shift_factor is not None:
                         z = z - shift_factor
                     z = (z * scaling_factor).to(device)
-                    noise = torch.randn(z.shape, generator=g).to(device, z.dtype)
-                    t = torch.randint(0, T, (B,), generator=g).to(device)
+                    noise = torch.randn(shape, generator=g)[mine].to(device, z.dtype)
+                    t = torch.randint(0, T, (P * B,), generator=g)[mine].to(device)
                     noisy = noise_scheduler.add_noise(z, noise, t)
                     target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(z, noise, t)
                     text, pooled = encoder(batch.prompts)
