@@ -206,7 +206,10 @@ def _run(args: argparse.Namespace) -> int:
     from .trainer import CaptionEncoder, TrainConfig, train_adapter
 
     trackers = None if args.report_to == "none" else args.report_to
+    # No GPU: say so, so that Accelerate also takes a torchrun/accelerate launch on CPUs as multi-process (gloo)
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
     accelerator = Accelerator(
+        cpu=not gpu and not torch.backends.mps.is_available(),
         mixed_precision=args.mixed_precision, log_with=trackers, project_dir=args.output_dir,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )

@@ -373,6 +373,10 @@ def train_adapter(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
+            if P > 1:  # the log shows the whole global batch's losses
+                mean = accelerator.reduce(torch.tensor([sums["loss"], sums["l_ldm"], sums["l_reg"]], device=device),
+                                          "mean")
+                sums = dict(zip(("loss", "l_ldm", "l_reg"), mean.tolist()))
             last = {**sums, "lr": lr}
             if bar is not None:
                 bar.update(1)
