@@ -186,7 +186,11 @@ def _run(args: argparse.Namespace) -> int:
                 raise UsageError(f"--resume {resume_from!r} is not a complete checkpoint folder")
         if resume_from is not None:
             with open(os.path.join(resume_from, "trainer_state.json")) as f:
-                saved = json.load(f)["config"]
+                state = json.load(f)
+            saved = state["config"]
+            if state["step"] > args.max_steps:
+                raise UsageError(f"--resume: {resume_from} is at step {state['step']}, past --max-steps "
+                                 f"{args.max_steps}")
             for key, flag in (("batch_size", "--batch-size"), ("gradient_accumulation_steps",
                               "--gradient-accumulation-steps"), ("seed", "--seed")):
                 if saved[key] != getattr(args, key):
