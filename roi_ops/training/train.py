@@ -96,6 +96,12 @@ def _check_numbers(args) -> None:
         raise UsageError(f"--learning-rate must be > 0, got {args.learning_rate}")
     if args.validation_every and not args.validation_layout:
         raise UsageError("--validation-every needs --validation-layout")
+    if args.report_to != "none":
+        import importlib.util
+
+        if importlib.util.find_spec(args.report_to) is None:
+            raise UsageError(f"--report-to {args.report_to}: the {args.report_to} package is not installed "
+                             f"(pip install {args.report_to})")
 
 
 def _read_adapter_config(path: str) -> dict[str, Any]:
@@ -205,7 +211,6 @@ def _run(args: argparse.Namespace) -> int:
     from roi_ops.roictrl_adapter import ROICtrlAdapter
     from roi_ops.roictrl_adapter.adapter import load_adapter
 
-    from .data import TensorData
     from .models import load_frozen_model
     from .trainer import CaptionEncoder, TrainConfig, train_adapter
 

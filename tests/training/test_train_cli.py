@@ -122,7 +122,8 @@ GOOD = {"file_name": "a.png", "prompt": "p", "instances": [{"box": [0.1, 0.1, 0.
 
 
 @pytest.mark.parametrize("case", ["malformed line", "missing image", "undecodable image", "empty dataset",
-                                  "no unet", "foreign init adapter", "bad resolution", "bad adapter config"])
+                                  "no unet", "foreign init adapter", "bad resolution", "bad adapter config",
+                                  "tracker not installed"])
 def test_bad_input_is_one_line_and_exit_status_2(cli, world_data, tmp_path, case):
     args = {"--model": TOY_MODEL, "--data": world_data, "--output-dir": tmp_path / "out"}
     expect = {
@@ -134,6 +135,7 @@ def test_bad_input_is_one_line_and_exit_status_2(cli, world_data, tmp_path, case
         "foreign init adapter": "--init-adapter: ROICtrlAdapter does not fit",
         "bad resolution": "--resolution 30 is not a positive multiple of 4",
         "bad adapter config": "--adapter-config",
+        "tracker not installed": "--report-to wandb: the wandb package is not installed",
     }[case]
     if case == "malformed line":
         args["--data"] = write_lines(tmp_path / "d", [GOOD, {**GOOD, "instances": [{"box": [1, 2], "caption": "c"}]}])
@@ -155,6 +157,12 @@ def test_bad_input_is_one_line_and_exit_status_2(cli, world_data, tmp_path, case
     elif case == "bad adapter config":
         (tmp_path / "cfg.json").write_text('{"no_such_option": 1}')
         args["--adapter-config"] = tmp_path / "cfg.json"
+    elif case == "tracker not installed":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is not None:
+            pytest.skip("wandb is installed")
+        args["--report-to"] = "wandb"
     argv = [x for kv in args.items() for x in kv]
     status, out, err = cli("train", *argv, "--max-steps", 1, *FAST)
     lines = err.strip().splitlines()
