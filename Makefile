@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 # The exact pin matters: it is the local CPU wheel; anything else pulls CUDA wheels.
 TORCH_PIN := torch==2.13.0
 DEPS := numpy pytest hypothesis pytest-benchmark expecttest pillow matplotlib \
-        "diffusers>=0.30" transformers safetensors accelerate ninja "setuptools>=77" wheel
+        "diffusers>=0.30" transformers safetensors accelerate tqdm ninja "setuptools>=77" wheel
 STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.roi-ops-built
 SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh) setup.py

@@ -16,6 +16,7 @@ SUBCOMMANDS = [
     "roi_ops.roictrl_adapter.generate",
     "roi_ops.roictrl_adapter.convert",
     "roi_ops.training.prepare",
+    "roi_ops.training.train",
 ]
 
 

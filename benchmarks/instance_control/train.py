@@ -222,8 +222,45 @@ def make_roictrl_adapter(unet, seed: int):
                                     position_dim=models.TEXT_WIDTH, position_hidden_dim=128)
 
 
-def train_control(kind: str, args, data, latents, vae, unet, text_encoder, tokenizer):
-    """ROICtrl or GLIGEN on the frozen base: same data, steps, batch, learning rate, noise and seed."""
+def train_roictrl(args, data, latents):
+    """The ROICtrl stage through the one adapter trainer (``roi_ops.training.trainer.train_adapter``, what
+    ``roi-ops train`` runs), on the in-memory data and latent posteriors of the other stages: micro-batch ``step``
+    draws its samples, latents, noise and timesteps from the generator ``seed * 100_003 + 7 * step + 2`` (the
+    salt 2 of this stage before the trainer existed), so the committed adapter is reproduced."""
+    from accelerate import Accelerator
+
+    from roi_ops.training.data import TensorData
+    from roi_ops.training.models import load_frozen_model
+    from roi_ops.training.trainer import CaptionEncoder, TrainConfig, train_adapter
+
+    frozen = load_frozen_model(os.path.join(args.out, "model"))
+    adapter = make_roictrl_adapter(frozen.unet, args.seed)
+    _, boxes, masks, inst_caps, captions = data
+    log(f"roictrl: {sum(p.numel() for p in adapter.parameters()):,} trainable parameters")
+    config = TrainConfig(
+        max_steps=args.control_steps, batch_size=args.batch_size, learning_rate=args.control_lr,
+        lr_scheduler=args.control_schedule, lr_warmup_steps=50, weight_decay=0.0, max_grad_norm=1.0,
+        reg_weight=args.reg_weight, seed=args.seed,
+    )
+    accelerator = Accelerator(cpu=True)
+    t0 = time.time()
+
+    result = train_adapter(
+        accelerator=accelerator, unet=frozen.unet, adapter=adapter, noise_scheduler=frozen.noise_scheduler,
+        encoder=CaptionEncoder(frozen.pipe, accelerator.device, cache=True),
+        data=TensorData(latents[0], latents[1], captions, inst_caps, boxes, masks), config=config,
+        scaling_factor=frozen.vae.config.scaling_factor, progress=False, log=log,
+        on_step=lambda step, stats: (step % 50 == 0 or step == args.control_steps) and log(
+            f"roictrl step {step}/{args.control_steps} ldm {stats['l_ldm']:.4f} reg {stats['l_reg']:.3f} "
+            f"({time.time() - t0:.0f}s)"),
+    )
+    adapter.save_pretrained(os.path.join(args.out, "roictrl"))
+    log(f"saved roictrl to {os.path.join(args.out, 'roictrl')} ({result['seconds']:.0f}s)")
+    return adapter
+
+
+def train_gligen(args, data, latents, vae, unet, text_encoder, tokenizer):
+    """GLIGEN on the frozen base: the same data, steps, batch, learning rate, noise and seed as ROICtrl."""
     from diffusers import DDPMScheduler
 
     unet.requires_grad_(False)
@@ -231,22 +268,16 @@ def train_control(kind: str, args, data, latents, vae, unet, text_encoder, token
     scheduler = DDPMScheduler(**models.scheduler_config())
     _, boxes, masks, inst_caps, captions = data
     encode = _CaptionCache(text_encoder, tokenizer)
-    if kind == "roictrl":
-        adapter = make_roictrl_adapter(unet, args.seed).install(unet)
-        adapter.train()
-        params = list(adapter.parameters())
-        model = unet
-    else:
-        # The new fuser/position-net layers take their initial weights from the global RNG: seed it, as
-        # make_roictrl_adapter does, so the stage is reproducible whatever ran before it in the process.
-        torch.manual_seed(args.seed)
-        model, new = models.gligen_unet_from_base(unet)
-        model.requires_grad_(False)
-        params = [p for n, p in model.named_parameters() if n in new]
-        for p in params:
-            p.requires_grad_(True)
-        model.train()
-    log(f"{kind}: {sum(p.numel() for p in params):,} trainable parameters")
+    # The new fuser/position-net layers take their initial weights from the global RNG: seed it, as
+    # make_roictrl_adapter does, so the stage is reproducible whatever ran before it in the process.
+    torch.manual_seed(args.seed)
+    model, new = models.gligen_unet_from_base(unet)
+    model.requires_grad_(False)
+    params = [p for n, p in model.named_parameters() if n in new]
+    for p in params:
+        p.requires_grad_(True)
+    model.train()
+    log(f"gligen: {sum(p.numel() for p in params):,} trainable parameters")
     opt = torch.optim.AdamW(params, lr=args.control_lr, weight_decay=0.0)
     scale = vae.config.scaling_factor
     N = masks.shape[1]
@@ -255,38 +286,27 @@ def train_control(kind: str, args, data, latents, vae, unet, text_encoder, token
         idx, noisy, noise, t, _ = noisy_batch(step, args, latents, scheduler, scale, len(captions), 2)
         text, _ = encode([captions[i] for i in idx.tolist()])
         flat = [inst_caps[i][k] for i in idx.tolist() for k in range(N)]
-        states, pooled = encode(flat)
+        _, pooled = encode(flat)
         B = len(idx)
-        if kind == "roictrl":
-            kwargs = {"roictrl": {"boxes": boxes[idx], "masks": masks[idx],
-                                  "embeddings": states.view(B, N, *states.shape[1:])}}
-        else:  # padded to GLIGEN_MAX_OBJS slots, as StableDiffusionGLIGENPipeline pads at sampling time
-            m = F.pad(masks[idx].float(), (0, GLIGEN_MAX_OBJS - N))
-            b = F.pad(boxes[idx], (0, 0, 0, GLIGEN_MAX_OBJS - N)) * m[..., None]
-            e = F.pad(pooled.view(B, N, -1), (0, 0, 0, GLIGEN_MAX_OBJS - N)) * m[..., None]
-            kwargs = {"gligen": {"boxes": b, "masks": m, "positive_embeddings": e}}
+        # padded to GLIGEN_MAX_OBJS slots, as StableDiffusionGLIGENPipeline pads at sampling time
+        m = F.pad(masks[idx].float(), (0, GLIGEN_MAX_OBJS - N))
+        b = F.pad(boxes[idx], (0, 0, 0, GLIGEN_MAX_OBJS - N)) * m[..., None]
+        e = F.pad(pooled.view(B, N, -1), (0, 0, 0, GLIGEN_MAX_OBJS - N)) * m[..., None]
+        kwargs = {"gligen": {"boxes": b, "masks": m, "positive_embeddings": e}}
         pred = model(noisy, t, text, cross_attention_kwargs=kwargs).sample
-        ldm = F.mse_loss(pred, noise)
-        reg = adapter.regularization_loss() if kind == "roictrl" else torch.zeros(())
-        loss = ldm + args.reg_weight * reg
+        loss = F.mse_loss(pred, noise)
         optimiser_step(opt, loss, step, args.control_lr, clip_params=params,
                        total=args.control_steps if args.control_schedule == "cosine" else None)
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{kind} loss became {loss.item()} at step {step}")
+            raise FloatingPointError(f"gligen loss became {loss.item()} at step {step}")
         if step % 50 == 0 or step == args.control_steps - 1:
-            log(f"{kind} step {step}/{args.control_steps} ldm {ldm.item():.4f} reg {reg.item():.3f} "
-                f"({time.time() - t0:.0f}s)")
-    if kind == "roictrl":
-        adapter.eval()
-        adapter.uninstall(unet)
-        adapter.save_pretrained(os.path.join(args.out, "roictrl"))
-    else:
-        from safetensors.torch import save_file
+            log(f"gligen step {step}/{args.control_steps} ldm {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    from safetensors.torch import save_file
 
-        os.makedirs(os.path.join(args.out, "gligen"), exist_ok=True)
-        state = {n: p.detach().contiguous() for n, p in model.named_parameters() if n in new}
-        save_file(state, os.path.join(args.out, "gligen", "gligen.safetensors"), metadata={"format": "pt"})
-    log(f"saved {kind} to {os.path.join(args.out, kind)}")
+    os.makedirs(os.path.join(args.out, "gligen"), exist_ok=True)
+    state = {n: p.detach().contiguous() for n, p in model.named_parameters() if n in new}
+    save_file(state, os.path.join(args.out, "gligen", "gligen.safetensors"), metadata={"format": "pt"})
+    log(f"saved gligen to {os.path.join(args.out, 'gligen')}")
 
 
 def load_gligen_unet(out, unet):
@@ -361,11 +381,10 @@ def main(argv=None):
         vae = finetune_decoder(args, vae, data[0], latents)
         vae.save_pretrained(os.path.join(args.out, "model", "vae"))
         log("saved the fine-tuned decoder with the VAE")
-    if any(s in args.stages for s in ("roictrl", "gligen")):
-        vae, unet, text_encoder, tokenizer = load_model(args.out)
-        for kind in ("roictrl", "gligen"):
-            if kind in args.stages:
-                train_control(kind, args, data, latents, vae, unet, text_encoder, tokenizer)
+    if "roictrl" in args.stages:
+        train_roictrl(args, data, latents)
+    if "gligen" in args.stages:
+        train_gligen(args, data, latents, *load_model(args.out))
     log(f"done in {time.time() - t0:.0f}s")
 
 

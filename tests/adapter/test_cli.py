@@ -150,12 +150,13 @@ def test_cli_structure():
     assert e.value.code == 2
     from roi_ops.cli import SUBCOMMANDS, build_parser
 
-    assert SUBCOMMANDS[:2] == ["roi_ops.roictrl_adapter.generate", "roi_ops.roictrl_adapter.convert"]
-    assert "roi_ops.training.prepare" in SUBCOMMANDS
+    assert SUBCOMMANDS == ["roi_ops.roictrl_adapter.generate", "roi_ops.roictrl_adapter.convert",
+                           "roi_ops.training.prepare", "roi_ops.training.train"]
     assert build_parser().parse_args(["generate", "--model", "m", "--adapter", "a", "--layout", "l", "--out", "o"]).func
     assert build_parser().parse_args(["convert-official", "in.safetensors", "out"]).func
     coco = ["prepare", "coco", "--instances", "i.json", "--captions", "c.json", "--images", "d", "--out", "o"]
     assert build_parser().parse_args(coco).func
+    assert build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output-dir", "o"]).func
 
 
 def test_docs_pipeline_md_as_written(files, tmp_path, monkeypatch):
