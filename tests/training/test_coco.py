@@ -219,5 +219,6 @@ def test_docs_show_this_output(tmp_path, capsys):
     printed = capsys.readouterr().out.strip()
     doc = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
     assert printed.replace(str(out), "out") in doc
-    block = re.search(r"```json\n(.*?)```", doc, re.S).group(1)
+    section = doc.split("## From COCO", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```json\n(.*?)```", section, re.S).group(1)
     assert [json.loads(line) for line in block.splitlines()] == read_lines(out) == EXPECTED

@@ -1,13 +1,12 @@
 """The data folder of ``roi-ops train``: every line and image checked before training, the first problem named
 as ``metadata.jsonl:<line>: ...``; boxes follow the resize and centre crop exactly."""
 
-import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_lines
+from training_helpers import write_lines
 from PIL import Image
 
 from roi_ops.training.data import DatasetError, FolderData, crop_geometry, load_image, read_dataset, transform_box

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import TOY_MODEL, write_lines
+from training_helpers import TOY_MODEL, write_lines
 from safetensors.torch import load_file
 
 from roi_ops.roictrl_adapter import load_adapter
