@@ -20,6 +20,13 @@ SUBCOMMANDS = [
 ]
 
 
+def fail(command: str, message: object) -> int:
+    """The subcommands' error contract: ``roi-ops COMMAND: error: MESSAGE`` as one line on stderr (runs of
+    whitespace, newlines included, collapse to one space), and exit status 2 returned."""
+    print(f"roi-ops {command}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="roi-ops", description="roi-ops command line: ROICtrl instance-controlled generation and tools."

@@ -8,11 +8,14 @@ line ``roi-ops convert-official: error: ...`` and exit with status 2, before any
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from typing import Any
 
 import torch
 from torch import nn
+
+from roi_ops.cli import fail
 
 from .adapter import CONFIG_NAME, WEIGHTS_NAME, ROICtrlAdapter
 from .official import is_official_checkpoint, read_official_keys
@@ -49,11 +52,7 @@ def _unet_from_folder(folder: str) -> nn.Module:
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _convert_fail(message: str) -> int:
-    import sys
-
-    print(f"roi-ops convert-official: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
+_convert_fail = functools.partial(fail, "convert-official")
 
 
 def _same_file(a: str, b: str) -> bool:

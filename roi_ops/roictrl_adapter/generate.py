@@ -7,12 +7,15 @@ The layout JSON format is documented in docs/pipeline.md and in ``roi-ops genera
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
+
+from roi_ops.cli import fail
 
 LAYOUT_HELP = """\
 layout JSON: {"prompt": "a living room", "negative_prompt": "blurry" (optional),
@@ -68,9 +71,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _fail(message: str) -> int:
-    print(f"roi-ops generate: error: {message}", file=sys.stderr)
-    return 2
+_fail = functools.partial(fail, "generate")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -10,7 +10,10 @@ docs/training.md, "From COCO", and in ``roi-ops prepare coco --help``.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+
+from roi_ops.cli import fail
 
 COCO_HELP = """\
 Output: OUT/metadata.jsonl, one line per image,
@@ -55,9 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _fail(message: str) -> int:
-    print(f"roi-ops prepare: error: {message}", file=sys.stderr)
-    return 2
+_fail = functools.partial(fail, "prepare")
 
 
 def run_coco(args: argparse.Namespace) -> int:

@@ -8,11 +8,14 @@ the first step and reported as one line with exit status 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
 from typing import Any
+
+from roi_ops.cli import fail
 
 from .data import DatasetError
 
@@ -79,9 +82,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _fail(message: str) -> int:
-    print(f"roi-ops train: error: {message}", file=sys.stderr)
-    return 2
+_fail = functools.partial(fail, "train")
 
 
 def _check_numbers(args) -> None:
