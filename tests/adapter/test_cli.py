@@ -31,14 +31,7 @@ LAYOUT = {
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """``sd15/`` (a tiny diffusers SD folder) and ``roictrl-adapter/`` (a saved adapter for it)."""
-    from diffusers import StableDiffusionPipeline
-
-    root = tmp_path_factory.mktemp("cli")
-    tp.save_sd_model(root / "sd15")
-    pipe = StableDiffusionPipeline.from_pretrained(root / "sd15", local_files_only=True)
-    tp.make_pipeline_adapter(pipe).save_pretrained(root / "roictrl-adapter")
-    (root / "layout.json").write_text(json.dumps(LAYOUT))
-    return root
+    return tp.save_cli_files(tmp_path_factory.mktemp("cli"), LAYOUT)
 
 
 def args(root, out, *extra):

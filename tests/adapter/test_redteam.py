@@ -44,14 +44,7 @@ def sd(tmp_path_factory):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """``sd15/`` (a tiny diffusers SD folder), ``adapter/`` (its adapter) and ``layout.json``."""
-    from diffusers import StableDiffusionPipeline
-
-    root = tmp_path_factory.mktemp("cli")
-    tp.save_sd_model(root / "sd15")
-    pipe = StableDiffusionPipeline.from_pretrained(root / "sd15", local_files_only=True)
-    tp.make_pipeline_adapter(pipe).save_pretrained(root / "adapter")
-    (root / "layout.json").write_text(json.dumps(LAYOUT))
-    return root
+    return tp.save_cli_files(tmp_path_factory.mktemp("cli"), LAYOUT, adapter_dir="adapter")
 
 
 def generate(root, out, *extra, layout=None, model=None):

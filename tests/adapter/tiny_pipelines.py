@@ -227,3 +227,16 @@ def save_sd_model(directory) -> str:
     pipe = make_sd_pipeline(os.path.join(os.fspath(directory), ".build"))
     pipe.save_pretrained(directory, safe_serialization=True)
     return os.fspath(directory)
+
+
+def save_cli_files(root, layout: dict, adapter_dir: str = "roictrl-adapter"):
+    """What ``roi-ops generate`` reads, under ``root``: ``sd15/`` (a tiny SD folder), ``<adapter_dir>/`` (a saved
+    adapter for it) and ``layout.json`` (``layout``). Returns ``root``."""
+    from diffusers import StableDiffusionPipeline
+
+    save_sd_model(os.path.join(root, "sd15"))
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(root, "sd15"), local_files_only=True)
+    make_pipeline_adapter(pipe).save_pretrained(os.path.join(root, adapter_dir))
+    with open(os.path.join(root, "layout.json"), "w") as f:
+        json.dump(layout, f)
+    return root
