@@ -179,8 +179,8 @@ def build_app(engine: Engine, title: str = "roi-ops ui") -> gr.Blocks:
             api_image = gr.Image(label="image", type="pil", format="png")
             api_button = gr.Button("generate")
 
-        def on_api(p, lay, s, st, progress=gr.Progress()):
-            return generate_api(engine, p, lay, s, st, progress)
+        def on_api(prompt, layout, seed, steps, progress=gr.Progress()):  # the API's parameter names
+            return generate_api(engine, prompt, layout, seed, steps, progress)
 
         api_button.click(on_api, [api_prompt, api_layout, api_seed, api_steps], api_image, api_name="generate",
                          api_description="prompt (overrides the layout's when not empty), layout (the JSON text "

@@ -111,8 +111,7 @@ def blend_map_images(result: Result) -> list[tuple[Any, str]]:
     factor = display_factor(result.image.height, result.image.width)
     shown = [(m, BOX_COLORS[k % len(BOX_COLORS)], f"{k}: {inst.caption}")
              for k, (m, inst) in enumerate(zip(maps, result.request.instances))]
-    shown.append(((1 - maps.sum(0)).clamp(0, 1) if len(maps) else torch.ones(result.image.height, result.image.width),
-                  (255, 255, 255), "global (1 - sum)"))
+    shown.append(((1 - maps.sum(0)).clamp(0, 1), (255, 255, 255), "global (1 - sum)"))
     out = []
     for weight, color, label in shown:
         rgb = (weight[..., None] * torch.tensor(color, dtype=torch.float32)).round().to(torch.uint8)
