@@ -102,8 +102,16 @@ def layout_from_canvas(prompt: Any, negative_prompt: Any, canvas: Any, require_p
 
 
 def layout_json(layout: Mapping[str, Any]) -> str:
-    """The text of a layout file: indented JSON, UTF-8 characters kept as they are."""
-    return json.dumps(layout, indent=2, ensure_ascii=False) + "\n"
+    """The text of a layout file: one key per line and one instance per line, UTF-8 characters kept as they
+    are."""
+    def dumps(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+    lines = [f"  {dumps(key)}: {dumps(value)}" for key, value in layout.items() if key != "instances"]
+    if "instances" in layout:
+        rows = ",\n".join(f"    {dumps(dict(instance))}" for instance in layout["instances"])
+        lines.append(f'  "instances": [\n{rows}\n  ]' if rows else '  "instances": []')
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def import_layout(content: bytes | str, height: int, width: int) -> tuple[str, str, dict[str, Any]]:

@@ -62,6 +62,15 @@ def test_import_reads_every_box_format_into_normalised_xyxy():
     assert (canvas["width"], canvas["height"]) == (40, 48)
 
 
+def test_layout_json_is_one_instance_a_line():
+    layout = layouts.layout_from_canvas("a \"scene\" ☃", "", CANVAS)
+    text = layouts.layout_json(layout)
+    assert json.loads(text) == layout
+    assert text.splitlines()[1:3] == ['  "prompt": "a \\"scene\\" ☃",', '  "width": 32,']
+    assert '    {"box": [0.08, 0.1, 0.45, 0.45], "caption": "a red square"},' in text.splitlines()
+    assert json.loads(layouts.layout_json({"instances": []})) == {"instances": []}
+
+
 def test_export_then_import_round_trips():
     text = layouts.layout_json(layouts.layout_from_canvas("a scene", "blurry", CANVAS))
     prompt, negative, canvas = layouts.import_layout(text.encode("utf-8"), 512, 512)
