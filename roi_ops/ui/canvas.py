@@ -8,8 +8,9 @@ side reads; a value sent by Python (a layout import) redraws the canvas (``watch
 aspect ratio and is shown at least :data:`~roi_ops.ui.engine.DISPLAY_SIDE` pixels wide, with a faint grid of the
 image's pixels when it has at most 64 a side, so a 32 x 32 toy image is drawn for as a usable canvas.
 
-Mask hook (the mask issue): a per-box brush or mask upload goes in the list row of a box (``row`` in ``render``),
-keeping the mask in the instance object, which :mod:`roi_ops.ui.layouts` then checks and exports.
+Mask hook (the mask issue): a per-box brush or mask upload goes in the list row of a box (``row`` in
+``renderList``), keeping the mask in the instance object (``read`` keeps an instance's other keys), which
+:mod:`roi_ops.ui.layouts` then checks and exports.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ function read(v) {
   return {
     width: side(ok ? v.width : 0), height: side(ok ? v.height : 0),
     instances: items.map((it) => ({
+      ...(it && typeof it === 'object' ? it : {}),  // other keys (the mask issue's mask) go through unchanged
       box: Array.isArray(it && it.box) && it.box.length === 4 ? it.box.map(Number) : [0, 0, 0, 0],
       caption: it && typeof it.caption === 'string' ? it.caption : '',
     })),

@@ -6,9 +6,10 @@ boxes normalised xyxy, W x H the size of the image the boxes are drawn for. It c
 checked here like any layout (:func:`~roi_ops.roictrl_adapter.pipeline.validate_layout`, the one validator of
 layouts) before anything runs.
 
-Masks (the mask issue, not on this branch yet): an instance's mask will be one more key of an instance here
-(:data:`INSTANCE_KEYS`), which the canvas carries through and the layout JSON writes as ``roi-ops generate``
-reads it; the brush or upload that makes it belongs to the canvas (``canvas.py``).
+Masks (the mask issue, not on this branch yet): a mask becomes one more key of an instance, checked by
+``validate_layout`` like the others; :func:`instance_json` is the one place a checked instance becomes the JSON
+of the canvas and of an exported layout, so it is where the mask is written back; the JavaScript ``read`` of
+``canvas.py`` keeps an instance's keys, and the brush or upload that makes a mask goes in its list row there.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ from roi_ops.roictrl_adapter.pipeline import (
     validate_layout,
 )
 
-#: The keys of one instance of the canvas (the mask issue adds its mask key here).
-INSTANCE_KEYS = ("box", "caption")
 #: Digits a normalised box coordinate keeps in the canvas and the exported JSON (1e-4 of the side: far below a
 #: pixel of any image up to 8192 px, so a drawn box keeps its pixels).
 BOX_DIGITS = 4
@@ -62,8 +61,10 @@ class Request:
     scale: float
 
 
-def _round_box(box) -> list[float]:
-    return [round(float(v), BOX_DIGITS) for v in box]
+def instance_json(instance: Instance) -> dict[str, Any]:
+    """A checked instance (normalised xyxy box) as the canvas and the layout file hold it: box rounded to
+    :data:`BOX_DIGITS` digits. (The mask issue's mask is written here too.)"""
+    return {"box": [round(float(v), BOX_DIGITS) for v in instance.box], "caption": instance.caption}
 
 
 def canvas_value(layout: Mapping[str, Any], height: int, width: int) -> dict[str, Any]:
@@ -74,7 +75,7 @@ def canvas_value(layout: Mapping[str, Any], height: int, width: int) -> dict[str
     instances = normalize_instances(layout["instances"], 1, width=width, height=height,
                                     box_format=layout["box_format"], box_units=layout["box_units"])[0]
     return {"width": width, "height": height,
-            "instances": [{"box": _round_box(inst.box), "caption": inst.caption} for inst in instances]}
+            "instances": [instance_json(inst) for inst in instances]}
 
 
 def layout_from_canvas(prompt: Any, negative_prompt: Any, canvas: Any, require_prompt: bool = True) -> dict[str, Any]:
@@ -97,7 +98,7 @@ def layout_from_canvas(prompt: Any, negative_prompt: Any, canvas: Any, require_p
         if checked[key] is None:
             raise ValueError(f"the canvas must give the image's {key} in pixels, got None")
     normalize_instances(checked["instances"], 1, width=checked["width"], height=checked["height"])
-    layout["instances"] = [{"box": _round_box(i.box), "caption": i.caption} for i in checked["instances"]]
+    layout["instances"] = [instance_json(i) for i in checked["instances"]]
     return layout
 
 
