@@ -17,6 +17,7 @@ from typing import Any
 import gradio as gr
 
 from roi_ops.roictrl_adapter.generate import MAX_LAYOUT_BYTES, parse_layout
+from roi_ops.roictrl_adapter.pipeline import validate_layout
 
 from . import layouts
 from .canvas import box_canvas
@@ -48,7 +49,7 @@ def _run(engine: Engine, request: layouts.Request, progress: Any) -> Result:
             progress((done, total), desc="denoising", unit="steps")
 
     if progress is not None:
-        progress(0, desc="waiting for the model")
+        progress(0, desc="starting")
     try:
         return engine.generate(request, on_step)
     except (ValueError, TypeError) as e:  # the pipeline's own checks
@@ -64,7 +65,7 @@ def generate_page(engine: Engine, prompt: Any, negative_prompt: Any, canvas: Any
     try:
         layout = layouts.layout_from_canvas(prompt, negative_prompt, canvas)
         request = layouts.make_request(
-            parse_layout(layouts.layout_json(layout), "layout"), seed=seed, steps=steps, guidance_scale=guidance,
+            validate_layout(layout), seed=seed, steps=steps, guidance_scale=guidance,
             beta=beta, scale=scale, height=engine.height, width=engine.width, vae_factor=engine.vae_factor,
             max_seed=layouts.MAX_UI_SEED,
         )
