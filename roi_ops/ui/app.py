@@ -9,8 +9,10 @@ the uploaded file's bytes.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -119,6 +121,7 @@ def import_layout(engine: Engine, content: Any):
 def build_app(engine: Engine, title: str = "roi-ops ui") -> gr.Blocks:
     """The page for ``engine``'s model (loaded once, by the caller; every event shares it, one at a time)."""
     export_folder = tempfile.mkdtemp(prefix="roi-ops-ui-")
+    atexit.register(shutil.rmtree, export_folder, ignore_errors=True)  # the exported layout files
     empty = {"width": engine.width, "height": engine.height, "instances": []}
     run_model = dict(concurrency_limit=1, concurrency_id=MODEL_QUEUE)
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as app:
