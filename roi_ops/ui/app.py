@@ -162,7 +162,7 @@ def build_app(engine: Engine, title: str = "roi-ops ui") -> gr.Blocks:
                     overlay = gr.Image(label="Boxes", type="pil", format="png", interactive=False,
                                        height=DISPLAY_SIDE, elem_id="roi-overlay")
                 maps = gr.Gallery(label="Blend maps (each instance's weight; last: the global output's share)",
-                                  format="png", columns=4, height="auto", object_fit="contain",
+                                  format="png", columns=4, height=300, object_fit="contain",
                                   elem_id="roi-blend-maps")
 
         def on_generate(p, n, c, s, st, g, b, sc, progress=gr.Progress()):
