@@ -107,7 +107,7 @@ def parse_layout(raw: bytes | str, name: str = "layout") -> dict[str, Any]:
     UTF-8 JSON without duplicate keys, checked by ``validate_layout``; messages start with ``name``."""
     from .pipeline import validate_layout
 
-    if len(raw) > MAX_LAYOUT_BYTES:  # characters of a str: at most its UTF-8 bytes
+    if len(raw) > MAX_LAYOUT_BYTES:  # a str counts characters (its UTF-8 form is at least as long)
         raise ValueError(f"{name} is larger than {MAX_LAYOUT_BYTES // 2**20} MiB; a layout is a small JSON file")
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
