@@ -3,7 +3,7 @@
 #   make ui-test UI_SCREENSHOT=docs/img/ui.png  refresh the screenshot docs/ui.md shows
 # Installs what it needs: Debian's chromium (apt-get, as root) when /usr/bin/chromium is missing, and Playwright
 # (pip) into .venv, driving that Chromium (Playwright's own browser download is not used). Not in .ci/run: the
-# Chromium install alone takes about 1.5 minutes on a fresh machine (see docs/ui.md).
+# Chromium install alone took under 2 minutes here (see docs/ui.md).
 UI_SCREENSHOT ?= build/ui-test/ui.png
 CHROMIUM ?= /usr/bin/chromium
 
