@@ -6,6 +6,7 @@
 #   make test-random - the hypothesis tests on random cases, seed printed (mk/hypothesis.mk)
 #   make sanitize - the CPU kernels under AddressSanitizer + UBSan, hypothesis tests
 #   make cmake-test - the LibTorch (C++ only) build and its ctest smoke test
+#   make ui-test - roi-ops ui in headless Chromium (mk/ui.mk; not in CI)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +14,8 @@ PY := $(VENV)/bin/python
 # The exact pin matters: it is the local CPU wheel; anything else pulls CUDA wheels.
 TORCH_PIN := torch==2.13.0
 DEPS := numpy pytest hypothesis pytest-benchmark expecttest pillow matplotlib \
-        "diffusers>=0.30" transformers safetensors accelerate tqdm ninja "setuptools>=77" wheel
+        "diffusers>=0.30" transformers safetensors accelerate tqdm ninja "setuptools>=77" wheel \
+        "gradio>=6.31" gradio_client
 STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.roi-ops-built
 SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh) setup.py

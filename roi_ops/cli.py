@@ -17,6 +17,7 @@ SUBCOMMANDS = [
     "roi_ops.roictrl_adapter.convert",
     "roi_ops.training.prepare",
     "roi_ops.training.train",
+    "roi_ops.ui.command",
 ]
 
 

@@ -87,8 +87,6 @@ def read_layout(path: str | os.PathLike) -> dict[str, Any]:
     validator of layouts) on what the file holds, which must be UTF-8 JSON without duplicate keys. Returns the
     checked layout with its defaults filled in (``instances`` as ``Instance`` objects). Raises ``ValueError`` whose
     message names the file and the key."""
-    from .pipeline import validate_layout
-
     name = f"--layout {os.fspath(path)!r}"
     try:
         with open(path, "rb") as f:
@@ -101,8 +99,18 @@ def read_layout(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{name}: cannot read it ({e.strerror or e})") from None
     if len(raw) > MAX_LAYOUT_BYTES:
         raise ValueError(f"{name} is larger than {MAX_LAYOUT_BYTES // 2**20} MiB; a layout is a small JSON file")
+    return parse_layout(raw, name)
+
+
+def parse_layout(raw: bytes | str, name: str = "layout") -> dict[str, Any]:
+    """:func:`read_layout` on a file's content (``roi-ops ui`` reads uploaded layouts and API calls with it):
+    UTF-8 JSON without duplicate keys, checked by ``validate_layout``; messages start with ``name``."""
+    from .pipeline import validate_layout
+
+    if len(raw) > MAX_LAYOUT_BYTES:  # a str counts characters (its UTF-8 form is at least as long)
+        raise ValueError(f"{name} is larger than {MAX_LAYOUT_BYTES // 2**20} MiB; a layout is a small JSON file")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     except UnicodeDecodeError as e:
         raise ValueError(f"{name} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); save it as "
                          "UTF-8 JSON") from None
@@ -141,12 +149,16 @@ def load_pipeline(model: str, controlnet: str | None, device: str, dtype):
     return pipe.to(device)
 
 
+#: The colour of instance ``k``'s box is ``BOX_COLORS[k % len(BOX_COLORS)]`` (here and in ``roi-ops ui``'s canvas).
+BOX_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+              (70, 240, 240), (240, 50, 230), (210, 245, 60), (255, 225, 25), (0, 128, 128)]
+
+
 def draw_boxes(image, instances: list, colors=None):
     """A copy of ``image`` (PIL) with each instance's box (normalised xyxy) and caption drawn on it."""
     from PIL import ImageDraw, ImageFont
 
-    palette = colors or [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-                         (70, 240, 240), (240, 50, 230), (210, 245, 60), (255, 225, 25), (0, 128, 128)]
+    palette = colors or BOX_COLORS
     out = image.convert("RGB").copy()
     draw = ImageDraw.Draw(out)
     W, H = out.size

@@ -144,12 +144,13 @@ def test_cli_structure():
     from roi_ops.cli import SUBCOMMANDS, build_parser
 
     assert SUBCOMMANDS == ["roi_ops.roictrl_adapter.generate", "roi_ops.roictrl_adapter.convert",
-                           "roi_ops.training.prepare", "roi_ops.training.train"]
+                           "roi_ops.training.prepare", "roi_ops.training.train", "roi_ops.ui.command"]
     assert build_parser().parse_args(["generate", "--model", "m", "--adapter", "a", "--layout", "l", "--out", "o"]).func
     assert build_parser().parse_args(["convert-official", "in.safetensors", "out"]).func
     coco = ["prepare", "coco", "--instances", "i.json", "--captions", "c.json", "--images", "d", "--out", "o"]
     assert build_parser().parse_args(coco).func
     assert build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output-dir", "o"]).func
+    assert build_parser().parse_args(["ui", "--model", "m", "--adapter", "a"]).func
 
 
 def test_docs_pipeline_md_as_written(files, tmp_path, monkeypatch):
