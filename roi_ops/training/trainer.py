@@ -348,8 +348,9 @@ def train_adapter(
                     text, pooled = encoder(batch.prompts)
                     flat = [batch.captions[i][k] for i in range(B) for k in range(N)]
                     states, _ = encoder(flat)
+                    regions = None if batch.regions is None else batch.regions.to(device)
                     instances = ROICtrlInstances(batch.boxes.to(device), states.view(B, N, *states.shape[1:]),
-                                                 batch.masks.to(device))
+                                                 batch.masks.to(device), regions=regions)
                     added = None
                     if sdxl:
                         added = {"text_embeds": pooled, "time_ids": batch.time_ids.to(device, pooled.dtype)}
