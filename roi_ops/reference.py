@@ -780,11 +780,14 @@ def _blend_pasted_weighted(
         u = cov[sel] * e
         e_base = (bl - m).exp()
         z = e_base + u.sum(0)
-        any_take = take[sel].any(0)
-        w0 = torch.where(any_take, e_base / z, torch.ones((), dtype=acc, device=base.device))
-        wk = torch.where(any_take, u / z, torch.zeros((), dtype=acc, device=base.device))
+        # where no box takes part m is the base logit, z = 1, w0 = 1 and wk = 0 exactly (no torch.where: the
+        # coverage's gradient there, exp(l_k - m) (v_k - base), must flow)
+        w0 = e_base / z
+        wk = u / z
         blended = w0 * base[b].to(acc) + (wk[:, None] * values[sel]).sum(0)
-        outs.append(torch.where(any_take, blended, base[b].to(acc)))
+        # ... and out is bitwise base there (the value of base, the gradient of blended)
+        own = base[b].detach().to(acc) + (blended - blended.detach())
+        outs.append(torch.where(take[sel].any(0), blended, own))
         weights.append(w0)
     if B == 0:
         out = _empty_result(base, (0, C, H, W), acc)
