@@ -203,11 +203,13 @@ def batch(layouts: list[Layout], resolution: int = 32, max_instances: int = 6):
     return images, boxes, masks, captions, [l.caption for l in layouts]
 
 
-def with_masks(layout: Layout, mask_rate: float, free_form_rate: float) -> tuple[Layout, tuple[bool, ...]]:
+def with_masks(layout: Layout, mask_rate: float, free_form_rate: float, forms: tuple[str, ...] = FREE_FORMS,
+               word: str | None = None) -> tuple[Layout, tuple[bool, ...]]:
     """Mask training: ``(layout', given)`` where ``given[k]`` says instance k comes with its mask. With probability
-    ``mask_rate`` a layout gives every instance's mask; each masked instance is then drawn as a free form (an L or
-    a ring, captioned with a random shape word, so only the mask says its shape) with probability
-    ``free_form_rate``. A pure function of the layout's seed that leaves :func:`sample_layout`'s stream alone."""
+    ``mask_rate`` a layout gives every instance's mask; each masked instance is then drawn as a free form (one of
+    ``forms``, captioned with the shape word ``word``, or a random one when ``None``, so only the mask says its
+    shape) with probability ``free_form_rate``. A pure function of the layout's seed that leaves
+    :func:`sample_layout`'s stream alone."""
     rng = np.random.default_rng([layout.seed, 20])
     n = len(layout.instances)
     if rng.random() >= mask_rate:
@@ -215,8 +217,9 @@ def with_masks(layout: Layout, mask_rate: float, free_form_rate: float) -> tuple
     insts = []
     for inst in layout.instances:
         if rng.random() < free_form_rate:
-            form = FREE_FORMS[int(rng.integers(len(FREE_FORMS)))]
-            inst = Instance(inst.box, inst.color, SHAPES[int(rng.integers(len(SHAPES)))], form)
+            form = forms[int(rng.integers(len(forms)))]
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            inst = Instance(inst.box, inst.color, word or shape, form)
         insts.append(inst)
     return Layout(tuple(insts), layout.seed), (True,) * n
 
