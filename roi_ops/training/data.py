@@ -140,6 +140,13 @@ def _check_line(obj, n: int, root: str) -> Record:
     instances = obj.get("instances", [])
     if not isinstance(instances, list):
         raise ValueError(f"instances must be a list, got {type(instances).__name__}")
+    for i, inst in enumerate(instances):
+        if isinstance(inst, dict) and "mask" in inst:
+            # the pipeline reads instance masks; the folder data does not carry them through its crop yet
+            raise ValueError(
+                f"instances[{i}].mask: masks in dataset lines are not supported by the trainer yet (only in "
+                "ROICtrlPipeline, roi-ops generate layouts and the toy benchmark's in-memory data); drop the key"
+            )
     path = os.path.join(root, name)
     if not os.path.isfile(path):
         raise ValueError(f"image {name!r}: no such file in {root}")
