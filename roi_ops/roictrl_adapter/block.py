@@ -316,8 +316,11 @@ class ROICtrlBlock(nn.Module):
             g = global_out.index_select(0, sel)
             new_rows = g + instances.scale * (new_rows - g)
         out = global_out.index_copy(0, sel, new_rows)
-        covered = self.paste_rule.coverage(rois, B, size, grid=self.grid, coverage=instances.layer_coverage(
-            rois, size, global_out.dtype))
+        region = instances.layer_coverage(rois, size, global_out.dtype)
+        if region is None:  # boxes only: as before regions existed
+            covered = self.paste_rule.coverage(rois, B, size, grid=self.grid)
+        else:
+            covered = self.paste_rule.coverage(rois, B, size, grid=self.grid, coverage=region)
         stats = {"base_weight": base_weight, "covered": covered}
         if record:
             stats.update(record, rois=rois)

@@ -101,8 +101,8 @@ def _as_instance(item: object, where: str, sep: str = " ", base_dir: Any = None,
         missing = [k for k in ("box", "caption") if k not in item and not (k == "box" and has_mask)]
         if unknown or missing:
             raise ValueError(
-                f"{where} must have the keys 'box' and 'caption' (and optionally 'mask'; 'box' may be left out "
-                f"when a mask is given); missing {missing}, unknown {unknown}"
+                f"{where} must have the keys 'box' and 'caption'; missing {missing}, unknown {unknown} (and "
+                "optionally 'mask'; 'box' may be left out when a mask is given)"
             )
         box, caption, mask = item.get("box"), item["caption"], item.get("mask")
     else:

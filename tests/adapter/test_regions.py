@@ -130,7 +130,7 @@ def test_layout_json_mask_forms(tmp_path):
         layout["instances"][0]["mask"] = "gone.png"
         path.write_text(json.dumps(layout))
         read_layout(path)
-    with pytest.raises(ValueError, match=r"instances\[0\] must have the keys .* missing \['box'\]"):
+    with pytest.raises(ValueError, match=r"instances\[0\] must have the keys .*; missing \['box'\]"):
         validate_layout({"prompt": "x", "instances": [{"caption": "a cat"}]})
 
 
