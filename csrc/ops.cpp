@@ -27,18 +27,19 @@ TORCH_LIBRARY(roi_ops, m) {
   // blend"): returns (out [B,C,H,W], base_weight [B,H,W]).
   m.def(
       "roi_unpool_blend(Tensor base, Tensor base_logit, Tensor input, "
-      "Tensor input_logit, Tensor rois, float spatial_scale, bool aligned) "
-      "-> (Tensor, Tensor)");
-  // Gradients for (base, base_logit, input, input_logit), recomputed from
-  // the forward's inputs (the outputs are not saved: out would keep a
-  // [B,C,H,W] map alive, and <grad, out> is more accurate in the
+      "Tensor input_logit, Tensor rois, float spatial_scale, bool aligned, "
+      "Tensor? coverage=None) -> (Tensor, Tensor)");
+  // Gradients for (base, base_logit, input, input_logit, coverage),
+  // recomputed from the forward's inputs (the outputs are not saved: out
+  // would keep a [B,C,H,W] map alive, and <grad, out> is more accurate in the
   // accumulation type for half types); nothing of size K*C*H*W is allocated.
-  // grad_base_weight may be None (base_weight unused).
+  // grad_base_weight may be None (base_weight unused); without coverage its
+  // gradient is an empty Tensor[0].
   m.def(
       "_roi_unpool_blend_backward(Tensor grad_out, Tensor? grad_base_weight, "
       "Tensor base, Tensor base_logit, Tensor input, Tensor input_logit, "
-      "Tensor rois, float spatial_scale, bool aligned) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor rois, float spatial_scale, bool aligned, Tensor? coverage=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifdef ROI_OPS_PYTHON_MODULE

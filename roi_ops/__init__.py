@@ -10,13 +10,14 @@ instance-control adapter built on them.
 from . import reference
 from ._version import __version__
 from ._ops import native_available, native_import_error
-from .functional import roi_align, roi_unpool, roi_unpool_blend
+from .functional import footprint_crops, roi_align, roi_unpool, roi_unpool_blend
 from .modules import RoIAlign, RoIUnpool
 
 __all__ = [
     "roi_align",
     "roi_unpool",
     "roi_unpool_blend",
+    "footprint_crops",
     "RoIAlign",
     "RoIUnpool",
     "native_available",

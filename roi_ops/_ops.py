@@ -125,6 +125,14 @@ def kernel_device_types(op: str) -> frozenset:
 NATIVE_DEVICE_TYPES = kernel_device_types("roi_align")
 
 
+def op_has_argument(op: str, name: str) -> bool:
+    """Whether the loaded build's schema of ``roi_ops::<op>`` has an argument ``name`` (False without ``_C``)."""
+    if _IMPORT_ERROR is not None:
+        return False
+    schema = getattr(torch.ops.roi_ops, op).default._schema
+    return any(a.name == name for a in schema.arguments)
+
+
 def native_available(device_type: str = "cpu") -> bool:
     """True when the C++/CUDA kernels are loaded for ``device_type``."""
     return device_type in NATIVE_DEVICE_TYPES
@@ -211,21 +219,33 @@ if _IMPORT_ERROR is None:
         _check_rois(rois)
         return _empty_like_format(grad, (grad.shape[0], grad.shape[1], pooled_height, pooled_width))
 
+    def _check_coverage(base, coverage, rois):
+        if coverage is None:
+            return
+        torch._check(
+            coverage.dim() == 3 and coverage.shape[0] == rois.shape[0],
+            lambda: f"coverage must be Tensor[{rois.shape[0]}, FH, FW], got Tensor{list(coverage.shape)}",
+        )
+
     @torch.library.register_fake("roi_ops::roi_unpool_blend")
-    def _roi_unpool_blend_fake(base, base_logit, input, input_logit, rois, spatial_scale, aligned):
+    def _roi_unpool_blend_fake(base, base_logit, input, input_logit, rois, spatial_scale, aligned,
+                               coverage=None):
         _check_blend_operands(base, base_logit, input, input_logit, rois)
+        _check_coverage(base, coverage, rois)
         B, C, H, W = base.shape
         return _empty_like_format(base, (B, C, H, W)), base_logit.new_empty((B, H, W))
 
     @torch.library.register_fake("roi_ops::_roi_unpool_blend_backward")
     def _roi_unpool_blend_backward_fake(grad_out, grad_base_weight, base, base_logit, input,
-                                        input_logit, rois, spatial_scale, aligned):
+                                        input_logit, rois, spatial_scale, aligned, coverage=None):
         _check_blend_operands(base, base_logit, input, input_logit, rois)
+        _check_coverage(base, coverage, rois)
         return (
             _empty_like_format(base, base.shape),
             base_logit.new_empty(base_logit.shape),
             _empty_like_format(input, input.shape),
             input_logit.new_empty(input_logit.shape),
+            base.new_empty((0,)) if coverage is None else coverage.new_empty(coverage.shape),
         )
 
     # ------------------------------------------------ autograd
@@ -260,22 +280,31 @@ if _IMPORT_ERROR is None:
         return grad_input, None, None, None, None, None
 
     def _roi_unpool_blend_setup(ctx, inputs, output):
-        base, base_logit, input, input_logit, rois, spatial_scale, aligned = inputs
+        base, base_logit, input, input_logit, rois, spatial_scale, aligned = inputs[:7]
+        coverage = inputs[7] if len(inputs) > 7 else None
         # only the inputs: the backward recomputes the softmax and the pasted
         # values per pixel instead of keeping anything at full resolution per ROI
-        ctx.save_for_backward(base, base_logit, input, input_logit, rois)
+        ctx.save_for_backward(base, base_logit, input, input_logit, rois, coverage)
         ctx.args = (spatial_scale, aligned)
+        ctx.num_inputs = len(inputs)
 
     def _roi_unpool_blend_backward(ctx, grad_out, grad_base_weight):
-        base, base_logit, input, input_logit, rois = ctx.saved_tensors
+        base, base_logit, input, input_logit, rois, coverage = ctx.saved_tensors
         spatial_scale, aligned = ctx.args
         if grad_out is None:  # only base_weight was used
             grad_out = torch.zeros_like(base)
-        grads = ops._roi_unpool_blend_backward(
-            grad_out, grad_base_weight, base, base_logit, input, input_logit, rois,
-            spatial_scale, aligned,
-        )
-        return (*grads, None, None, None)
+        if coverage is None:  # the op's call before coverage existed
+            grads = ops._roi_unpool_blend_backward(
+                grad_out, grad_base_weight, base, base_logit, input, input_logit, rois,
+                spatial_scale, aligned,
+            )
+        else:
+            grads = ops._roi_unpool_blend_backward(
+                grad_out, grad_base_weight, base, base_logit, input, input_logit, rois,
+                spatial_scale, aligned, coverage,
+            )
+        grad_coverage = grads[4] if coverage is not None else None
+        return (*grads[:4], None, None, None, grad_coverage)[: ctx.num_inputs]
 
     torch.library.register_autograd(
         "roi_ops::roi_align", _roi_align_backward, setup_context=_roi_align_setup

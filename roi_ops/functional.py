@@ -29,6 +29,8 @@ Size2 = Union[int, Tuple[int, int]]
 _warned_fallback = set()
 # Decided once, so tracing sees a constant (see _ops.kernel_device_types).
 _BLEND_DEVICE_TYPES = _ops.kernel_device_types("roi_unpool_blend")
+# An extension built before the blend took a soft coverage lacks the argument: coverage then runs the reference.
+_BLEND_TAKES_COVERAGE = _ops.op_has_argument("roi_unpool_blend", "coverage")
 _warned_no_blend_kernel = set()
 
 
@@ -185,6 +187,7 @@ def roi_unpool_blend(
     boxes: BoxesLike,
     spatial_scale: float = 1.0,
     aligned: bool = False,
+    coverage: Union[Tensor, None] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Pastes every ROI grid back and blends it with ``base`` by a per-pixel softmax (fused).
 
@@ -211,6 +214,16 @@ def roi_unpool_blend(
             which image a box blends into.
         spatial_scale: multiplies box coordinates to reach feature units.
         aligned: the half-pixel shift of :func:`roi_ops.roi_unpool`.
+        coverage: optional ``Tensor[K, FH, FW]``, each box's soft coverage
+            in ``[0, 1]`` (a mask-shaped instance) cropped to the pixels the
+            box covers: ``coverage[k, i, j]`` is that of pixel
+            ``(y0_k + i, x0_k + j)``, ``(y0_k, x0_k)`` the box's first covered
+            pixel (:func:`roi_ops.footprint_crops` makes it from dense
+            ``[K, H, W]`` maps). Box ``k``'s softmax term is multiplied by it:
+            ``w_k = c_k e^(l_k) / (e^(base_logit) + sum_j c_j e^(l_j))``, so
+            it takes part only where ``c_k > 0``; all ones is bitwise
+            ``None``. Same dtype and device as ``base``; differentiable.
+            ``None`` (default): the plain blend, bitwise unchanged.
 
     All four tensors share one floating dtype (float16, bfloat16, float32,
     float64) and device; the softmax and sums run in float32 (float64 for
@@ -257,12 +270,48 @@ def roi_unpool_blend(
             f"but boxes hold {rois.shape[0]} boxes"
         )
     check_scale_for(op, spatial_scale, base, rois)
-    if _use_blend_kernel(base.device):
-        out, base_weight = torch.ops.roi_ops.roi_unpool_blend(
-            base, base_logit, input, input_logit, rois, float(spatial_scale), aligned
+    if coverage is not None:
+        _check_coverage(op, base, coverage, K)
+    if _use_blend_kernel(base.device) and (coverage is None or _BLEND_TAKES_COVERAGE):
+        if coverage is None:  # the call of the op before coverage existed, bitwise
+            return torch.ops.roi_ops.roi_unpool_blend(
+                base, base_logit, input, input_logit, rois, float(spatial_scale), aligned
+            )
+        return torch.ops.roi_ops.roi_unpool_blend(
+            base, base_logit, input, input_logit, rois, float(spatial_scale), aligned, coverage
         )
-        return out, base_weight
     check_roi_values(op, rois, B)
     return reference.roi_unpool_blend(
-        base, base_logit, input, input_logit, rois, spatial_scale, aligned
+        base, base_logit, input, input_logit, rois, spatial_scale, aligned, coverage=coverage
     )
+
+
+def _check_coverage(op: str, base: Tensor, coverage: Tensor, K: int) -> None:
+    if not isinstance(coverage, Tensor):
+        raise TypeError(f"{op}: coverage must be a Tensor[K, FH, FW] or None, got {type(coverage).__name__}")
+    _same_dtype_and_device(op, base, "coverage", coverage)
+    if coverage.dim() != 3 or coverage.shape[0] != K:
+        raise ValueError(
+            f"{op}: coverage must be Tensor[K, FH, FW] with K = {K} (one per box), "
+            f"got Tensor{list(coverage.shape)}"
+        )
+
+
+def footprint_crops(coverage: Tensor, boxes: BoxesLike, spatial_scale: float = 1.0,
+                    aligned: bool = False) -> Tensor:
+    """Crops dense per-box maps ``Tensor[K, H, W]`` (e.g. mask coverage at a
+    feature map's resolution) to the pixels each box covers, the ``coverage``
+    form :func:`roi_unpool_blend` takes: ``Tensor[K, FH, FW]``, ``FH x FW``
+    the largest footprint, 0 past a box's own. Differentiable."""
+    op = "footprint_crops"
+    check_feature_tensor(op, "coverage", coverage, 3)
+    check_scalars(op, spatial_scale, aligned)
+    rois = convert_boxes(op, boxes, coverage.device)
+    if rois.shape[0] != coverage.shape[0]:
+        raise ValueError(
+            f"{op}: coverage must be Tensor[K, H, W] with one map per box (K = {rois.shape[0]}), "
+            f"got Tensor{list(coverage.shape)}"
+        )
+    check_scale_for(op, spatial_scale, coverage, rois)
+    coord = reference.coord_dtype_for(coverage, rois)
+    return reference.footprint_crops(coverage, rois, spatial_scale, aligned, coord)

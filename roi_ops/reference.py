@@ -40,6 +40,8 @@ __all__ = [
     "roi_unpool",
     "roi_unpool_blend",
     "roi_unpool_coverage",
+    "roi_unpool_footprint",
+    "footprint_crops",
     "roi_align_matrices",
     "roi_unpool_matrices",
     "coord_dtype_for",
@@ -500,6 +502,88 @@ def roi_unpool_coverage(
     return cov_y[:, :, None] & cov_x[:, None, :]
 
 
+def _first_and_count(covered: Tensor) -> Tuple[Tensor, Tensor]:
+    """First covered index and number of covered pixels of each row of a [K, size] coverage (contiguous runs)."""
+    count = covered.sum(1)
+    first = torch.where(count > 0, covered.to(torch.int8).argmax(1), torch.zeros_like(count))
+    return first, first + count
+
+
+def roi_unpool_footprint(
+    rois: Tensor,
+    output_size: Tuple[int, int],
+    spatial_scale: float = 1.0,
+    aligned: bool = False,
+    coord_dtype: torch.dtype = torch.float32,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y0, y1, x0, x1)``, each LongTensor[K]: ROI k covers the rows ``[y0, y1)`` and the columns ``[x0, x1)``
+    of an ``output_size`` map (ROI-Unpool's coverage rule; ``y0 == y1`` when it covers no row). This is the
+    footprint the soft ``coverage`` of :func:`roi_unpool_blend` is cropped to (``math::unpool_axis`` first/last).
+    """
+    H, W = output_size
+    x1, y1, rw, rh = _feature_frame(rois, spatial_scale, aligned, coord_dtype, "roi_unpool_footprint")
+    y0, y_end = _first_and_count(_unpool_axis(y1, rh, 1, H)[0])
+    x0, x_end = _first_and_count(_unpool_axis(x1, rw, 1, W)[0])
+    return y0, y_end, x0, x_end
+
+
+def footprint_crops(
+    coverage: Tensor,
+    rois: Tensor,
+    spatial_scale: float = 1.0,
+    aligned: bool = False,
+    coord_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Crop dense per-ROI maps ``Tensor[K, H, W]`` to each ROI's footprint: ``Tensor[K, FH, FW]`` with
+    ``crop[k, i, j] = coverage[k, y0_k + i, x0_k + j]`` (:func:`roi_unpool_footprint`), ``FH, FW`` the largest
+    footprint; cells past ROI k's own footprint are 0. Differentiable (a gather)."""
+    K, H, W = coverage.shape
+    y0, y1, x0, x1 = roi_unpool_footprint(rois, (H, W), spatial_scale, aligned, coord_dtype)
+    FH = int((y1 - y0).max()) if K else 0
+    FW = int((x1 - x0).max()) if K else 0
+    i = torch.arange(FH, device=coverage.device)
+    j = torch.arange(FW, device=coverage.device)
+    rows = (y0[:, None] + i).clamp(max=max(H - 1, 0))  # [K, FH]
+    cols = (x0[:, None] + j).clamp(max=max(W - 1, 0))  # [K, FW]
+    inside = ((i < (y1 - y0)[:, None])[:, :, None] & (j < (x1 - x0)[:, None])[:, None, :])
+    if K == 0 or H == 0 or W == 0:
+        return coverage.new_zeros(K, FH, FW)
+    crop = coverage.gather(1, rows[:, :, None].expand(K, FH, W)).gather(2, cols[:, None, :].expand(K, FH, FW))
+    return torch.where(inside, crop, torch.zeros((), dtype=coverage.dtype, device=coverage.device))
+
+
+def coverage_from_crops(
+    crops: Tensor,
+    rois: Tensor,
+    output_size: Tuple[int, int],
+    spatial_scale: float = 1.0,
+    aligned: bool = False,
+    coord_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The inverse of :func:`footprint_crops`: dense ``Tensor[K, H, W]``, 0 outside each ROI's footprint.
+    Raises ValueError when a crop is smaller than its ROI's footprint."""
+    H, W = output_size
+    K, FH, FW = crops.shape
+    y0, y1, x0, x1 = roi_unpool_footprint(rois, (H, W), spatial_scale, aligned, coord_dtype)
+    if K:
+        need_h, need_w = int((y1 - y0).max()), int((x1 - x0).max())
+        if need_h > FH or need_w > FW:
+            raise ValueError(
+                f"roi_unpool_blend: coverage must be Tensor[K, FH, FW] with FH >= {need_h} and FW >= {need_w} "
+                f"(the largest footprint of the boxes on the {H}x{W} map), got Tensor{list(crops.shape)}"
+            )
+    h = torch.arange(H, device=crops.device)
+    w = torch.arange(W, device=crops.device)
+    inside = (((h >= y0[:, None]) & (h < y1[:, None]))[:, :, None]
+              & ((w >= x0[:, None]) & (w < x1[:, None]))[:, None, :])
+    if K == 0 or FH == 0 or FW == 0 or H == 0 or W == 0:
+        return crops.new_zeros(K, H, W)
+    rows = (h[None, :] - y0[:, None]).clamp(0, FH - 1)  # [K, H]
+    cols = (w[None, :] - x0[:, None]).clamp(0, FW - 1)  # [K, W]
+    dense = crops.gather(1, rows[:, :, None].expand(K, H, FW)).gather(2, cols[:, None, :].expand(K, H, W))
+    return torch.where(inside, dense, torch.zeros((), dtype=crops.dtype, device=crops.device))
+
+
 def _roi_unpool_acc(input: Tensor, rois: Tensor, output_size, spatial_scale, aligned, coord, acc):
     """ROI-Unpool in the accumulation dtype; also returns the coverage [K, H, W]."""
     K, C, PH, PW = input.shape
@@ -564,6 +648,7 @@ def roi_unpool_blend(
     spatial_scale: float = 1.0,
     aligned: bool = False,
     coord_dtype: Optional[torch.dtype] = None,
+    coverage: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Paste every ROI back and blend it with ``base`` by a per-pixel softmax.
 
@@ -577,6 +662,10 @@ def roi_unpool_blend(
         input_logit: Tensor[K, PH, PW].
         rois: Tensor[K, 5] (batch_index, x1, y1, x2, y2); the batch index says
             which image each ROI belongs to.
+        coverage: optional Tensor[K, FH, FW], each ROI's soft coverage in
+            [0, 1] cropped to its footprint (:func:`footprint_crops`); it
+            multiplies the ROI's softmax term (docs/spec.md). ``None``: the
+            plain blend.
 
     Returns:
         ``(out: Tensor[B, C, H, W], base_weight: Tensor[B, H, W])`` where, per
@@ -609,11 +698,22 @@ def roi_unpool_blend(
     acc = accumulate_dtype_for(base, input)
     values, covered = _roi_unpool_acc(input, rois, (H, W), spatial_scale, aligned, coord, acc)
     logits, _ = _roi_unpool_acc(input_logit[:, None], rois, (H, W), spatial_scale, aligned, coord, acc)
-    return blend_pasted(base, base_logit, values, logits[:, 0], covered, batch)
+    if coverage is None:
+        return blend_pasted(base, base_logit, values, logits[:, 0], covered, batch)
+    if coverage.dim() != 3 or coverage.shape[0] != K:
+        raise ValueError(f"coverage must be Tensor[{K}, FH, FW], got Tensor{list(coverage.shape)}")
+    dense = coverage_from_crops(coverage, rois, (H, W), spatial_scale, aligned, coord)
+    return blend_pasted(base, base_logit, values, logits[:, 0], covered, batch, coverage=dense)
 
 
 def blend_pasted(
-    base: Tensor, base_logit: Tensor, values: Tensor, logits: Tensor, covered: Tensor, batch: Tensor
+    base: Tensor,
+    base_logit: Tensor,
+    values: Tensor,
+    logits: Tensor,
+    covered: Tensor,
+    batch: Tensor,
+    coverage: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """The blend step of :func:`roi_unpool_blend`, whatever pasted the ROIs back.
 
@@ -621,10 +721,15 @@ def blend_pasted(
         base: Tensor[B, C, H, W]; base_logit: Tensor[B, H, W].
         values: Tensor[K, C, H, W], logits: Tensor[K, H, W]: the pasted ROIs and their logits.
         covered: BoolTensor[K, H, W], the pixels each ROI takes part in; batch: Tensor[K] long, its image.
+        coverage: optional Tensor[K, H, W] (dense), each ROI's soft coverage: its softmax term is multiplied by
+            it, and it takes part only where it is > 0 (docs/spec.md, "Soft coverage"). ``None``: the plain
+            softmax, bitwise as before coverage existed.
 
     Returns ``(out, base_weight)`` as :func:`roi_unpool_blend` (computed in
     ``accumulate_dtype_for(base, values)``).
     """
+    if coverage is not None:
+        return _blend_pasted_weighted(base, base_logit, values, logits, covered, batch, coverage)
     B, C, H, W = base.shape
     acc = accumulate_dtype_for(base, values)
     values = values.to(acc)
@@ -639,6 +744,51 @@ def blend_pasted(
         blended = w[0] * base[b].to(acc) + (w[1:, None] * values[sel]).sum(0)
         outs.append(blended)
         weights.append(w[0])
+    if B == 0:
+        out = _empty_result(base, (0, C, H, W), acc)
+        base_weight = _empty_result(base_logit, (0, H, W), acc)
+    else:
+        out = torch.stack(outs)
+        base_weight = torch.stack(weights)
+    out = out.to(base.dtype).contiguous(memory_format=_memory_format_of(base))
+    return out, base_weight.to(base_logit.dtype)
+
+
+def _blend_pasted_weighted(
+    base: Tensor, base_logit: Tensor, values: Tensor, logits: Tensor, covered: Tensor, batch: Tensor,
+    coverage: Tensor,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`blend_pasted` with soft coverage ``c_k``: ``w_k = c_k e^(l_k - m) / z`` and ``w_base = e^(b - m) / z``,
+    ``z = e^(b - m) + sum_k c_k e^(l_k - m)``, ``m`` the max of the base logit and the logits of the ROIs taking
+    part (``c_k > 0``). Where no ROI takes part, ``out`` is ``base`` and ``w_base`` exactly 1."""
+    B, C, H, W = base.shape
+    acc = accumulate_dtype_for(base, values)
+    values = values.to(acc)
+    cov = torch.where(covered, coverage.to(acc), torch.zeros((), dtype=acc, device=base.device))
+    take = cov > 0
+    neg_inf = torch.full((), float("-inf"), dtype=acc, device=base.device)
+    logits = logits.to(acc)
+    outs, weights = [], []
+    for b in range(B):
+        sel = torch.nonzero(batch == b).squeeze(1)
+        bl = base_logit[b].to(acc)
+        m = torch.maximum(bl, torch.where(take[sel], logits[sel], neg_inf).amax(0)) if sel.numel() else bl
+        m = m.detach()  # a stabiliser: the weights do not depend on it
+        # exp(l_k - m) for every pixel the box covers (the coverage gradient needs it where c_k = 0 too)
+        # (clamped: a box with c_k = 0 whose logit passes m by ~88 has e = inf, and 0 * inf must stay 0)
+        e = torch.where(covered[sel], logits[sel] - m, neg_inf).exp().clamp(max=torch.finfo(acc).max)
+        u = cov[sel] * e
+        e_base = (bl - m).exp()
+        z = e_base + u.sum(0)
+        # where no box takes part m is the base logit, z = 1, w0 = 1 and wk = 0 exactly (no torch.where: the
+        # coverage's gradient there, exp(l_k - m) (v_k - base), must flow)
+        w0 = e_base / z
+        wk = u / z
+        blended = w0 * base[b].to(acc) + (wk[:, None] * values[sel]).sum(0)
+        # ... and out is bitwise base there (the value of base, the gradient of blended)
+        own = base[b].detach().to(acc) + (blended - blended.detach())
+        outs.append(torch.where(take[sel].any(0), blended, own))
+        weights.append(w0)
     if B == 0:
         out = _empty_result(base, (0, C, H, W), acc)
         base_weight = _empty_result(base_logit, (0, H, W), acc)

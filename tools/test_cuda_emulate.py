@@ -475,8 +475,9 @@ def test_blend_empty_cases(emu):
     out, bw = emu.roi_unpool_blend(base, bl, torch.zeros(0, 3, 2, 2), torch.zeros(0, 2, 2), none, 1.0, True)
     assert torch.equal(out, base) and bool((bw == 1).all())
     g = torch.randn_like(base)
-    gb, gbl, gi, gil = emu._roi_unpool_blend_backward(g, None, base, bl, torch.zeros(0, 3, 2, 2),
-                                                      torch.zeros(0, 2, 2), none, 1.0, True)
+    gb, gbl, gi, gil, gc = emu._roi_unpool_blend_backward(g, None, base, bl, torch.zeros(0, 3, 2, 2),
+                                                          torch.zeros(0, 2, 2), none, 1.0, True)
+    assert gc.shape == (0,)
     assert torch.equal(gb, g) and bool((gbl == 0).all()) and gi.shape == (0, 3, 2, 2) and gil.shape == (0, 2, 2)
     one = torch.tensor([[1.0, 0, 0, 3, 3]])
     out, bw = emu.roi_unpool_blend(base[:, :0], bl, torch.zeros(1, 0, 2, 2), torch.zeros(1, 2, 2), one, 1.0, True)
@@ -501,3 +502,52 @@ def test_blend_bad_input_raises(emu):
     with pytest.raises(ValueError, match="grad_out must have base's shape"):
         emu._roi_unpool_blend_backward(torch.zeros(2, 1, 4, 3), None, base, bl, inp, il, torch.zeros(1, 5),
                                        1.0, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=H.dtype_id)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("with_gbw", [False, True])
+def test_blend_with_coverage_matches_cpu_and_reference(emu, dtype, layout, with_gbw):
+    """The soft coverage (docs/spec.md, "Soft coverage"): forward and all five gradients of the emulated
+    kernels against the CPU kernel and the float64 reference, with soft, zero and one-valued cells, pixels
+    where no ROI takes part (an ROI of coverage 0 still has a coverage gradient there), several tiles."""
+    gen = H.make_generator(21)
+    rows = [(0, 1.0, 1.0, 20.0, 14.0), (0, 5.5, 3.2, 30.0, 19.0), (1, 0.0, 0.0, 34.0, 19.0),
+            (1, 10.0, 2.0, 18.5, 9.5), (0, -4.0, 12.0, 9.0, 30.0)]
+    rois = torch.tensor(rows, dtype=dtype)
+    Bn, Cn, Hn, Wn, P = 2, 3, 19, 34, 3
+    base = H.randn((Bn, Cn, Hn, Wn), gen).to(dtype)
+    if layout == "channels_last":
+        base = base.contiguous(memory_format=torch.channels_last)
+    bl = H.randn((Bn, Hn, Wn), gen).to(dtype) * 2
+    inp, il = H.randn((5, Cn, P, P), gen).to(dtype), H.randn((5, P, P), gen).to(dtype) * 2
+    dense = torch.rand((5, Hn, Wn), generator=gen, dtype=torch.float64)
+    dense[dense < 0.25] = 0  # not taking part there
+    dense[dense > 0.85] = 1
+    dense[3] = 0  # an ROI taking part nowhere
+    cov = roi_ops.footprint_crops(dense.to(dtype), rois, 1.0, True)
+    g = H.randn(base.shape, gen).to(dtype)
+    gbw = H.randn(bl.shape, gen).to(dtype) if with_gbw else None
+    out, bw = emu.roi_unpool_blend(base, bl, inp, il, rois, 1.0, True, cov)
+    grads = emu._roi_unpool_blend_backward(g, gbw, base, bl, inp, il, rois, 1.0, True, cov)
+    cpu_out, cpu_bw = torch.ops.roi_ops.roi_unpool_blend(base, bl, inp, il, rois, 1.0, True, cov)
+    cpu_grads = torch.ops.roi_ops._roi_unpool_blend_backward(g, gbw, base, bl, inp, il, rois, 1.0, True, cov)
+    labels = ("out", "base_weight", "grad base", "grad base_logit", "grad input", "grad input_logit",
+              "grad coverage")
+    for label, a, c in zip(labels, (out, bw, *grads), (cpu_out, cpu_bw, *cpu_grads)):
+        TB._assert_close(a, c, dtype, f"emulated vs CPU blend with coverage: {label}")
+    x64 = [t.to(torch.float64).requires_grad_() for t in (base, bl, inp, il, cov)]
+    r_out, r_bw = reference.roi_unpool_blend(*x64[:4], rois.double(), 1.0, True, coverage=x64[4])
+    cot = (g.double(), gbw.double() if with_gbw else torch.zeros(bl.shape, dtype=torch.float64))
+    r_grads = torch.autograd.grad((r_out, r_bw), x64, cot)
+    TB._assert_close(out, r_out, dtype, "emulated blend with coverage vs reference: out")
+    TB._assert_close(bw, r_bw, dtype, "emulated blend with coverage vs reference: base_weight")
+    for label, a, e in zip(labels[2:], grads, r_grads):
+        TB._assert_close(a, e, dtype, f"emulated blend with coverage vs reference: {label}")
+    # coverage all ones is bitwise no coverage; an ROI of coverage 0 everywhere is bitwise absent
+    ones = emu.roi_unpool_blend(base, bl, inp, il, rois, 1.0, True, torch.ones_like(cov))
+    plain = emu.roi_unpool_blend(base, bl, inp, il, rois, 1.0, True)
+    assert all(torch.equal(a, b) for a, b in zip(ones, plain))
+    keep = [0, 1, 2, 4]
+    absent = emu.roi_unpool_blend(base, bl, inp[keep], il[keep], rois[keep], 1.0, True, cov[keep])
+    assert all(torch.equal(a, b) for a, b in zip((out, bw), absent))

@@ -44,9 +44,17 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def dataset(n: int, seed: int):
-    """(images [n, 3, R, R] in [-1, 1], boxes [n, 6, 4], masks [n, 6], instance captions, global captions)."""
-    return world.batch([world.train_layout(i, seed) for i in range(n)], models.RESOLUTION)
+def dataset(n: int, seed: int, mask_rate: float = 0.0, free_form_rate: float = 0.0,
+            free_forms: tuple[str, ...] = world.FREE_FORMS, free_form_word: str | None = None):
+    """(images [n, 3, R, R] in [-1, 1], boxes [n, 6, 4], masks [n, 6], instance captions, global captions,
+    regions [n, 6, R, R] or None). With ``mask_rate`` > 0 that fraction of layouts gives its instances' masks
+    (``world.with_masks``; some drawn as free forms); the others, and every layout without it, are unchanged."""
+    layouts = [world.train_layout(i, seed) for i in range(n)]
+    if mask_rate <= 0:
+        return (*world.batch(layouts, models.RESOLUTION), None)
+    pairs = [world.with_masks(layout, mask_rate, free_form_rate, free_forms, free_form_word) for layout in layouts]
+    layouts, given = [p[0] for p in pairs], [p[1] for p in pairs]
+    return (*world.batch(layouts, models.RESOLUTION), world.regions(layouts, given, models.RESOLUTION))
 
 
 def lr_at(step: int, lr: float, warmup: int = 50, total: int | None = None) -> float:
@@ -235,12 +243,12 @@ def train_roictrl(args, data, latents):
 
     frozen = load_frozen_model(os.path.join(args.out, "model"))
     adapter = make_roictrl_adapter(frozen.unet, args.seed)
-    _, boxes, masks, inst_caps, captions = data
+    _, boxes, masks, inst_caps, captions, regions = data
     log(f"roictrl: {sum(p.numel() for p in adapter.parameters()):,} trainable parameters")
     config = TrainConfig(
         max_steps=args.control_steps, batch_size=args.batch_size, learning_rate=args.control_lr,
         lr_scheduler=args.control_schedule, lr_warmup_steps=50, weight_decay=0.0, max_grad_norm=1.0,
-        reg_weight=args.reg_weight, seed=args.seed,
+        reg_weight=args.reg_weight, seed=args.seed, region_loss_weight=args.region_loss_weight,
     )
     accelerator = Accelerator(cpu=True)
     t0 = time.time()
@@ -248,7 +256,7 @@ def train_roictrl(args, data, latents):
     result = train_adapter(
         accelerator=accelerator, unet=frozen.unet, adapter=adapter, noise_scheduler=frozen.noise_scheduler,
         encoder=CaptionEncoder(frozen.pipe, accelerator.device, cache=True),
-        data=TensorData(latents[0], latents[1], captions, inst_caps, boxes, masks), config=config,
+        data=TensorData(latents[0], latents[1], captions, inst_caps, boxes, masks, regions=regions), config=config,
         scaling_factor=frozen.vae.config.scaling_factor, progress=False, log=log,
         on_step=lambda step, stats: (step % 50 == 0 or step == args.control_steps) and log(
             f"roictrl step {step}/{args.control_steps} ldm {stats['l_ldm']:.4f} reg {stats['l_reg']:.3f} "
@@ -266,7 +274,7 @@ def train_gligen(args, data, latents, vae, unet, text_encoder, tokenizer):
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
     scheduler = DDPMScheduler(**models.scheduler_config())
-    _, boxes, masks, inst_caps, captions = data
+    _, boxes, masks, inst_caps, captions, _ = data
     encode = _CaptionCache(text_encoder, tokenizer)
     # The new fuser/position-net layers take their initial weights from the global RNG: seed it, as
     # make_roictrl_adapter does, so the stage is reproducible whatever ran before it in the process.
@@ -340,6 +348,16 @@ def parse_args(argv=None):
                    help="ROICtrl and GLIGEN learning rate after the warm-up (as --base-schedule)")
     p.add_argument("--control-lr", type=float, default=1e-3, help="ROICtrl and GLIGEN, each")
     p.add_argument("--reg-weight", type=float, default=0.01, help="weight of ROICtrl's L_reg")
+    p.add_argument("--mask-rate", type=float, default=0.0,
+                   help="ROICtrl: fraction of training layouts that give their instances' masks (regions)")
+    p.add_argument("--free-form-rate", type=float, default=0.0,
+                   help="ROICtrl: fraction of masked instances drawn as an L or a ring (only the mask tells)")
+    p.add_argument("--free-forms", default=",".join(world.FREE_FORMS),
+                   help=f"ROICtrl: the free forms drawn (some of {world.FREE_FORMS})")
+    p.add_argument("--free-form-word", default=None, choices=world.SHAPES,
+                   help="ROICtrl: caption word of free forms (default: a random shape word)")
+    p.add_argument("--region-loss-weight", type=float, default=0.0,
+                   help="ROICtrl: extra weight of the diffusion loss inside the boxes of mask-shaped instances")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="a few steps per stage and a small dataset (tests)")
     args = p.parse_args(argv)
@@ -363,7 +381,8 @@ def main(argv=None):
     with open(os.path.join(args.out, f"train_config_{'_'.join(args.stages)}.json"), "w") as f:
         json.dump(record, f, indent=2)
     t0 = time.time()
-    data = dataset(args.num_samples, args.seed)
+    data = dataset(args.num_samples, args.seed, args.mask_rate, args.free_form_rate,
+                   tuple(args.free_forms.split(",")), args.free_form_word)
     log(f"dataset: {args.num_samples} layouts ({time.time() - t0:.0f}s)")
     if "vae" in args.stages:
         vae = train_vae(args, data)

@@ -36,15 +36,25 @@ TRAIN_SEED_BASE = 0
 EVAL_SEED_BASE = 10_000_000  # far from any training index
 
 
+# Drawn forms beyond the captioned shapes, only for instances given with a mask (mask training and the mask
+# demo): an L (the box less one quadrant, in four orientations) and a ring. No caption word names them.
+FREE_FORMS = ("L0", "L1", "L2", "L3", "ring")
+
+
 @dataclass(frozen=True)
 class Instance:
     box: tuple[float, float, float, float]  # (x1, y1, x2, y2) normalised to [0, 1]
     color: str
     shape: str
+    form: str | None = None  # what is drawn when it is not ``shape`` (one of FREE_FORMS)
 
     @property
     def caption(self) -> str:
         return f"a {self.color} {self.shape}"
+
+    def mask(self, resolution: int) -> np.ndarray:
+        """Bool [R, R]: the exact pixels of this object (its drawn form inscribed in its box)."""
+        return shape_mask(self.form or self.shape, self.box, resolution)
 
 
 @dataclass(frozen=True)
@@ -146,7 +156,14 @@ def shape_mask(shape: str, box, resolution: int) -> np.ndarray:
         return u**2 + v**2 <= 1
     if shape == "triangle":  # apex at the top centre, base along the bottom edge
         return (v <= 1) & (v >= -1) & (np.abs(u) <= (v + 1) / 2)
-    raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    inside = (np.abs(u) <= 1) & (np.abs(v) <= 1)
+    if shape in ("L0", "L1", "L2", "L3"):  # the box less the quadrant top-right, top-left, bottom-left, bottom-right
+        su, sv = {"L0": (1, -1), "L1": (-1, -1), "L2": (-1, 1), "L3": (1, 1)}[shape]
+        return inside & ~((u * su > 0) & (v * sv > 0))
+    if shape == "ring":
+        r2 = u**2 + v**2
+        return (r2 <= 1) & (r2 >= 0.5**2)
+    raise ValueError(f"shape must be one of {SHAPES + FREE_FORMS}, got {shape!r}")
 
 
 def render(layout: Layout, resolution: int = 32, texture: float = 0.03) -> np.ndarray:
@@ -156,8 +173,7 @@ def render(layout: Layout, resolution: int = 32, texture: float = 0.03) -> np.nd
     img[:] = np.asarray(BACKGROUND, np.float32)[:, None, None]
     img += rng.uniform(-texture, texture, size=(1, resolution, resolution)).astype(np.float32)
     for inst in layout.instances:
-        m = shape_mask(inst.shape, inst.box, resolution)
-        img[:, m] = np.asarray(COLORS[inst.color], np.float32)[:, None]
+        img[:, inst.mask(resolution)] = np.asarray(COLORS[inst.color], np.float32)[:, None]
     return np.clip(img, 0, 1)
 
 
@@ -185,3 +201,35 @@ def batch(layouts: list[Layout], resolution: int = 32, max_instances: int = 6):
             masks[b, k] = True
             captions[b][k] = inst.caption
     return images, boxes, masks, captions, [l.caption for l in layouts]
+
+
+def with_masks(layout: Layout, mask_rate: float, free_form_rate: float, forms: tuple[str, ...] = FREE_FORMS,
+               word: str | None = None) -> tuple[Layout, tuple[bool, ...]]:
+    """Mask training: ``(layout', given)`` where ``given[k]`` says instance k comes with its mask. With probability
+    ``mask_rate`` a layout gives every instance's mask; each masked instance is then drawn as a free form (one of
+    ``forms``, captioned with the shape word ``word``, or a random one when ``None``, so only the mask says its
+    shape) with probability ``free_form_rate``. A pure function of the layout's seed that leaves
+    :func:`sample_layout`'s stream alone."""
+    rng = np.random.default_rng([layout.seed, 20])
+    n = len(layout.instances)
+    if rng.random() >= mask_rate:
+        return layout, (False,) * n
+    insts = []
+    for inst in layout.instances:
+        if rng.random() < free_form_rate:
+            form = forms[int(rng.integers(len(forms)))]
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            inst = Instance(inst.box, inst.color, word or shape, form)
+        insts.append(inst)
+    return Layout(tuple(insts), layout.seed), (True,) * n
+
+
+def regions(layouts: list[Layout], given: list[tuple[bool, ...]], resolution: int = 32, max_instances: int = 6):
+    """float32 ``Tensor[B, N, R, R]``: each instance's exact mask where ``given``, all ones (box only) elsewhere
+    and in padded slots: the ``regions`` of ``ROICtrlInstances``."""
+    out = torch.ones(len(layouts), max_instances, resolution, resolution)
+    for b, (layout, g) in enumerate(zip(layouts, given)):
+        for k, (inst, has) in enumerate(zip(layout.instances, g)):
+            if has:
+                out[b, k] = torch.from_numpy(inst.mask(resolution).astype(np.float32))
+    return out

@@ -336,4 +336,44 @@ inline void check_box_operands(const char* op, const at::Tensor& like,
   check_roi_geometry(op, host, coord, spatial_scale, aligned, align);
 }
 
+// The blend's optional soft coverage (docs/spec.md, "Soft coverage"):
+// Tensor[K, FH, FW] of base's dtype and device, each ROI's crop at least as
+// large as the pixels it covers on the H x W map (its footprint, from
+// math::unpool_axis). Call after check_box_operands (valid boxes); the
+// footprints come from one more host copy of rois (a sync on CUDA, only when
+// coverage is given).
+inline void check_blend_coverage(const char* op, const at::Tensor& coverage,
+                                 const at::Tensor& base, const at::Tensor& rois,
+                                 double spatial_scale, bool aligned) {
+  TORCH_CHECK_TYPE(coverage.scalar_type() == base.scalar_type(), op,
+                   ": coverage must have base's dtype ", base.scalar_type(), ", got ",
+                   coverage.scalar_type());
+  TORCH_CHECK(coverage.device() == base.device(), op, ": coverage must be on base's device ",
+              base.device(), ", got ", coverage.device());
+  const int64_t K = rois.size(0);
+  TORCH_CHECK_VALUE(coverage.dim() == 3 && coverage.size(0) == K, op,
+                    ": coverage must be Tensor[K, FH, FW] with K = ", K,
+                    " (one crop per ROI), got Tensor", coverage.sizes());
+  if (K == 0) return;
+  const int64_t H = base.size(2), W = base.size(3);
+  const at::ScalarType coord = coord_type_for(base, rois);
+  const at::Tensor host = rois.to(at::kCPU).to(coord).contiguous();
+  int64_t need_h = 0, need_w = 0;
+  dispatch_coord_type(coord, [&](auto coord_tag) {
+    using T = decltype(coord_tag);
+    const T* r = host.const_data_ptr<T>();
+    const T scale = static_cast<T>(spatial_scale);
+    for (int64_t k = 0; k < K; ++k) {
+      const math::UnpoolAxes<T> a = math::unpool_axes(r + 5 * k, scale, aligned, 1, 1, H, W);
+      need_h = std::max(need_h, a.y.last - a.y.first);
+      need_w = std::max(need_w, a.x.last - a.x.first);
+    }
+  });
+  TORCH_CHECK_VALUE(coverage.size(1) >= need_h && coverage.size(2) >= need_w, op,
+                    ": coverage must be Tensor[K, FH, FW] with FH >= ", need_h, " and FW >= ",
+                    need_w, " (the largest footprint of the ROIs on the ", H, "x", W,
+                    " map; roi_ops.footprint_crops makes the crops), got Tensor",
+                    coverage.sizes());
+}
+
 }  // namespace roi_ops

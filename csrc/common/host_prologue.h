@@ -243,12 +243,14 @@ struct BlendOperands : BoxOperands {
   at::Tensor base, base_logit, input, input_logit;
   at::Tensor grad_out;          // backward only
   at::Tensor grad_base_weight;  // backward only; undefined when absent
+  at::Tensor coverage;          // [K, FH, FW] contiguous; undefined when absent
   bool input_channels_last = false;  // the format of grad_input
   BlendShape shape{};
   // the results: (out, base_weight) forward; (grad_base, grad_base_logit,
   // grad_input, grad_input_logit) backward
   at::Tensor out, base_weight;
   at::Tensor grad_base, grad_base_logit, grad_input, grad_input_logit;
+  at::Tensor grad_coverage;  // [K, FH, FW] zeros; Tensor[0] without coverage
 
   // Steps 2 and 3; there is no work without an output pixel.
   void check_boxes(const char* op, const at::Tensor& base_, const at::Tensor& input_,
@@ -262,12 +264,18 @@ struct BlendOperands : BoxOperands {
 
   // Step 5 (after the direction's step 4, the results).
   void load(const at::Tensor& base_, const at::Tensor& base_logit_, const at::Tensor& input_,
-            const at::Tensor& input_logit_, const at::Tensor& rois_) {
+            const at::Tensor& input_logit_, const at::Tensor& rois_,
+            const std::optional<at::Tensor>& coverage_) {
     base = base_;
     input = input_;
     base_logit = base_logit_.contiguous();
     input_logit = input_logit_.contiguous();
+    if (has_coverage(coverage_)) coverage = coverage_->contiguous();
     cast_boxes(base_, rois_);
+  }
+
+  static bool has_coverage(const std::optional<at::Tensor>& coverage_) {
+    return coverage_.has_value() && coverage_->defined();
   }
 };
 
@@ -275,16 +283,20 @@ inline BlendOperands blend_forward_operands(const at::Tensor& base, const at::Te
                                             const at::Tensor& input,
                                             const at::Tensor& input_logit,
                                             const at::Tensor& rois, double spatial_scale,
-                                            bool aligned) {
+                                            bool aligned,
+                                            const std::optional<at::Tensor>& coverage) {
   constexpr const char* op = "roi_unpool_blend";
   check_blend_operands(op, base, base_logit, input, input_logit, rois);
   BlendOperands o;
   o.check_boxes(op, base, input, rois, spatial_scale, aligned);
+  if (BlendOperands::has_coverage(coverage)) {
+    check_blend_coverage(op, *coverage, base, rois, spatial_scale, aligned);
+  }
   const BlendShape& s = o.shape;
   // without work these have no element: nothing to zero
   o.out = at::empty({s.batch, s.channels, s.height, s.width}, base.options(), o.format);
   o.base_weight = at::empty({s.batch, s.height, s.width}, base_logit.options());
-  if (o.has_work) o.load(base, base_logit, input, input_logit, rois);
+  if (o.has_work) o.load(base, base_logit, input, input_logit, rois, coverage);
   return o;
 }
 
@@ -292,12 +304,17 @@ inline BlendOperands blend_backward_operands(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_base_weight,
     const at::Tensor& base, const at::Tensor& base_logit, const at::Tensor& input,
     const at::Tensor& input_logit, const at::Tensor& rois, double spatial_scale,
-    bool aligned) {
+    bool aligned, const std::optional<at::Tensor>& coverage) {
   constexpr const char* op = "_roi_unpool_blend_backward";
   check_blend_operands(op, base, base_logit, input, input_logit, rois);
   const bool has_gbw = check_blend_grads(op, grad_out, grad_base_weight, base, base_logit);
   BlendOperands o;
   o.check_boxes(op, base, input, rois, spatial_scale, aligned);
+  const bool has_cov = BlendOperands::has_coverage(coverage);
+  if (has_cov) check_blend_coverage(op, *coverage, base, rois, spatial_scale, aligned);
+  // zeros: the kernels write only the cells of each ROI's own footprint
+  o.grad_coverage = has_cov ? at::zeros(coverage->sizes(), coverage->options())
+                            : at::empty({0}, base.options());
   const BlendShape& s = o.shape;
   const bool zeroed = !o.has_work;
   o.grad_base = new_result(op, nullptr, {s.batch, s.channels, s.height, s.width},
@@ -309,7 +326,7 @@ inline BlendOperands blend_backward_operands(
   o.grad_input_logit = new_result(op, nullptr, {s.num_rois, s.pooled_h, s.pooled_w},
                                   input_logit.options(), at::MemoryFormat::Contiguous, zeroed);
   if (!o.has_work) return o;
-  o.load(base, base_logit, input, input_logit, rois);
+  o.load(base, base_logit, input, input_logit, rois, coverage);
   o.grad_out = grad_out;
   if (has_gbw) o.grad_base_weight = grad_base_weight->contiguous();
   return o;

@@ -504,5 +504,14 @@ C10_HOST_DEVICE inline A blend_weight(A l, A m, A z) {
   return exp_(l - m) / z;
 }
 
+// Soft coverage (docs/spec.md, "Soft coverage"): an ROI's unnormalised term
+// at a pixel is c * exp(l - m) where it takes part (c > 0), and exactly 0
+// elsewhere (not c * exp(l - m): exp may be inf there, m leaving l out).
+// Its weight is covered_term / z, in the forward and the backward alike.
+template <typename A>
+C10_HOST_DEVICE inline A covered_term(A l, A m, A c) {
+  return c > A(0) ? c * exp_(l - m) : A(0);
+}
+
 }  // namespace math
 }  // namespace roi_ops

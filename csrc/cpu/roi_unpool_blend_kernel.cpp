@@ -108,6 +108,15 @@ struct BlendTensors {
   const scalar_t* input;        // [K, C, PH, PW], contiguous in the working format
   const scalar_t* input_logit;  // [K, PH, PW], contiguous
   bool channels_last;
+  const scalar_t* coverage;     // [K, FH, FW] soft coverage, contiguous; nullptr: none
+  int64_t cov_h, cov_w;
+
+  // ROI k's coverage along covered row h, indexed by the column w (read
+  // from w = x0[k]): the crop starts at the ROI's first covered pixel.
+  template <typename acc_t>
+  const scalar_t* coverage_row(const BlendGeometry<acc_t>& g, int64_t k, int64_t h) const {
+    return coverage + (k * cov_h + (h - g.y0[k])) * cov_w - g.x0[k];
+  }
 };
 
 // The operands as the CPU kernels read them, in base's layout: base is read
@@ -121,9 +130,11 @@ struct BlendLayout {
 
   template <typename scalar_t>
   BlendTensors<scalar_t> tensors(const BlendOperands& o) const {
+    const bool cov = o.coverage.defined();
     return {base.const_data_ptr<scalar_t>(), o.base_logit.const_data_ptr<scalar_t>(),
             input.const_data_ptr<scalar_t>(), o.input_logit.const_data_ptr<scalar_t>(),
-            o.channels_last};
+            o.channels_last, cov ? o.coverage.const_data_ptr<scalar_t>() : nullptr,
+            cov ? o.coverage.size(1) : 0, cov ? o.coverage.size(2) : 0};
   }
 };
 
@@ -142,10 +153,14 @@ struct RowSoftmax {
     return weight.data() + at[a] - g.x0[active[a]];
   }
 
+  // With soft coverage (t.coverage), ROI k takes part at a pixel only where
+  // c_k > 0, its term being c_k * exp(l_k - m) (m: the max over the base and
+  // the ROIs taking part); c_k = 1 everywhere gives bitwise the plain blend.
   template <typename scalar_t>
   void compute(const BlendGeometry<acc_t>& g, const BlendShape& s,
-               const scalar_t* input_logit, const scalar_t* base_logit_row,
+               const BlendTensors<scalar_t>& t, const scalar_t* base_logit_row,
                int64_t b, int64_t h) {
+    const scalar_t* input_logit = t.input_logit;
     const int64_t W = s.width, PW = s.pooled_w, cells = s.pooled_h * s.pooled_w;
     active.clear();
     at.assign(1, 0);
@@ -168,12 +183,14 @@ struct RowSoftmax {
       const scalar_t* lo = input_logit + k * cells + ty.lo * PW;
       const scalar_t* hi = input_logit + k * cells + ty.hi * PW;
       acc_t* l = roi_weights(a, g);
+      const scalar_t* cov = t.coverage != nullptr ? t.coverage_row(g, k, h) : nullptr;
       for (int64_t w = g.x0[k]; w < g.x1[k]; ++w) {
         const math::Tap<acc_t>& tx = g.col_tap(k, w);
         const acc_t v = math::unpool_lerp(
             ty, tx, static_cast<acc_t>(lo[tx.lo]), static_cast<acc_t>(lo[tx.hi]),
             static_cast<acc_t>(hi[tx.lo]), static_cast<acc_t>(hi[tx.hi]));
         l[w] = v;
+        if (cov != nullptr && !(static_cast<acc_t>(cov[w]) > acc_t(0))) continue;  // not taking part
         if (v > m[w]) m[w] = v;
         covered[w] = 1;
       }
@@ -188,6 +205,14 @@ struct RowSoftmax {
     for (size_t a = 0; a < active.size(); ++a) {
       const int64_t k = active[a];
       acc_t* l = roi_weights(a, g);
+      if (t.coverage != nullptr) {
+        const scalar_t* cov = t.coverage_row(g, k, h);
+        for (int64_t w = g.x0[k]; w < g.x1[k]; ++w) {
+          l[w] = math::covered_term(l[w], m[w], static_cast<acc_t>(cov[w]));
+          z[w] += l[w];
+        }
+        continue;
+      }
       for (int64_t w = g.x0[k]; w < g.x1[k]; ++w) {
         l[w] = math::exp_(l[w] - m[w]);
         z[w] += l[w];
@@ -239,7 +264,7 @@ void blend_forward(const BlendTensors<scalar_t>& t, const BlendGeometry<acc_t>& 
     std::vector<acc_t> acc, yrow;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      sm.compute(g, s, t.input_logit, t.base_logit + bh * W, b, h);
+      sm.compute(g, s, t, t.base_logit + bh * W, b, h);
       for (int64_t w = 0; w < W; ++w) base_weight[bh * W + w] = static_cast<scalar_t>(sm.base_w[w]);
       if (t.channels_last) {
         const scalar_t* base = t.base + bh * W * C;
@@ -334,7 +359,7 @@ void blend_backward_rows(const BlendTensors<scalar_t>& t, const BlendGeometry<ac
     std::vector<acc_t> yrow, s_base, s_roi;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      sm.compute(g, s, t.input_logit, t.base_logit + bh * W, b, h);
+      sm.compute(g, s, t, t.base_logit + bh * W, b, h);
       s_base.assign(W, acc_t(0));
       s_roi.assign(sm.weight.size(), acc_t(0));
       if (t.channels_last) {
@@ -342,7 +367,9 @@ void blend_backward_rows(const BlendTensors<scalar_t>& t, const BlendGeometry<ac
         const scalar_t* gr = grad + bh * W * C;
         yrow.resize(PW * C);
         for (int64_t w = 0; w < W; ++w) {
-          if (!sm.covered[w]) continue;
+          // with coverage, <g, base> is also needed where no ROI takes part
+          // (the coverage gradient of an ROI there)
+          if (!sm.covered[w] && t.coverage == nullptr) continue;
           acc_t sum = acc_t(0);
           for (int64_t c = 0; c < C; ++c) {
             sum += static_cast<acc_t>(gr[w * C + c]) * static_cast<acc_t>(base[w * C + c]);
@@ -375,7 +402,7 @@ void blend_backward_rows(const BlendTensors<scalar_t>& t, const BlendGeometry<ac
           const scalar_t* base = t.base + row;
           const scalar_t* gr = grad + row;
           for (int64_t w = 0; w < W; ++w) {
-            if (sm.covered[w]) {
+            if (sm.covered[w] || t.coverage != nullptr) {
               s_base[w] += static_cast<acc_t>(gr[w]) * static_cast<acc_t>(base[w]);
             }
           }
@@ -467,11 +494,11 @@ void blend_backward_rois(const BlendTensors<scalar_t>& t, const BlendGeometry<ac
                          const BlendShape& s, const scalar_t* grad,
                          const scalar_t* grad_bw, const PixelStats<acc_t>& st,
                          scalar_t* grad_input, const int64_t* gi_stride,
-                         scalar_t* grad_input_logit) {
+                         scalar_t* grad_input_logit, scalar_t* grad_coverage) {
   const int64_t C = s.channels, H = s.height, W = s.width;
   const int64_t PH = s.pooled_h, PW = s.pooled_w;
   at::parallel_for(0, s.num_rois, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> cells, cells_l, yrow, wrow, srow, gv;
+    std::vector<acc_t> cells, cells_l, yrow, wrow, rrow, srow, gv;
     for (int64_t k = begin; k < end; ++k) {
       const int64_t b = g.image[k];
       const int64_t x0 = g.x0[k], x1 = g.x1[k], nx = x1 - x0;
@@ -485,12 +512,22 @@ void blend_backward_rois(const BlendTensors<scalar_t>& t, const BlendGeometry<ac
         const scalar_t* hi = t.input_logit + k * PH * PW + ty.hi * PW;
         wrow.resize(nx);
         srow.assign(nx, acc_t(0));
+        const scalar_t* cov = t.coverage != nullptr ? t.coverage_row(g, k, h) : nullptr;
+        if (cov != nullptr) rrow.resize(nx);
         for (int64_t w = x0; w < x1; ++w) {
           const math::Tap<acc_t>& tx = g.col_tap(k, w);
           const acc_t l = math::unpool_lerp(
               ty, tx, static_cast<acc_t>(lo[tx.lo]), static_cast<acc_t>(lo[tx.hi]),
               static_cast<acc_t>(hi[tx.lo]), static_cast<acc_t>(hi[tx.hi]));
-          wrow[w - x0] = math::blend_weight(l, st.m[p0 + w], st.z[p0 + w]);
+          if (cov == nullptr) {
+            wrow[w - x0] = math::blend_weight(l, st.m[p0 + w], st.z[p0 + w]);
+          } else {
+            // the forward's weight, and r = exp(l - m) / z, its rate per unit
+            // of coverage
+            const acc_t c = static_cast<acc_t>(cov[w]);
+            wrow[w - x0] = math::covered_term(l, st.m[p0 + w], c) / st.z[p0 + w];
+            rrow[w - x0] = math::blend_weight(l, st.m[p0 + w], st.z[p0 + w]);
+          }
         }
         int64_t j0, j1;
         g.col_span(k, &j0, &j1);
@@ -531,6 +568,20 @@ void blend_backward_rois(const BlendTensors<scalar_t>& t, const BlendGeometry<ac
           }
           scatter_taps(ty, g.col_tap(k, w), &d, 1,
                        [&](int64_t i, int64_t j) { return cells_l.data() + i * PW + j; });
+        }
+        // coverage gradient: d out / d c_k = r_k (v_k - out) (+ the base
+        // weight's share), each pixel its own crop cell
+        if (cov != nullptr) {
+          scalar_t* gc = grad_coverage + (k * t.cov_h + (h - g.y0[k])) * t.cov_w - x0;
+          for (int64_t w = x0; w < x1; ++w) {
+            const int64_t p = p0 + w;
+            acc_t d = srow[w - x0] - st.gout[p];
+            if (grad_bw != nullptr) {
+              d -= static_cast<acc_t>(grad_bw[p]) *
+                   math::blend_weight(static_cast<acc_t>(t.base_logit[p]), st.m[p], st.z[p]);
+            }
+            gc[w] = static_cast<scalar_t>(rrow[w - x0] * d);
+          }
         }
         // value gradient: w_k * g scattered to the grid cells
         if (t.channels_last) {
@@ -578,9 +629,9 @@ void blend_backward_rois(const BlendTensors<scalar_t>& t, const BlendGeometry<ac
 std::tuple<at::Tensor, at::Tensor> roi_unpool_blend_forward_cpu(
     const at::Tensor& base, const at::Tensor& base_logit, const at::Tensor& input,
     const at::Tensor& input_logit, const at::Tensor& rois, double spatial_scale,
-    bool aligned) {
+    bool aligned, const std::optional<at::Tensor>& coverage) {
   const BlendOperands o = blend_forward_operands(base, base_logit, input, input_logit, rois,
-                                                 spatial_scale, aligned);
+                                                 spatial_scale, aligned, coverage);
   prefer_huge_pages(o.out);
   if (!o.has_work) return {o.out, o.base_weight};
   const BlendLayout layout(o);
@@ -592,18 +643,18 @@ std::tuple<at::Tensor, at::Tensor> roi_unpool_blend_forward_cpu(
   return {o.out, o.base_weight};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 roi_unpool_blend_backward_cpu(const at::Tensor& grad_out,
                               const std::optional<at::Tensor>& grad_base_weight,
                               const at::Tensor& base, const at::Tensor& base_logit,
                               const at::Tensor& input, const at::Tensor& input_logit,
                               const at::Tensor& rois, double spatial_scale,
-                              bool aligned) {
+                              bool aligned, const std::optional<at::Tensor>& coverage) {
   const BlendOperands o = blend_backward_operands(grad_out, grad_base_weight, base, base_logit,
                                                   input, input_logit, rois, spatial_scale,
-                                                  aligned);
+                                                  aligned, coverage);
   if (!o.has_work) {
-    return {o.grad_base, o.grad_base_logit, o.grad_input, o.grad_input_logit};
+    return {o.grad_base, o.grad_base_logit, o.grad_input, o.grad_input_logit, o.grad_coverage};
   }
   prefer_huge_pages(o.grad_base);
   const BlendLayout layout(o);
@@ -624,9 +675,12 @@ roi_unpool_blend_backward_cpu(const at::Tensor& grad_out,
                                          o.grad_base_logit.mutable_data_ptr<scalar_t>(), st);
     blend_backward_rois<scalar_t, acc_t>(t, geo, o.shape, g.const_data_ptr<scalar_t>(), gbw_ptr,
                                          st, o.grad_input.mutable_data_ptr<scalar_t>(), gi_stride,
-                                         o.grad_input_logit.mutable_data_ptr<scalar_t>());
+                                         o.grad_input_logit.mutable_data_ptr<scalar_t>(),
+                                         o.coverage.defined()
+                                             ? o.grad_coverage.mutable_data_ptr<scalar_t>()
+                                             : nullptr);
   });
-  return {o.grad_base, o.grad_base_logit, o.grad_input, o.grad_input_logit};
+  return {o.grad_base, o.grad_base_logit, o.grad_input, o.grad_input_logit, o.grad_coverage};
 }
 
 }  // namespace

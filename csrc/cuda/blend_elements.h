@@ -81,6 +81,36 @@ C10_HOST_DEVICE inline bool roi_logit(const Geometry<coord_t>& g,
   return true;
 }
 
+// The soft coverage (docs/spec.md, "Soft coverage"): [K, FH, FW] crops,
+// contiguous, each starting at its ROI's first covered pixel; data nullptr:
+// none (every covering ROI takes part with weight 1, the plain blend).
+template <typename scalar_t>
+struct CoverageView {
+  const scalar_t* data;
+  int64_t h, w;
+};
+
+// Coverage of ROI k at a pixel (h, w) it covers.
+template <typename scalar_t, typename coord_t>
+C10_HOST_DEVICE inline at::opmath_type<scalar_t> roi_coverage(const CoverageView<scalar_t>& cv,
+                                                              const Geometry<coord_t>& g,
+                                                              int64_t k, int64_t h, int64_t w) {
+  const auto [ay, ax] = roi_axes(g, k);
+  return load(cv.data + (k * cv.h + (h - ay.first)) * cv.w + (w - ax.first));
+}
+
+// ROI k's unnormalised softmax term at a covered pixel with logit l:
+// exp(l - m), or with coverage c * exp(l - m) where c > 0 and 0 elsewhere.
+template <typename scalar_t, typename coord_t>
+C10_HOST_DEVICE inline at::opmath_type<scalar_t> roi_term(const CoverageView<scalar_t>& cv,
+                                                          const Geometry<coord_t>& g,
+                                                          int64_t k, int64_t h, int64_t w,
+                                                          at::opmath_type<scalar_t> l,
+                                                          at::opmath_type<scalar_t> m) {
+  if (cv.data == nullptr) return math::exp_(l - m);
+  return math::covered_term(l, m, roi_coverage(cv, g, k, h, w));
+}
+
 // Value of channel c of ROI k's grid read at (ty, tx).
 template <typename scalar_t>
 C10_HOST_DEVICE inline at::opmath_type<scalar_t> roi_value(
@@ -95,10 +125,12 @@ C10_HOST_DEVICE inline at::opmath_type<scalar_t> roi_value(
 }
 
 // The per-pixel softmax over the base logit and the covering ROIs of the
-// pixel's tile list: max m and normaliser z (base first, then ascending ROI
-// index). Returns false (and m = z = 0) when no ROI covers the pixel.
+// pixel's tile list that take part (with coverage: c > 0): max m and
+// normaliser z (base first, then ascending ROI index). Returns false (and
+// m = z = 0) when no ROI takes part in the pixel.
 template <typename scalar_t, typename coord_t>
 C10_HOST_DEVICE inline bool pixel_softmax(const Geometry<coord_t>& g, const Tiles& tiles,
+                                          const CoverageView<scalar_t>& cv,
                                           const scalar_t* input_logit,
                                           at::opmath_type<scalar_t> base_logit,
                                           int64_t b, int64_t h, int64_t w,
@@ -114,6 +146,7 @@ C10_HOST_DEVICE inline bool pixel_softmax(const Geometry<coord_t>& g, const Tile
   bool covered = false;
   for (int64_t j = 0; j < n; ++j) {
     if (!roi_logit<scalar_t>(g, input_logit, list[j], h, w, &ty, &tx, &l)) continue;
+    if (cv.data != nullptr && !(roi_coverage(cv, g, list[j], h, w) > acc_t(0))) continue;
     covered = true;
     if (l > m) m = l;
   }
@@ -124,7 +157,7 @@ C10_HOST_DEVICE inline bool pixel_softmax(const Geometry<coord_t>& g, const Tile
   acc_t z = math::exp_(base_logit - m);
   for (int64_t j = 0; j < n; ++j) {
     if (!roi_logit<scalar_t>(g, input_logit, list[j], h, w, &ty, &tx, &l)) continue;
-    z += math::exp_(l - m);
+    z += roi_term(cv, g, list[j], h, w, l, m);
   }
   *m_out = m;
   *z_out = z;
@@ -172,8 +205,9 @@ struct StatsParams {
   Tiles tiles;
   const scalar_t* base_logit;   // [B, H, W], contiguous
   const scalar_t* input_logit;  // [K, PH, PW], contiguous
+  CoverageView<scalar_t> coverage;
   at::opmath_type<scalar_t>* m;  // [B * H * W]
-  at::opmath_type<scalar_t>* z;  // [B * H * W], 0 where no ROI covers
+  at::opmath_type<scalar_t>* z;  // [B * H * W], 0 where no ROI takes part
   scalar_t* base_weight;        // [B, H, W]
 };
 
@@ -186,7 +220,7 @@ C10_HOST_DEVICE inline void apply_element(const StatsParams<scalar_t, coord_t>& 
   const acc_t bl = load(p.base_logit + i);
   acc_t m, z;
   const bool covered =
-      pixel_softmax<scalar_t>(p.geo, p.tiles, p.input_logit, bl, b, h, w, &m, &z);
+      pixel_softmax<scalar_t>(p.geo, p.tiles, p.coverage, p.input_logit, bl, b, h, w, &m, &z);
   p.m[i] = m;
   p.z[i] = z;
   p.base_weight[i] =
@@ -203,6 +237,7 @@ struct BlendParams {
   const scalar_t* input;  // [K, C, PH, PW]
   Strides4 in;
   const scalar_t* input_logit;
+  CoverageView<scalar_t> coverage;
   const at::opmath_type<scalar_t>* m;
   const at::opmath_type<scalar_t>* z;
   scalar_t* out;  // [B, C, H, W], contiguous in the working format
@@ -234,7 +269,8 @@ C10_HOST_DEVICE inline void apply_element(const BlendParams<scalar_t, coord_t>& 
   for (int64_t j = 0, n = p.tiles.count[t]; j < n; ++j) {
     const int64_t k = list[j];
     if (!roi_logit<scalar_t>(p.geo, p.input_logit, k, o.h, o.w, &ty, &tx, &l)) continue;
-    sum += math::blend_weight(l, m, z) * roi_value(p.input, p.in, k, o.c, ty, tx);
+    sum += roi_term(p.coverage, p.geo, k, o.h, o.w, l, m) / z *
+           roi_value(p.input, p.in, k, o.c, ty, tx);
   }
   p.out[i] = static_cast<scalar_t>(sum);
 }
@@ -254,9 +290,10 @@ struct PixelGradParams {
   const scalar_t* input;
   Strides4 in;
   const scalar_t* input_logit;
+  CoverageView<scalar_t> coverage;
   int64_t channels;
-  at::opmath_type<scalar_t>* m;     // [B * H * W]
-  at::opmath_type<scalar_t>* z;     // [B * H * W], 0 where no ROI covers
+  at::opmath_type<scalar_t>* m;     // [B * H * W]; the base logit where no ROI takes part
+  at::opmath_type<scalar_t>* z;     // [B * H * W], 0 where no ROI takes part
   at::opmath_type<scalar_t>* gout;  // [B * H * W]: <grad, out>
   scalar_t* grad_base_logit;        // [B, H, W]
 };
@@ -271,13 +308,24 @@ C10_HOST_DEVICE inline void apply_element(const PixelGradParams<scalar_t, coord_
   const int64_t w = i % W, h = (i / W) % H, b = i / (W * H);
   const acc_t bl = load(p.base_logit + i);
   acc_t m, z;
-  if (!pixel_softmax<scalar_t>(p.geo, p.tiles, p.input_logit, bl, b, h, w, &m, &z)) {
-    p.m[i] = p.z[i] = p.gout[i] = acc_t(0);
+  const scalar_t* g = p.grad + b * p.gs.n + h * p.gs.h + w * p.gs.w;
+  const scalar_t* x = p.base + b * p.bs.n + h * p.bs.h + w * p.bs.w;
+  if (!pixel_softmax<scalar_t>(p.geo, p.tiles, p.coverage, p.input_logit, bl, b, h, w, &m, &z)) {
+    // out = base here; with coverage an ROI covering the pixel with c = 0
+    // still has a coverage gradient, which reads m = base_logit and
+    // gout = <g, base> (z stays the 0 marker: w_base = 1)
+    acc_t s_base = acc_t(0);
+    if (p.coverage.data != nullptr) {
+      for (int64_t c = 0; c < p.channels; ++c) {
+        s_base += load(g + c * p.gs.c) * load(x + c * p.bs.c);
+      }
+    }
+    p.m[i] = p.coverage.data != nullptr ? bl : acc_t(0);
+    p.z[i] = acc_t(0);
+    p.gout[i] = s_base;
     p.grad_base_logit[i] = scalar_t(0);
     return;
   }
-  const scalar_t* g = p.grad + b * p.gs.n + h * p.gs.h + w * p.gs.w;
-  const scalar_t* x = p.base + b * p.bs.n + h * p.bs.h + w * p.bs.w;
   acc_t s_base = acc_t(0);
   for (int64_t c = 0; c < p.channels; ++c) {
     s_base += load(g + c * p.gs.c) * load(x + c * p.bs.c);
@@ -295,7 +343,7 @@ C10_HOST_DEVICE inline void apply_element(const PixelGradParams<scalar_t, coord_
     for (int64_t c = 0; c < p.channels; ++c) {
       s += load(g + c * p.gs.c) * roi_value(p.input, p.in, k, c, ty, tx);
     }
-    gout += math::blend_weight(l, m, z) * s;
+    gout += roi_term(p.coverage, p.geo, k, h, w, l, m) / z * s;
   }
   acc_t d = wb * (s_base - gout);
   if (p.grad_bw != nullptr) d += load(p.grad_bw + i) * wb * (acc_t(1) - wb);
@@ -363,6 +411,8 @@ struct PairParams {
   const scalar_t* input;
   Strides4 in;
   const scalar_t* input_logit;
+  CoverageView<scalar_t> coverage;
+  scalar_t* grad_coverage;  // [K, FH, FW] with coverage, else nullptr
   int64_t channels;
   const at::opmath_type<scalar_t>* m;
   const at::opmath_type<scalar_t>* z;
@@ -396,19 +446,29 @@ C10_HOST_DEVICE inline void apply_element(const PairParams<scalar_t, coord_t>& p
   acc_t l = acc_t(0);
   roi_logit<scalar_t>(p.geo, p.input_logit, k, h, w, &ty, &tx, &l);  // covered by construction
   const acc_t m = p.m[px], z = p.z[px];
-  const acc_t wk = math::blend_weight(l, m, z);
+  // z == 0: no ROI takes part (only with coverage, this one has c <= 0)
+  const acc_t wk = p.coverage.data == nullptr ? math::blend_weight(l, m, z)
+                   : z == acc_t(0)            ? acc_t(0)
+                                              : roi_term(p.coverage, p.geo, k, h, w, l, m) / z;
   const scalar_t* g = p.grad + b * p.gs.n + h * p.gs.h + w * p.gs.w;
   acc_t s = acc_t(0);
   for (int64_t c = 0; c < p.channels; ++c) {
     s += load(g + c * p.gs.c) * roi_value(p.input, p.in, k, c, ty, tx);
   }
   acc_t d = wk * (s - p.gout[px]);
-  if (p.grad_bw != nullptr) {
-    const acc_t wb = math::blend_weight(load(p.base_logit + px), m, z);
-    d -= load(p.grad_bw + px) * wb * wk;
-  }
+  const acc_t wb = z == acc_t(0) ? acc_t(1) : math::blend_weight(load(p.base_logit + px), m, z);
+  if (p.grad_bw != nullptr) d -= load(p.grad_bw + px) * wb * wk;
   p.weight[r] = wk;
   p.logit_grad[r] = d;
+  if (p.grad_coverage != nullptr) {
+    // d out / d c_k = r_k (v_k - out), r_k = exp(l - m) / z (z = 1 where no
+    // ROI takes part), plus the base weight's share; one crop cell per pair
+    const acc_t rk = z == acc_t(0) ? math::exp_(l - m) : math::blend_weight(l, m, z);
+    acc_t dc = s - p.gout[px];
+    if (p.grad_bw != nullptr) dc -= load(p.grad_bw + px) * wb;
+    p.grad_coverage[(k * p.coverage.h + (h - ay.first)) * p.coverage.w + (w - ax.first)] =
+        static_cast<scalar_t>(rk * dc);
+  }
 }
 
 // Gradients of the ROI grids, gathered: cell (i, j) of ROI k sums, over the

@@ -59,6 +59,12 @@ TileBuffers build_tiles(const Launcher& launch, const Geometry<coord_t>& geo,
   return t;
 }
 
+template <typename scalar_t>
+CoverageView<scalar_t> coverage_view(const BlendOperands& o) {
+  if (!o.coverage.defined()) return {nullptr, 0, 0};
+  return {o.coverage.const_data_ptr<scalar_t>(), o.coverage.size(1), o.coverage.size(2)};
+}
+
 template <typename coord_t>
 Geometry<coord_t> geometry(const BlendOperands& o) {
   return {o.rois.const_data_ptr<coord_t>(), static_cast<coord_t>(o.spatial_scale), o.aligned,
@@ -69,10 +75,10 @@ template <typename Launcher>
 std::tuple<at::Tensor, at::Tensor> blend_forward(
     const at::Tensor& base, const at::Tensor& base_logit, const at::Tensor& input,
     const at::Tensor& input_logit, const at::Tensor& rois, double spatial_scale,
-    bool aligned) {
+    bool aligned, const std::optional<at::Tensor>& coverage) {
   const Launcher launch(base.device());
   const BlendOperands o = blend_forward_operands(base, base_logit, input, input_logit, rois,
-                                                 spatial_scale, aligned);
+                                                 spatial_scale, aligned, coverage);
   if (!o.has_work) return {o.out, o.base_weight};
   const int64_t pixels = o.shape.batch * o.shape.height * o.shape.width;
   const at::Tensor stats =
@@ -89,6 +95,7 @@ std::tuple<at::Tensor, at::Tensor> blend_forward(
     sp.tiles = tiles.view();
     sp.base_logit = o.base_logit.const_data_ptr<scalar_t>();
     sp.input_logit = o.input_logit.const_data_ptr<scalar_t>();
+    sp.coverage = coverage_view<scalar_t>(o);
     sp.m = m;
     sp.z = z;
     sp.base_weight = o.base_weight.mutable_data_ptr<scalar_t>();
@@ -103,6 +110,7 @@ std::tuple<at::Tensor, at::Tensor> blend_forward(
     p.input = o.input.const_data_ptr<scalar_t>();
     p.in = strides4(o.input);
     p.input_logit = o.input_logit.const_data_ptr<scalar_t>();
+    p.coverage = coverage_view<scalar_t>(o);
     p.m = m;
     p.z = z;
     p.out = o.out.mutable_data_ptr<scalar_t>();
@@ -114,17 +122,17 @@ std::tuple<at::Tensor, at::Tensor> blend_forward(
 }
 
 template <typename Launcher>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_base_weight,
     const at::Tensor& base, const at::Tensor& base_logit, const at::Tensor& input,
     const at::Tensor& input_logit, const at::Tensor& rois, double spatial_scale,
-    bool aligned) {
+    bool aligned, const std::optional<at::Tensor>& coverage) {
   const Launcher launch(base.device());
   const BlendOperands o = blend_backward_operands(grad_out, grad_base_weight, base, base_logit,
                                                   input, input_logit, rois, spatial_scale,
-                                                  aligned);
+                                                  aligned, coverage);
   if (!o.has_work) {
-    return {o.grad_base, o.grad_base_logit, o.grad_input, o.grad_input_logit};
+    return {o.grad_base, o.grad_base_logit, o.grad_input, o.grad_input_logit, o.grad_coverage};
   }
   const int64_t C = o.shape.channels, K = o.shape.num_rois;
   const int64_t pixels = o.shape.batch * o.shape.height * o.shape.width;
@@ -153,6 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_backward(
     pp.input = o.input.const_data_ptr<scalar_t>();
     pp.in = strides4(o.input);
     pp.input_logit = o.input_logit.const_data_ptr<scalar_t>();
+    pp.coverage = coverage_view<scalar_t>(o);
     pp.channels = C;
     pp.m = m;
     pp.z = z;
@@ -193,6 +202,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_backward(
     qp.input = o.input.const_data_ptr<scalar_t>();
     qp.in = strides4(o.input);
     qp.input_logit = o.input_logit.const_data_ptr<scalar_t>();
+    qp.coverage = coverage_view<scalar_t>(o);
+    qp.grad_coverage =
+        o.coverage.defined() ? o.grad_coverage.mutable_data_ptr<scalar_t>() : nullptr;
     qp.channels = C;
     qp.m = m;
     qp.z = z;
@@ -219,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blend_backward(
     gp.channels_last = o.input_channels_last;
     launch(gp, o.grad_input.numel());
   });
-  return {o.grad_base, o.grad_base_logit, o.grad_input, o.grad_input_logit};
+  return {o.grad_base, o.grad_base_logit, o.grad_input, o.grad_input_logit, o.grad_coverage};
 }
 
 }  // namespace blend

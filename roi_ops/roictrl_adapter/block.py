@@ -111,11 +111,12 @@ class ROICtrlBlock(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, grid={self.grid}, fused_blend={self.fused_blend}"
 
-    def _blend(self, base, base_logit, input, input_logit, boxes, spatial_scale, aligned):
+    def _blend(self, base, base_logit, input, input_logit, boxes, spatial_scale, aligned, coverage=None):
         """Step 4's blend: :meth:`PasteRule.blend` of the block's rule, fused or not (the benchmarks' baselines
-        replace this method)."""
+        replace this method); ``coverage`` is the instances' mask coverage (``None``: boxes only)."""
         return self.paste_rule.blend(
-            base, base_logit, input, input_logit, boxes, spatial_scale, aligned, fused=self.fused_blend
+            base, base_logit, input, input_logit, boxes, spatial_scale, aligned, fused=self.fused_blend,
+            coverage=coverage,
         )
 
     def _gate_logits(self, base_logit, inst_logit, rois, instances, size):
@@ -216,11 +217,15 @@ class ROICtrlBlock(nn.Module):
             base_logit, inst_logit = self._gate_logits(base_logit, inst_logit, rois, instances, size)
         grid_values = x.transpose(1, 2).reshape(K, C, P, P)
         base = global_out.reshape(B, H, W, C).permute(0, 3, 1, 2)
-        out, base_weight = self._blend(base, base_logit, grid_values, inst_logit, rois, 1.0, True)
+        coverage = instances.layer_coverage(rois, size, dtype)
+        if coverage is None:  # boxes only: the call as before regions existed
+            out, base_weight = self._blend(base, base_logit, grid_values, inst_logit, rois, 1.0, True)
+        else:
+            out, base_weight = self._blend(base, base_logit, grid_values, inst_logit, rois, 1.0, True, coverage)
         if blend_record is not None:
             _, logits, covered = self.paste_rule.paste_for_blend(grid_values.detach(), inst_logit.detach(), rois, size)
             blend_record["instance_weights"] = instance_weights(
-                base_weight.detach(), base_logit.detach(), logits, covered, rois
+                base_weight.detach(), base_logit.detach(), logits, covered, rois, coverage
             )
         return out.permute(0, 2, 3, 1).reshape(B, T, C), base_weight, rois
 
@@ -286,7 +291,8 @@ class ROICtrlBlock(nn.Module):
         ``null_position`` is the box encoder's null token, needed with ``position_padding="null_token"``.
 
         Returns ``(new_output [B, T, C], stats)`` where ``stats`` holds ``base_weight`` ``[B, H, W]`` and
-        ``covered`` ``BoolTensor[B, H, W]`` for the fusion-weight regulariser; with ``record_blend`` and at least
+        ``covered`` ``BoolTensor[B, H, W]`` for the fusion-weight regulariser (with regions: the soft union of the
+        instances' coverage, a float map); with ``record_blend`` and at least
         one instance also ``instance_weights`` ``Tensor[K, H, W]`` (the blend maps) and ``rois`` ``Tensor[K, 5]``.
         """
         empty_too = self.options.guide_empty_samples
@@ -310,7 +316,11 @@ class ROICtrlBlock(nn.Module):
             g = global_out.index_select(0, sel)
             new_rows = g + instances.scale * (new_rows - g)
         out = global_out.index_copy(0, sel, new_rows)
-        covered = self.paste_rule.coverage(rois, B, size, grid=self.grid)
+        region = instances.layer_coverage(rois, size, global_out.dtype)
+        if region is None:  # boxes only: as before regions existed
+            covered = self.paste_rule.coverage(rois, B, size, grid=self.grid)
+        else:
+            covered = self.paste_rule.coverage(rois, B, size, grid=self.grid, coverage=region)
         stats = {"base_weight": base_weight, "covered": covered}
         if record:
             stats.update(record, rois=rois)

@@ -122,7 +122,7 @@ def parse_layout(raw: bytes | str, name: str = "layout") -> dict[str, Any]:
         raise ValueError(f"{name} is nested too deeply to be a layout") from None
     except ValueError as e:  # a duplicate key
         raise ValueError(f"{name}: {e}") from None
-    return validate_layout(layout, require_prompt=False, where=f"{name}: ")
+    return validate_layout(layout, require_prompt=False, where=f"{name}: ", base_dir=os.path.dirname(path))
 
 
 def _source(name: str, value: str) -> dict[str, Any]:

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-_KEYS = ("boxes", "embeddings", "masks", "scale")
+import roi_ops
+
+_KEYS = ("boxes", "embeddings", "masks", "scale", "regions")
 # The official ROICtrl release names the same entries instance_boxes / instance_masks / instance_embeddings.
 ALIASES = {"instance_boxes": "boxes", "instance_embeddings": "embeddings", "instance_masks": "masks"}
 
@@ -39,6 +41,12 @@ class ROICtrlInstances:
         masks: ``Tensor[B, N]`` (bool, or 0/1 of any dtype), 1 for a real instance and 0 for padding; ``None``
             means every slot is an instance. Padded slots may hold anything (their boxes are not checked).
         scale: strength of the adapter for this call; ``0`` skips it entirely, ``1`` is the trained behaviour.
+        regions: optional ``Tensor[B, N, Hr, Wr]`` (bool or floating, values in ``[0, 1]``): each instance's shape
+            as a soft mask over the whole image (any resolution, best a multiple of every layer's map). Per layer it
+            is area-averaged onto the map (:meth:`layer_coverage`) and weights the instance's blend term
+            (docs/ops.md, "Mask-shaped instances"); outside the box it is ignored. An instance without a shape has
+            a region of all ones. ``None``: boxes only, bitwise the adapter without regions. Not to be confused
+            with ``masks``, which marks the valid slots.
 
     Derived attributes (computed once in ``__post_init__``; ``K`` = number of valid instances):
         ``batch_index`` ``LongTensor[K]``, ``instance_boxes`` ``Tensor[K, 4]``, ``instance_embeddings``
@@ -52,6 +60,7 @@ class ROICtrlInstances:
     embeddings: torch.Tensor
     masks: torch.Tensor | None = None
     scale: float = 1.0
+    regions: torch.Tensor | None = None
 
     batch_index: torch.Tensor = field(init=False, repr=False)
     instance_boxes: torch.Tensor = field(init=False, repr=False)
@@ -61,6 +70,8 @@ class ROICtrlInstances:
     sample_index: torch.Tensor = field(init=False, repr=False)
     num_instances: int = field(init=False, repr=False)
     max_instances_per_sample: int = field(init=False, repr=False)
+    instance_regions: torch.Tensor | None = field(init=False, repr=False)
+    _coverage_cache: dict = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         boxes, emb, masks = self.boxes, self.embeddings, self.masks
@@ -97,11 +108,37 @@ class ROICtrlInstances:
             raise ValueError(f"roictrl scale must be a finite number, got {scale!r}")
         object.__setattr__(self, "scale", float(scale))
 
+        regions = self.regions
+        if regions is not None:
+            if not isinstance(regions, torch.Tensor) or regions.dim() != 4 or tuple(regions.shape[:2]) != (B, N):
+                raise ValueError(
+                    f"roictrl regions must be Tensor[B, N, H, W] with B={B}, N={N} as in boxes (one soft mask per "
+                    f"instance, all ones for a box-only one), got {_shape(regions)}"
+                )
+            if regions.dtype != torch.bool and not regions.is_floating_point():
+                raise TypeError(f"roictrl regions must be bool or floating point, got {regions.dtype}")
+            if min(regions.shape[2:]) < 1:
+                raise ValueError(f"roictrl regions must have a non-empty H x W, got {_shape(regions)}")
+            if regions.device != boxes.device:
+                raise ValueError(
+                    f"roictrl boxes and regions must be on one device, got {boxes.device} and {regions.device}"
+                )
         # One host sync for all value checks: compacting to the valid instances needs their count anyway.
         idx = valid.nonzero()  # [K, 2], row-major: grouped by sample, in slot order
         b_idx, n_idx = idx[:, 0], idx[:, 1]
         inst_boxes = boxes[b_idx, n_idx]
         inst_emb = emb[b_idx, n_idx]
+        inst_regions = None
+        if regions is not None:
+            inst_regions = regions[b_idx, n_idx].float() if regions.dtype == torch.bool else regions[b_idx, n_idx]
+            if inst_regions.numel():
+                bad = ~(torch.isfinite(inst_regions) & (inst_regions >= 0) & (inst_regions <= 1)).flatten(1).all(1)
+                if bool(bad.any()):
+                    k = int(bad.nonzero()[0, 0])
+                    raise ValueError(
+                        "roictrl regions of valid instances must hold values in [0, 1] (a soft mask), got values "
+                        f"outside for sample {int(b_idx[k])}, slot {int(n_idx[k])}"
+                    )
         if inst_boxes.numel():
             x1, y1, x2, y2 = inst_boxes.unbind(-1)
             bad = ~torch.isfinite(inst_boxes).all(-1)
@@ -132,6 +169,31 @@ class ROICtrlInstances:
         object.__setattr__(self, "sample_index", (counts > 0).nonzero().flatten())
         object.__setattr__(self, "num_instances", int(idx.shape[0]))
         object.__setattr__(self, "max_instances_per_sample", int(counts.max()) if B > 0 else 0)
+        object.__setattr__(self, "instance_regions", inst_regions)
+        object.__setattr__(self, "_coverage_cache", {})
+
+    @property
+    def has_regions(self) -> bool:
+        """Whether the instances carry regions (mask shapes)."""
+        return self.instance_regions is not None
+
+    def layer_coverage(self, rois: torch.Tensor, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor | None:
+        """The instances' soft coverage on an ``H x W`` layer map, cropped to each ROI's footprint, the
+        ``coverage`` of ``roi_ops.roi_unpool_blend``: ``Tensor[K, FH, FW]``, or ``None`` without regions.
+
+        A feature pixel's coverage is the mean of the region over the pixel's footprint in the image (adaptive
+        average pooling: an exact area average when the region's size is a multiple of the map's). Computed once
+        per map size and dtype for all layers of that size (the dense ``[K, H, W]`` map is not kept)."""
+        if self.instance_regions is None:
+            return None
+        key = (tuple(size), dtype, rois.device)
+        cached = self._coverage_cache.get(key)
+        if cached is None:
+            regions = self.instance_regions.to(device=rois.device)
+            dense = torch.nn.functional.adaptive_avg_pool2d(regions.float()[:, None], tuple(size))[:, 0]
+            cached = roi_ops.reference.footprint_crops(dense.to(dtype), rois, 1.0, True, rois.dtype)
+            self._coverage_cache[key] = cached
+        return cached
 
     @property
     def batch_size(self) -> int:
@@ -168,12 +230,12 @@ class ROICtrlInstances:
             missing = [k for k in ("boxes", "embeddings") if k not in data]
             if missing:
                 raise ValueError(
-                    f"roictrl needs keys {missing} (expected boxes, embeddings and optionally masks, scale)"
+                    f"roictrl needs keys {missing} (expected boxes, embeddings and optionally masks, scale, regions)"
                 )
             return cls(**data)
         raise TypeError(
             "cross_attention_kwargs['roictrl'] must be a ROICtrlInstances or a dict with keys boxes, embeddings, "
-            f"masks, scale; got {type(data).__name__}"
+            f"masks, scale, regions; got {type(data).__name__}"
         )
 
     def rois(self, height: int, width: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

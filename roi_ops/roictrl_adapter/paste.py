@@ -72,13 +72,27 @@ class PasteRule:
         raise NotImplementedError
 
     def coverage(
-        self, boxes: torch.Tensor, batch_size: int, size: tuple[int, int], grid: int = 1, aligned: bool = True
+        self,
+        boxes: torch.Tensor,
+        batch_size: int,
+        size: tuple[int, int],
+        grid: int = 1,
+        aligned: bool = True,
+        coverage: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``BoolTensor[B, H, W]``: pixels covered by at least one ROI of their image."""
+        """``BoolTensor[B, H, W]``: pixels covered by at least one ROI of their image. Given the ROIs' soft
+        ``coverage`` (``Tensor[K, FH, FW]``, footprint crops), the float ``Tensor[B, H, W]`` of its maximum over
+        the ROIs covering each pixel instead (the region mask ``M`` of the regulariser)."""
         H, W = size
         if boxes.shape[0] == 0:
             return torch.zeros(batch_size, H, W, dtype=torch.bool, device=boxes.device)
         pasted = self.coverage_of_boxes(boxes, size, grid, aligned)
+        if coverage is not None:
+            dense = reference.coverage_from_crops(coverage, boxes, size, 1.0, aligned, boxes.dtype)
+            soft = torch.where(pasted, dense.float(), torch.zeros((), device=boxes.device))
+            out = torch.zeros(batch_size, H, W, device=boxes.device)
+            index = boxes[:, 0].long()[:, None, None].expand_as(soft)
+            return out.scatter_reduce(0, index, soft, "amax", include_self=True)
         counts = torch.zeros(batch_size, H, W, device=boxes.device)
         return counts.index_put((boxes[:, 0].long(),), pasted.to(counts.dtype), accumulate=True) > 0
 
@@ -92,22 +106,34 @@ class PasteRule:
         spatial_scale: float = 1.0,
         aligned: bool = True,
         fused: bool = False,
+        coverage: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`blend` under this rule; ``fused=True`` runs the fused op (only where :attr:`fused`)."""
+        """:func:`blend` under this rule; ``fused=True`` runs the fused op (only where :attr:`fused`).
+        ``coverage``: the ROIs' soft coverage, footprint crops ``Tensor[K, FH, FW]`` (``roi_ops.roi_unpool_blend``)."""
         if fused:
             if not self.fused:
                 raise ValueError(f"the {self.name!r} paste rule has no fused blend; use fused=False")
             # The fused op takes one dtype for all four tensors; under autocast the logits may come out in
             # another one than the global output (no-op casts otherwise).
             dtype = base.dtype
+            if coverage is None:
+                return roi_ops.roi_unpool_blend(
+                    base, base_logit.to(dtype), input.to(dtype), input_logit.to(dtype), boxes, spatial_scale, aligned
+                )
             return roi_ops.roi_unpool_blend(
-                base, base_logit.to(dtype), input.to(dtype), input_logit.to(dtype), boxes, spatial_scale, aligned
+                base, base_logit.to(dtype), input.to(dtype), input_logit.to(dtype), boxes, spatial_scale, aligned,
+                coverage=coverage.to(dtype),
             )
         B, C, H, W = base.shape
         if input.shape[0] == 0:
             return base, base.new_ones(B, H, W)
         values, logits, covered = self.paste_for_blend(input, input_logit, boxes, (H, W), spatial_scale, aligned)
-        out, base_weight = reference.blend_pasted(base, base_logit, values, logits, covered, boxes[:, 0].long())
+        dense = None
+        if coverage is not None:
+            dense = reference.coverage_from_crops(coverage, boxes, (H, W), spatial_scale, aligned, boxes.dtype)
+        out, base_weight = reference.blend_pasted(
+            base, base_logit, values, logits, covered, boxes[:, 0].long(), coverage=dense
+        )
         return out, base_weight.to(base.dtype)
 
     def __repr__(self) -> str:
@@ -264,15 +290,20 @@ def instance_weights(
     logits: torch.Tensor,
     covered: torch.Tensor,
     boxes: torch.Tensor,
+    coverage: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Tensor[K, H, W]``: each instance's weight in the per-pixel softmax of :func:`blend` (the blend maps).
 
     ``w_k = W_global * exp(l_k - l_global)`` where instance ``k`` covers, 0 elsewhere (in log space, so no
-    overflow); ``base_weight`` is what the blend returned, ``logits`` and ``covered`` what
-    :meth:`PasteRule.paste_for_blend` gave it, ``boxes`` the ROI rows (their batch index picks the image).
+    overflow), times its soft ``coverage`` (footprint crops, as the blend got them) when given; ``base_weight``
+    is what the blend returned, ``logits`` and ``covered`` what :meth:`PasteRule.paste_for_blend` gave it,
+    ``boxes`` the ROI rows (their batch index picks the image).
     """
     H, W = logits.shape[-2:]
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     b = boxes[:, 0].long()
     log_w = base_weight.to(acc)[b].log() + logits.to(acc) - base_logit.to(acc).reshape(-1, H, W)[b]
-    return torch.where(covered, log_w.exp(), torch.zeros((), dtype=acc, device=logits.device))
+    weights = torch.where(covered, log_w.exp(), torch.zeros((), dtype=acc, device=logits.device))
+    if coverage is not None:
+        weights = weights * reference.coverage_from_crops(coverage.detach(), boxes, (H, W), 1.0, True, boxes.dtype)
+    return weights

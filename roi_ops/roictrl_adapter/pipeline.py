@@ -17,14 +17,16 @@ import threading
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 import roi_ops
 
+from . import regions
 from .adapter import ROICtrlAdapter
 from .hooks import KWARG, BlendMapRecorder, get_call_arg, installed_adapter, set_call_arg, unwrap_unet
 from .instances import ROICtrlInstances
@@ -71,34 +73,50 @@ LAYOUT_KEYS = ("prompt", "negative_prompt", "width", "height", "box_format", "bo
 
 @dataclass(frozen=True)
 class Instance:
-    """One instance: a box and the caption of what goes in it.
+    """One instance: a box, the caption of what goes in it and optionally its mask.
 
     ``box`` is 4 numbers, read according to the call's ``box_format`` (``"xyxy"``: ``(x1, y1, x2, y2)``,
     ``"xywh"``: ``(x, y, width, height)``) and ``box_units`` (``"normalized"`` to ``[0, 1]`` or ``"pixels"``); x
-    runs along the image width, y along its height, from the top-left corner.
+    runs along the image width, y along its height, from the top-left corner. ``mask`` (optional) says which
+    pixels of the box are the instance (``regions.read_mask`` lists its forms); without a box, the mask's
+    bounding box is the box (``box`` is then ``None`` until :func:`normalize_instances`).
     """
 
-    box: tuple[float, float, float, float]
+    box: tuple[float, float, float, float] | None
     caption: str
+    mask: Any = field(default=None, compare=False, repr=False)
 
 
 def _is_instance_like(x: object) -> bool:
     return isinstance(x, (Instance, Mapping))
 
 
-def _as_instance(item: object, where: str, sep: str = " ") -> Instance:
+def _as_instance(item: object, where: str, sep: str = " ", base_dir: Any = None, units: str = "normalized"
+                 ) -> Instance:
     if isinstance(item, Instance):
-        box, caption = item.box, item.caption
+        box, caption, mask = item.box, item.caption, item.mask
     elif isinstance(item, Mapping):
-        unknown = sorted(set(item) - {"box", "caption"})
-        missing = [k for k in ("box", "caption") if k not in item]
+        unknown = sorted(set(item) - {"box", "caption", "mask"})
+        has_mask = item.get("mask") is not None
+        missing = [k for k in ("box", "caption") if k not in item and not (k == "box" and has_mask)]
         if unknown or missing:
             raise ValueError(
-                f"{where} must have the keys 'box' and 'caption'; missing {missing}, unknown {unknown}"
+                f"{where} must have the keys 'box' and 'caption'; missing {missing}, unknown {unknown} (and "
+                "optionally 'mask'; 'box' may be left out when a mask is given)"
             )
-        box, caption = item["box"], item["caption"]
+        box, caption, mask = item.get("box"), item["caption"], item.get("mask")
     else:
-        raise TypeError(f"{where} must be an Instance or a dict with 'box' and 'caption', got {type(item).__name__}")
+        raise TypeError(
+            f"{where} must be an Instance or a dict with 'box', 'caption' and optionally 'mask', got "
+            f"{type(item).__name__}"
+        )
+    if mask is not None:
+        mask = regions.read_mask(mask, f"{where}{sep}mask", base_dir=base_dir, units=units)
+    if box is None and mask is not None:
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"{where}{sep}caption must be a non-empty string, got {_short(caption)}")
+        _check_text_length(f"{where}{sep}caption", caption)
+        return Instance(None, caption, mask)
     if isinstance(box, torch.Tensor):
         box = box.tolist()
     if (
@@ -114,7 +132,7 @@ def _as_instance(item: object, where: str, sep: str = " ") -> Instance:
     if not isinstance(caption, str) or not caption.strip():
         raise ValueError(f"{where}{sep}caption must be a non-empty string, got {_short(caption)}")
     _check_text_length(f"{where}{sep}caption", caption)
-    return Instance(box, caption)
+    return Instance(box, caption, mask)
 
 
 def _short(value: object, limit: int = 80) -> str:
@@ -202,6 +220,7 @@ def validate_layout(
     require_prompt: bool = True,
     max_instances: int | None = None,
     where: str = "",
+    base_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Check one layout-like JSON object and return a copy with its defaults filled in.
 
@@ -216,8 +235,11 @@ def validate_layout(
     - ``box_format``: one of :data:`BOX_FORMATS` (default ``"xyxy"``); ``box_units``: one of :data:`BOX_UNITS`
       (default ``"normalized"``; returned in its canonical spelling);
     - ``instances``: a list of at most ``max_instances`` (default :data:`MAX_INSTANCES`) objects
-      ``{"box": [4 finite numbers], "caption": non-empty string}``; returned as :class:`Instance` objects (the
-      box as given: whether it fits the image is :func:`normalize_instances`' check, which needs the size).
+      ``{"box": [4 finite numbers], "caption": non-empty string, "mask": optional}``; returned as
+      :class:`Instance` objects (the box as given: whether it fits the image is :func:`normalize_instances`'
+      check, which needs the size). A ``mask`` is a PNG path relative to ``base_dir`` (the layout file's
+      folder), a COCO RLE ``{"size": [h, w], "counts": ...}`` or a COCO polygon list (in ``box_units``); with a
+      mask the box may be left out (the mask's bounding box).
 
     Raises ``ValueError`` whose message starts with ``where`` and names the key by its path
     (``instances[0].box must be 4 numbers, got [1, 2]``) and what was expected.
@@ -257,7 +279,8 @@ def validate_layout(
                 f"{where}instances[{i}] must be an object {{\"box\": [4 numbers], \"caption\": text}}, got "
                 f"{type(item).__name__} {_short(item)}"
             )
-        checked.append(_as_instance(item, f"{where}instances[{i}]", sep="."))
+        checked.append(_as_instance(item, f"{where}instances[{i}]", sep=".", base_dir=base_dir,
+                                    units=out["box_units"]))
     out["instances"] = checked
     return out
 
@@ -317,11 +340,16 @@ def normalize_instances(
     for p, items in enumerate(per_prompt):
         _check_count(f"instances[{p}]", len(items), max_instances)
     out, clipped = [], []
+    outside = []
     for p, items in enumerate(per_prompt):
         row = []
         for i, item in enumerate(items):
             where = f"instances[{p}][{i}]"
-            inst = _as_instance(item, where)
+            inst = _as_instance(item, where, units=units)
+            mask = None if inst.mask is None else regions.to_image(inst.mask, height, width)
+            if inst.box is None:  # a mask without a box: the mask's bounding box
+                row.append(Instance(regions.mask_box(mask, f"{where} mask"), inst.caption, mask))
+                continue
             a, b, c, d = inst.box
             if box_format == "xywh":
                 if c < 0 or d < 0:
@@ -344,11 +372,47 @@ def normalize_instances(
                     raise ValueError(f"{where} box {inst.box} ({box_units}) goes outside the image; {hint}")
                 box = tuple(min(max(v, 0.0), 1.0) for v in box)
                 clipped.append(where)
-            row.append(Instance(box, inst.caption))
+            if mask is not None:
+                mask, cut = _clip_mask(mask, box)
+                if cut:
+                    outside.append(f"{where} ({cut} px)")
+            row.append(Instance(box, inst.caption, mask))
         out.append(row)
     if clipped:
         message = f"clip_boxes=True clamped {len(clipped)} box(es) to the image: {', '.join(clipped)}"
         warnings.warn(message, stacklevel=3)
+    if outside:
+        warnings.warn(
+            f"{len(outside)} mask(s) have pixels outside their box, clipped to the box: {', '.join(outside)}",
+            stacklevel=3,
+        )
+    return out
+
+
+def _clip_mask(mask: np.ndarray, box: tuple[float, float, float, float]) -> tuple[np.ndarray, int]:
+    """``mask`` (image size) with the pixels whose centre lies outside the normalised ``box`` set to 0, and how
+    many nonzero pixels that removed."""
+    h, w = mask.shape
+    x1, y1, x2, y2 = box
+    cx = (np.arange(w) + 0.5) / w
+    cy = (np.arange(h) + 0.5) / h
+    inside = ((cy >= y1) & (cy <= y2))[:, None] & ((cx >= x1) & (cx <= x2))[None, :]
+    cut = int(((mask > 0) & ~inside).sum())
+    return (np.where(inside, mask, 0).astype(np.float32) if cut else mask), cut
+
+
+def instance_regions(rows: list[list[Instance]], n_max: int, size: tuple[int, int]) -> torch.Tensor | None:
+    """``Tensor[S, n_max, h, w]``: the masks of ``rows`` (at the image size) area-averaged to ``size`` (the
+    latents: the image is a multiple of it, so each latent pixel gets the exact mean over its footprint), all
+    ones for instances without a mask and for padding; ``None`` when no instance has a mask (boxes only)."""
+    if not any(inst.mask is not None for row in rows for inst in row):
+        return None
+    out = torch.ones(len(rows), n_max, *size)
+    for s, row in enumerate(rows):
+        for i, inst in enumerate(row):
+            if inst.mask is not None:
+                m = torch.from_numpy(np.ascontiguousarray(inst.mask, dtype=np.float32))[None, None]
+                out[s, i] = torch.nn.functional.adaptive_avg_pool2d(m, size)[0, 0]
     return out
 
 
@@ -436,7 +500,8 @@ class _CallState:
                 # (all-zero masks), so it is the base model bitwise.
                 pad = lambda t: torch.cat([torch.zeros_like(t), t])  # noqa: E731
                 self.by_batch[batch] = ROICtrlInstances(
-                    pad(cond.boxes), pad(cond.embeddings), pad(cond.masks), scale=cond.scale
+                    pad(cond.boxes), pad(cond.embeddings), pad(cond.masks), scale=cond.scale,
+                    regions=None if cond.regions is None else pad(cond.regions),
                 )
             else:
                 raise RuntimeError(
@@ -744,8 +809,11 @@ class ROICtrlPipeline:
                     masks[s, i] = True
                     which[s, i] = index[inst.caption]
             device = emb.device
+            latent_hw = (image_hw[0] // vae_sf, image_hw[1] // vae_sf)
+            regions_ = instance_regions(rows, n_max, latent_hw)
             cond = ROICtrlInstances(
-                boxes.to(device), emb[which.to(device)], masks.to(device), scale=roictrl_scale
+                boxes.to(device), emb[which.to(device)], masks.to(device), scale=roictrl_scale,
+                regions=None if regions_ is None else regions_.to(device),
             )
 
         unet = unwrap_unet(self.pipe.unet)

@@ -140,6 +140,13 @@ def _check_line(obj, n: int, root: str) -> Record:
     instances = obj.get("instances", [])
     if not isinstance(instances, list):
         raise ValueError(f"instances must be a list, got {type(instances).__name__}")
+    for i, inst in enumerate(instances):
+        if isinstance(inst, dict) and "mask" in inst:
+            # the pipeline reads instance masks; the folder data does not carry them through its crop yet
+            raise ValueError(
+                f"instances[{i}].mask: masks in dataset lines are not supported by the trainer yet (only in "
+                "ROICtrlPipeline, roi-ops generate layouts and the toy benchmark's in-memory data); drop the key"
+            )
     path = os.path.join(root, name)
     if not os.path.isfile(path):
         raise ValueError(f"image {name!r}: no such file in {root}")
@@ -208,6 +215,7 @@ class Batch:
     latent_mean: Any = None  # Tensor[B, C, h, w]
     latent_std: Any = None
     time_ids: Any = None  # Tensor[B, 6]: original (h, w), crop (top, left), target (h, w)
+    regions: Any = None  # Tensor[B, N, h, w] in [0, 1]: instance masks (all ones: box only); None: boxes only
 
 
 class FolderData:
@@ -256,10 +264,11 @@ class TensorData:
     """In-memory data: the latent posterior (mean, std) of every sample, with prompts and padded instances. What
     ``--cache-embeddings`` builds from a folder, and what the toy benchmark hands the trainer directly."""
 
-    def __init__(self, latent_mean, latent_std, prompts, captions, boxes, masks, time_ids=None):
+    def __init__(self, latent_mean, latent_std, prompts, captions, boxes, masks, time_ids=None, regions=None):
         self.latent_mean, self.latent_std = latent_mean, latent_std
         self.prompts, self.captions, self.boxes, self.masks = list(prompts), captions, boxes, masks
         self.time_ids = time_ids
+        self.regions = regions  # Tensor[n, N, h, w] or None
         self.max_instances = boxes.shape[1]
 
     def __len__(self) -> int:
@@ -274,6 +283,7 @@ class TensorData:
             [self.prompts[i] for i in il], [list(self.captions[i]) for i in il], self.boxes[idx], self.masks[idx],
             latent_mean=self.latent_mean[idx], latent_std=self.latent_std[idx],
             time_ids=None if self.time_ids is None else self.time_ids[idx],
+            regions=None if self.regions is None else self.regions[idx],
         )
 
 

@@ -58,6 +58,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     reg_weight: float = 0.01
+    # > 0: the diffusion loss weighs the latent pixels inside the boxes of mask-shaped instances (regions not all
+    # ones) by 1 + region_loss_weight (normalised by the mean weight), where the mask decides what goes where
+    region_loss_weight: float = 0.0
     seed: int = 0
     checkpoint_every: int = 0  # 0: only at the end
     validation_every: int = 0
@@ -131,6 +134,21 @@ class _Denoiser(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
+def _region_weighted_mse(pred, target, boxes, masks, regions, weight: float) -> torch.Tensor:
+    """MSE whose latent pixels inside the box of a mask-shaped instance (valid, region not all ones) weigh
+    ``1 + weight``, divided by the mean weight (so a batch without such instances gives the plain MSE)."""
+    B, _, h, w = pred.shape
+    shaped = masks.bool() & (regions.flatten(2).amin(-1) < 1)  # [B, N]
+    cy = (torch.arange(h, device=pred.device) + 0.5) / h
+    cx = (torch.arange(w, device=pred.device) + 0.5) / w
+    x1, y1, x2, y2 = boxes.unbind(-1)  # [B, N] each
+    inside = ((cy >= y1[..., None]) & (cy < y2[..., None]))[..., :, None] & (
+        (cx >= x1[..., None]) & (cx < x2[..., None]))[..., None, :]  # [B, N, h, w]
+    emphasis = (inside & shaped[..., None, None]).any(1).float()  # [B, h, w]
+    wmap = (1 + weight * emphasis)[:, None]
+    return ((pred - target) ** 2 * wmap).mean() / wmap.mean()
+
+
 def find_checkpoint(output_dir: str, step: int | None = None) -> str | None:
     """The completed ``checkpoint-<step>`` folder (the newest when ``step`` is None), or ``None``."""
     if not os.path.isdir(output_dir):
@@ -348,8 +366,9 @@ def train_adapter(
                     text, pooled = encoder(batch.prompts)
                     flat = [batch.captions[i][k] for i in range(B) for k in range(N)]
                     states, _ = encoder(flat)
+                    regions = None if batch.regions is None else batch.regions.to(device)
                     instances = ROICtrlInstances(batch.boxes.to(device), states.view(B, N, *states.shape[1:]),
-                                                 batch.masks.to(device))
+                                                 batch.masks.to(device), regions=regions)
                     added = None
                     if sdxl:
                         added = {"text_embeds": pooled, "time_ids": batch.time_ids.to(device, pooled.dtype)}
@@ -358,7 +377,12 @@ def train_adapter(
                 ctx = accelerator.no_sync(denoiser) if not sync and P > 1 else _nullcontext()
                 with ctx, accelerator.autocast():
                     pred, reg = denoiser(noisy.to(unet_dtype), t, text.to(unet_dtype), instances, added)
-                    l_ldm = F.mse_loss(pred.float(), target.float())
+                    if config.region_loss_weight > 0 and batch.regions is not None:
+                        l_ldm = _region_weighted_mse(pred.float(), target.float(), batch.boxes.to(device),
+                                                     batch.masks.to(device), batch.regions.to(device),
+                                                     config.region_loss_weight)
+                    else:
+                        l_ldm = F.mse_loss(pred.float(), target.float())
                     loss = l_ldm + config.reg_weight * reg
                     accelerator.backward(loss / A if A > 1 else loss)
                 if not math.isfinite(loss.item()):

@@ -1,0 +1,169 @@
+"""Mask-shaped instances in the adapter and the pipeline (docs/ops.md, "Mask-shaped instances"): the mask forms,
+their validation messages, the mask's bounding box, clipping to the box, bitwise box-only behaviour, and the blend
+maps showing the mask."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_pipelines as tp
+from roi_ops.roictrl_adapter import ROICtrlInstances, ROICtrlPipeline, normalize_instances
+from roi_ops.roictrl_adapter import regions
+from roi_ops.roictrl_adapter.generate import read_layout
+from roi_ops.roictrl_adapter.pipeline import validate_layout
+
+STEPS = dict(num_inference_steps=2, output_type="np")
+SIZE = 64  # the tiny pipelines' image side
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    pipe = tp.make_sd_pipeline(tmp_path_factory.mktemp("sd"))
+    return pipe, ROICtrlPipeline.from_pipe(pipe, tp.make_pipeline_adapter(pipe))
+
+
+def disc(size=SIZE, box=(0.1, 0.1, 0.7, 0.7)) -> np.ndarray:
+    c = (np.arange(size) + 0.5) / size
+    x1, y1, x2, y2 = box
+    u = (c[None, :] - (x1 + x2) / 2) / ((x2 - x1) / 2)
+    v = (c[:, None] - (y1 + y2) / 2) / ((y2 - y1) / 2)
+    return u**2 + v**2 <= 1
+
+
+def run(roictrl, instances, **kw):
+    return roictrl("a picture", instances=instances, generator=torch.Generator().manual_seed(0), **STEPS, **kw)
+
+
+def test_mask_forms_read_alike(tmp_path):
+    from PIL import Image
+
+    m = disc(16)
+    png = tmp_path / "m.png"
+    Image.fromarray((m * 255).astype(np.uint8)).save(png)
+    # COCO RLE, uncompressed (column-major runs starting with 0s) and pycocotools' compressed string of it
+    flat = m.T.flatten()
+    runs, cur, n = [], False, 0
+    for v in flat:
+        if v != cur:
+            runs.append(n)
+            cur, n = v, 0
+        n += 1
+    runs.append(n)
+    forms = [m, m.astype(np.float32), torch.from_numpy(m), Image.fromarray(m), "m.png",
+             {"size": [16, 16], "counts": runs}, {"size": [16, 16], "counts": _compress(runs)}]
+    for form in forms:
+        got = regions.read_mask(form, "instances[0].mask", base_dir=tmp_path)
+        assert np.array_equal(got, m.astype(np.float32)), type(form)
+    poly = regions.read_mask([[0.25, 0.25, 0.75, 0.25, 0.75, 0.75, 0.25, 0.75]], "m")
+    square = regions.to_image(poly, 8, 8)
+    assert square.sum() == 16 and square[2:6, 2:6].all()
+
+
+def _compress(runs):
+    """pycocotools' rleToString, for the test (the decoder is regions._decode_counts)."""
+    out = []
+    for i, x in enumerate(runs):
+        if i > 2:
+            x -= runs[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = (x != -1) if c & 0x10 else (x != 0)
+            if more:
+                c |= 0x20
+            out.append(chr(c + 48))
+    return "".join(out)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.full((4, 4), 2.0), r"instances\[0\]\[0\] mask must hold values in \[0, 1\]"),
+    (np.zeros((2, 3, 4)), r"instances\[0\]\[0\] mask must be a 2-D"),
+    (np.full((4, 4), 7, dtype=np.int64), r"instances\[0\]\[0\] mask is an integer array"),
+    ({"size": [4, 4], "counts": [3, 2]}, r"instances\[0\]\[0\] mask RLE counts add up to 5"),
+    ("nope.png", r"instances\[0\]\[0\] mask PNG 'nope.png': no such file"),
+    (3.5, r"instances\[0\]\[0\] mask must be a bool/float numpy array"),
+    (np.zeros((4, 4), dtype=bool), r"instances\[0\]\[0\] mask is empty"),
+])
+def test_bad_masks_name_the_instance(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        normalize_instances([{"caption": "a cat", "mask": bad}], 1, width=SIZE, height=SIZE)
+
+
+def test_mask_only_gets_its_bounding_box_and_outside_pixels_are_clipped():
+    m = np.zeros((8, 8), dtype=bool)
+    m[2:5, 1:7] = True
+    (inst,) = normalize_instances([{"caption": "a cat", "mask": m}], 1, width=SIZE, height=SIZE)[0]
+    assert inst.box == pytest.approx((1 / 8, 2 / 8, 7 / 8, 5 / 8))
+    f = SIZE // 8  # nearest-neighbour upsampling factor
+    assert inst.mask.shape == (SIZE, SIZE) and inst.mask.sum() == (3 * f) * (6 * f)
+    with pytest.warns(UserWarning, match=r"instances\[0\]\[0\] \(\d+ px\)"):
+        (inst,) = normalize_instances([{"box": [0, 0, 0.5, 0.5], "caption": "a cat", "mask": m}], 1,
+                                      width=SIZE, height=SIZE)[0]
+    half = SIZE // 2
+    assert inst.mask[:, half:].sum() == 0 and inst.mask[half:].sum() == 0 and inst.mask[2 * f:half, f:half].all()
+
+
+def test_layout_json_mask_forms(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(disc(8)).save(tmp_path / "cat.png")
+    layout = {"prompt": "a cat and a dog", "instances": [
+        {"box": [0.05, 0.05, 0.8, 0.8], "caption": "a cat", "mask": "cat.png"},
+        {"caption": "a dog", "mask": [[0.5, 0.5, 1.0, 0.5, 1.0, 1.0]]},
+        {"box": [0, 0, 1, 1], "caption": "a hat", "mask": {"size": [2, 2], "counts": [1, 3]}},
+    ]}
+    path = tmp_path / "layout.json"
+    path.write_text(json.dumps(layout))
+    checked = read_layout(path)
+    rows = normalize_instances(checked["instances"], 1, width=SIZE, height=SIZE)[0]
+    assert rows[0].mask.shape == (SIZE, SIZE) and rows[0].mask.max() == 1
+    assert rows[1].box == pytest.approx((0.5, 0.5, 1.0, 1.0), abs=1 / SIZE)  # the triangle's bounding box
+    h = SIZE // 2  # RLE [[0, 1], [1, 1]] (column-major runs)
+    assert rows[2].mask[:h, :h].sum() == 0 and rows[2].mask[h:].all() and rows[2].mask[:, h:].all()
+    with pytest.raises(ValueError, match=r"layout.json'?: instances\[0\].mask PNG 'gone.png': no such file"):
+        layout["instances"][0]["mask"] = "gone.png"
+        path.write_text(json.dumps(layout))
+        read_layout(path)
+    with pytest.raises(ValueError, match=r"instances\[0\] must have the keys .*; missing \['box'\]"):
+        validate_layout({"prompt": "x", "instances": [{"caption": "a cat"}]})
+
+
+def test_regions_are_validated():
+    boxes, emb = torch.rand(1, 2, 4).sort(-1).values, torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match=r"regions must be Tensor\[B, N, H, W\] with B=1, N=2"):
+        ROICtrlInstances(boxes, emb, regions=torch.ones(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="regions of valid instances must hold values in"):
+        ROICtrlInstances(boxes, emb, regions=torch.full((1, 2, 4, 4), 1.5))
+    with pytest.raises(TypeError, match="regions must be bool or floating"):
+        ROICtrlInstances(boxes, emb, regions=torch.ones(1, 2, 4, 4, dtype=torch.long))
+
+
+def test_all_box_only_is_bitwise_and_masks_change_the_image(sd):
+    _, roictrl = sd
+    # a box-only instance next to a masked one has coverage 1: a mask of ones filling its box is bitwise no mask
+    cat, dog = {"box": [0, 0, 1, 1], "caption": "a cat"}, {"box": [0.1, 0.1, 0.7, 0.7], "caption": "a dog"}
+    plain = run(roictrl, [cat, dog]).images
+    full = run(roictrl, [{**cat, "mask": np.ones((SIZE, SIZE), bool)}, dog]).images
+    assert np.array_equal(plain, full)
+    shaped = run(roictrl, [cat, {**dog, "mask": disc()}]).images
+    assert not np.array_equal(plain, shaped)
+
+
+def test_blend_maps_show_the_mask(sd):
+    _, roictrl = sd
+    m = np.zeros((SIZE, SIZE), bool)
+    m[8:56, 8:16] = True  # a strip at the left of the box only
+    out = run(roictrl, [{"box": [0.1, 0.1, 0.9, 0.9], "caption": "a cat", "mask": m}], return_blend_maps=True)
+    (maps,) = out.blend_maps  # [N, H, W] at the image size, per image
+    w = maps[0]
+    assert w.shape == (SIZE, SIZE)
+    # inside the box, right of the mask (past the bilinear upsampling of the coarsest layer, 16 px a pixel):
+    # not blended in at all; on the mask: blended in
+    assert float(w[16:48, 41:55].abs().max()) == 0.0
+    assert float(w[16:48, 9:15].min()) > 0
