@@ -99,12 +99,14 @@ def read_layout(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{name}: cannot read it ({e.strerror or e})") from None
     if len(raw) > MAX_LAYOUT_BYTES:
         raise ValueError(f"{name} is larger than {MAX_LAYOUT_BYTES // 2**20} MiB; a layout is a small JSON file")
-    return parse_layout(raw, name)
+    return parse_layout(raw, name, base_dir=os.path.dirname(os.path.abspath(path)))
 
 
-def parse_layout(raw: bytes | str, name: str = "layout") -> dict[str, Any]:
+def parse_layout(raw: bytes | str, name: str = "layout", base_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """:func:`read_layout` on a file's content (``roi-ops ui`` reads uploaded layouts and API calls with it):
-    UTF-8 JSON without duplicate keys, checked by ``validate_layout``; messages start with ``name``."""
+    UTF-8 JSON without duplicate keys, checked by ``validate_layout``; messages start with ``name``. Mask PNG
+    paths are read relative to ``base_dir`` (the layout file's folder); ``None`` (content from no file, such as
+    a browser's) refuses them."""
     from .pipeline import validate_layout
 
     if len(raw) > MAX_LAYOUT_BYTES:  # a str counts characters (its UTF-8 form is at least as long)
@@ -122,7 +124,7 @@ def parse_layout(raw: bytes | str, name: str = "layout") -> dict[str, Any]:
         raise ValueError(f"{name} is nested too deeply to be a layout") from None
     except ValueError as e:  # a duplicate key
         raise ValueError(f"{name}: {e}") from None
-    return validate_layout(layout, require_prompt=False, where=f"{name}: ", base_dir=os.path.dirname(path))
+    return validate_layout(layout, require_prompt=False, where=f"{name}: ", base_dir=base_dir)
 
 
 def _source(name: str, value: str) -> dict[str, Any]:

@@ -164,10 +164,15 @@ def _polygon(value: list, where: str, units: str) -> Polygon:
     return Polygon(tuple(rings), units)
 
 
+def _short_path(value: Any) -> str:
+    text = repr(os.fspath(value))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def read_mask(value: Any, where: str, base_dir: str | os.PathLike | None = None, units: str = "normalized"):
     """The mask ``value`` of instance ``where`` as a float32 ``[h, w]`` array in ``[0, 1]``, or a
     :class:`Polygon` (rasterised later by :func:`to_image`). ``base_dir`` is where relative PNG paths start
-    (the layout file's folder); ``units`` the coordinates of a polygon (the layout's ``box_units``)."""
+    (the layout file's folder; ``None``, for layouts that come from no file, refuses paths); ``units`` the coordinates of a polygon (the layout's ``box_units``)."""
     if isinstance(value, torch.Tensor):
         return _check_array(value.detach().cpu().numpy(), where)
     if isinstance(value, np.ndarray):
@@ -177,8 +182,15 @@ def read_mask(value: Any, where: str, base_dir: str | os.PathLike | None = None,
     if isinstance(value, Polygon):
         return value
     if isinstance(value, (str, os.PathLike)):
+        if base_dir is None:
+            # Only a layout file may name a file (relative to its folder): a layout from a browser or an API call
+            # must never make the server read one of its own paths.
+            raise ValueError(
+                f"{where} is a path ({_short_path(value)}); a PNG path is only read from a layout file (relative to "
+                "its folder); here give the mask as an array, a tensor, a PIL image, a COCO RLE or a COCO polygon"
+            )
         path = os.fspath(value)
-        if base_dir is not None and not os.path.isabs(path):
+        if not os.path.isabs(path):
             path = os.path.join(os.fspath(base_dir), path)
         from PIL import Image, UnidentifiedImageError
 

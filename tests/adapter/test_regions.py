@@ -86,7 +86,7 @@ def _compress(runs):
     (np.zeros((2, 3, 4)), r"instances\[0\]\[0\] mask must be a 2-D"),
     (np.full((4, 4), 7, dtype=np.int64), r"instances\[0\]\[0\] mask is an integer array"),
     ({"size": [4, 4], "counts": [3, 2]}, r"instances\[0\]\[0\] mask RLE counts add up to 5"),
-    ("nope.png", r"instances\[0\]\[0\] mask PNG 'nope.png': no such file"),
+    ("nope.png", r"instances\[0\]\[0\] mask is a path \('nope.png'\); a PNG path is only read from a layout file"),
     (3.5, r"instances\[0\]\[0\] mask must be a bool/float numpy array"),
     (np.zeros((4, 4), dtype=bool), r"instances\[0\]\[0\] mask is empty"),
 ])
@@ -167,3 +167,22 @@ def test_blend_maps_show_the_mask(sd):
     # not blended in at all; on the mask: blended in
     assert float(w[16:48, 41:55].abs().max()) == 0.0
     assert float(w[16:48, 9:15].min()) > 0
+
+
+def test_layout_from_no_file_refuses_mask_paths(tmp_path):
+    """A layout that comes from no file (the UI's upload, its /generate API) must never make the server read one
+    of its own paths; read from a file, the same layout reads the PNG next to it."""
+    import json
+
+    from PIL import Image
+
+    from roi_ops.roictrl_adapter.generate import parse_layout, read_layout
+
+    Image.fromarray(disc(8)).save(tmp_path / "cat.png")
+    layout = {"instances": [{"box": [0.05, 0.05, 0.8, 0.8], "caption": "a cat", "mask": str(tmp_path / "cat.png")}]}
+    with pytest.raises(ValueError, match=r"upload: instances\[0\].mask is a path .*only read from a layout file"):
+        parse_layout(json.dumps(layout), "upload")
+    layout["instances"][0]["mask"] = "cat.png"
+    (tmp_path / "layout.json").write_text(json.dumps(layout))
+    got = read_layout(tmp_path / "layout.json")
+    assert got["instances"][0].mask.sum() == disc(8).sum()
