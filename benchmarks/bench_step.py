@@ -216,6 +216,7 @@ def run_inference(args, unet, adapter, size: int, counts: list[int], dim: int) -
     text = torch.randn(2, TOKENS, dim, generator=g)
     t = torch.tensor([500, 500])
     inst = {n: instances_for(n, dim) for n in counts}
+    cpu_times: dict[str, list[float]] = {}  # process CPU time per call: less sensitive to other processes' load
 
     def call(n):
         if n is None:
@@ -226,9 +227,10 @@ def run_inference(args, unet, adapter, size: int, counts: list[int], dim: int) -
             if not adapter.is_installed:
                 adapter.install(unet)
             kw = {"cross_attention_kwargs": {"roictrl": inst[n]}}
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         with torch.no_grad():
             unet(latents, t, text, **kw)
+        cpu_times.setdefault(str(n), []).append(time.process_time() - c0)
         return time.perf_counter() - t0
 
     configs = [None] + counts
@@ -236,6 +238,7 @@ def run_inference(args, unet, adapter, size: int, counts: list[int], dim: int) -
         call(c)
     times: dict[str, list[float]] = {str(c): [] for c in configs}
     meter = LoadMeter()
+    cpu_times.clear()  # the warm-up calls' do not count
     for r in range(args.rounds):
         order = configs if r % 2 == 0 else configs[::-1]
         for c in order:
@@ -246,14 +249,17 @@ def run_inference(args, unet, adapter, size: int, counts: list[int], dim: int) -
     plain = times["None"]
     result = {
         "image_px": size, "latent": lat, "rounds": args.rounds, "other_processes_share_of_machine": share,
-        "plain_ms": {"median": round(1e3 * statistics.median(plain), 1), "all": [round(1e3 * x, 1) for x in plain]},
+        "plain_ms": {"median": round(1e3 * statistics.median(plain), 1), "all": [round(1e3 * x, 1) for x in plain],
+                     "cpu_median": round(1e3 * statistics.median(cpu_times["None"][: len(plain)]), 1)},
         "adapter": {},
     }
     for n in counts:
         ts = times[str(n)]
         ratios = [a / p for a, p in zip(ts, plain)]
+        cpu, plain_cpu = cpu_times[str(n)][: len(ts)], cpu_times["None"][: len(plain)]
         result["adapter"][str(n)] = {
             "median_ms": round(1e3 * statistics.median(ts), 1), "all_ms": [round(1e3 * x, 1) for x in ts],
+            "cpu_ratio_of_medians": round(statistics.median(cpu) / statistics.median(plain_cpu), 4),
             "ratio_of_medians": round(statistics.median(ts) / statistics.median(plain), 4),
             "ratio_per_round": [round(x, 4) for x in ratios],
             "ratio_spread": [round(min(ratios), 4), round(max(ratios), 4)],
@@ -378,7 +384,8 @@ def main(argv=None) -> None:
         px = 64 if args.quick else px
         doc["results"].append(run_inference(args, unet, adapter, px, counts, dim))
         res = doc["results"][-1]
-        print(json.dumps({n: (v["ratio_of_medians"], v["ratio_spread"]) for n, v in res["adapter"].items()}),
+        print(json.dumps({n: (v["ratio_of_medians"], v["ratio_spread"], v["cpu_ratio_of_medians"])
+                          for n, v in res["adapter"].items()}),
               flush=True)
         for n, parts in res.get("breakdown_ms", {}).items():
             print(f"  breakdown N={n}: {parts}", flush=True)

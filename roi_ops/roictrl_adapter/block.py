@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import roi_ops
+from roi_ops._ops import trusted_boxes
 
+from .grids import GridGroup, blend_groups, plan_groups
 from .instances import ROICtrlInstances
 from .layers import FeedForward, SelfAttention
-from .grids import GridGroup, blend_groups, plan_groups
 from .options import ArchitectureOptions
 from .paste import instance_weights, paste_rule, resolve_fused_blend
 
@@ -367,10 +368,15 @@ class ROICtrlBlock(nn.Module):
             return global_out, {"base_weight": global_out.new_ones(shape), "covered": covered}
         self.check_slots(instances)
         record = {} if record_blend else None
-        blended, base_weight, rois = self.instance_path(
-            hidden_states, global_out, attn, instances, size, encoder_hidden_states, attn_kwargs, blend_record=record
-        )
-        B = global_out.shape[0]
+        # The ROIs come from a validated ROICtrlInstances: the ops need not read them back (a device sync per op
+        # call on CUDA); roi_ops._ops.trusted_boxes.
+        with trusted_boxes():
+            blended, base_weight, rois = self.instance_path(
+                hidden_states, global_out, attn, instances, size, encoder_hidden_states, attn_kwargs,
+                blend_record=record,
+            )
+            B = global_out.shape[0]
+            covered = self.paste_rule.coverage(rois, B, size, grid=self.grid)
         sel = torch.arange(B, device=global_out.device) if empty_too else instances.sample_index.to(global_out.device)
         blended_rows = blended.index_select(0, sel)
         delta = self.box_guidance(
@@ -381,7 +387,6 @@ class ROICtrlBlock(nn.Module):
             g = global_out.index_select(0, sel)
             new_rows = g + instances.scale * (new_rows - g)
         out = global_out.index_copy(0, sel, new_rows)
-        covered = self.paste_rule.coverage(rois, B, size, grid=self.grid)
         stats = {"base_weight": base_weight, "covered": covered}
         if record:
             stats.update(record, rois=rois)

@@ -6,11 +6,12 @@
 
     PH = min(grid, ceil(FOOTPRINT_CELLS * box height in feature pixels)),  PW likewise (at least 1)
 
-A grid finer than the box's own pixels adds no information: ROI-Align samples the map bilinearly, so two cells
-per feature pixel (``FOOTPRINT_CELLS = 2``) already sample every pixel of the crop at twice its rate, whatever the
-box's sub-pixel phase, and ROI-Unpool pastes back at least four cells into every covered pixel; beyond the cap the
-fixed grid applies. A box of 10 % of a 512 px image is 6.4 feature pixels wide at 64x64 (13 cells, not 25), 1.6
-at 16x16 (4 cells, not 13).
+with ``FOOTPRINT_CELLS = 1``: one cell per feature pixel the box spans. The crop then holds the map at the map's
+own resolution (each cell averages the bilinear samples of its bin, ``sampling_ratio`` adaptive), which is all
+the information there is inside the box; a finer grid only interpolates between the same pixels, and costs its
+square in the attentions. Beyond the cap the fixed grid applies. A box of 10 % of a 512 px image spans 6.4
+feature pixels at 64x64 (7 cells, not 25) and 1.6 at 16x16 (2 cells, not 13); one of 50 % keeps 25 cells at
+64x64 but gets 16 at 32x32 (not 19), 8 at 16x16 (not 13).
 
 ROIs with the same ``(PH, PW)`` form one :class:`GridGroup` and go through ROI-Align, the attentions and the blend
 in one batched call each, with no padding. :func:`plan_groups` makes the groups (instance indices in their input
@@ -29,7 +30,7 @@ import torch
 __all__ = ["FOOTPRINT_CELLS", "GRID_POLICIES", "GridGroup", "blend_groups", "grid_sides", "plan_groups"]
 
 #: grid cells per feature pixel of the box under ``grid_policy="footprint"`` (see the module docstring)
-FOOTPRINT_CELLS = 2
+FOOTPRINT_CELLS = 1
 GRID_POLICIES = ("fixed", "footprint")
 
 

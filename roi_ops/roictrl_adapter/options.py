@@ -68,7 +68,7 @@ class ArchitectureOptions:
             "feature sum != 0"; always the unfused blend).
         grid_policy: ROI grid size per instance (``grids.py``): ``"fixed"`` (the layer's ``grid x grid`` for
             every ROI; official, and what a saved config without this key means) or ``"footprint"`` (per axis
-            ``min(grid, ceil(2 * the box's extent in feature pixels))``; ROIs of one grid size share each call).
+            ``min(grid, ceil(the box's extent in feature pixels))``; ROIs of one grid size share each call).
         guidance_pool: the box guidance (step 5) runs on the ``guidance_pool x guidance_pool`` average-pooled
             map and its update is resized back bilinearly; ``1`` (official, and what a saved config without this
             key means): full resolution. ``2`` costs about a quarter of the projections and feed-forward and a

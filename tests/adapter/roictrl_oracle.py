@@ -175,7 +175,7 @@ def oracle_layer(
     normalised, ``embeddings [B, N, L, D]``, ``masks [B, N]``; ``position_tokens [B, N, position_dim]`` (the
     box encoder's tokens, see :func:`box_tokens`).
 
-    ``grid_policy="footprint"``: instance ``n`` gets a ``PH x PW`` grid with ``PH = min(grid, ceil(2 * box height
+    ``grid_policy="footprint"``: instance ``n`` gets a ``PH x PW`` grid with ``PH = min(grid, ceil(box height
     in map pixels))`` (``PW`` likewise, at least 1), each instance on its own. ``guidance_pool = p > 1``: step 5
     runs on the map averaged over ``p x p`` cells (the last row / column of cells may be cut by the map's edge)
     and its update is resized back bilinearly (``align_corners=False``).
@@ -210,8 +210,8 @@ def oracle_layer(
         for j, n in enumerate(valid):  # one instance at a time, each on its own grid
             if grid_policy == "footprint":
                 bx = [float(c) for c in boxes[b, n]]
-                gh = max(1, min(grid, math.ceil(2 * (bx[3] - bx[1]) * H)))
-                gw = max(1, min(grid, math.ceil(2 * (bx[2] - bx[0]) * W)))
+                gh = max(1, min(grid, math.ceil((bx[3] - bx[1]) * H)))
+                gw = max(1, min(grid, math.ceil((bx[2] - bx[0]) * W)))
             else:
                 gh = gw = grid
             crop = reference.roi_align(feature_map, crop_rois[j : j + 1], (gh, gw), 1.0, -1,

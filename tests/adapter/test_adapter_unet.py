@@ -334,8 +334,8 @@ def test_instance_path_calls_the_layers_own_cross_attention_with_the_instance_ca
         H, W = 16 * 8 // spec.downsample, 12 * 8 // spec.downsample  # the layer's map (VAE factor 8)
         if policy == "fixed":
             want = [(spec.grid, spec.grid)] * 3
-        else:  # per axis: min(grid, ceil(2 * the box's extent in feature pixels))
-            want = [(min(spec.grid, math.ceil(2 * (y2 - y1) * H)), min(spec.grid, math.ceil(2 * (x2 - x1) * W)))
+        else:  # per axis: min(grid, ceil(the box's extent in feature pixels))
+            want = [(min(spec.grid, math.ceil((y2 - y1) * H)), min(spec.grid, math.ceil((x2 - x1) * W)))
                     for x1, y1, x2, y2 in boxes]
         # the global call, then one batched call per grid size over its crops, each with its instances' captions
         assert len(calls) == 1 + len(set(want))
