@@ -210,6 +210,8 @@ def adapter_kwargs(args) -> dict:
 def run_inference(args, unet, adapter, size: int, counts: list[int], dim: int) -> dict:
     import torch
 
+    rounds = args.rounds if size <= 512 or args.rounds_large is None else args.rounds_large
+
     g = torch.Generator().manual_seed(0)
     lat = size // 8
     latents = torch.randn(2, 4, lat, lat, generator=g)
@@ -239,16 +241,16 @@ def run_inference(args, unet, adapter, size: int, counts: list[int], dim: int) -
     times: dict[str, list[float]] = {str(c): [] for c in configs}
     meter = LoadMeter()
     cpu_times.clear()  # the warm-up calls' do not count
-    for r in range(args.rounds):
+    for r in range(rounds):
         order = configs if r % 2 == 0 else configs[::-1]
         for c in order:
             times[str(c)].append(call(c))
-        print(f"  {size}px round {r + 1}/{args.rounds}: " + ", ".join(
+        print(f"  {size}px round {r + 1}/{rounds}: " + ", ".join(
             f"{'plain' if c is None else f'N={c}'} {1e3 * times[str(c)][-1]:.0f} ms" for c in configs), flush=True)
     share = meter.share()
     plain = times["None"]
     result = {
-        "image_px": size, "latent": lat, "rounds": args.rounds, "other_processes_share_of_machine": share,
+        "image_px": size, "latent": lat, "rounds": rounds, "other_processes_share_of_machine": share,
         "plain_ms": {"median": round(1e3 * statistics.median(plain), 1), "all": [round(1e3 * x, 1) for x in plain],
                      "cpu_median": round(1e3 * statistics.median(cpu_times["None"][: len(plain)]), 1)},
         "adapter": {},
@@ -346,6 +348,7 @@ def main(argv=None) -> None:
     ap.add_argument("--resolutions", default="512", help="image sizes in px, comma-separated (latents = px / 8)")
     ap.add_argument("--counts", default="10", help="instance counts on the conditional sample, comma-separated")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds-large", type=int, default=None, help="rounds above 512 px (default: --rounds)")
     ap.add_argument("--warmup", type=int, default=1, help="1: one call of every configuration first, untimed")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("ROI_OPS_BENCH_THREADS", "1")))
     ap.add_argument("--breakdown", action="store_true", help="one more timed-by-part call per N")

@@ -120,7 +120,6 @@ def test_an_adapter_saved_before_the_options_loads_fixed_and_computes_bitwise_as
     """tests/adapter/data/legacy_adapter was saved by the code before these options (make_legacy_adapter.py),
     with that code's UNet output; today's code loads it as fixed grids and full-resolution guidance and gives
     the same output bit for bit (same torch build and CPU)."""
-    torch.set_num_threads(1)  # as the fixture was made
     folder = os.path.join(DATA, "legacy_adapter")
     with open(os.path.join(folder, "config.json")) as f:
         assert "grid_policy" not in f.read()
@@ -129,8 +128,13 @@ def test_an_adapter_saved_before_the_options_loads_fixed_and_computes_bitwise_as
     assert (adapter.options.grid_policy, adapter.options.guidance_pool) == ("fixed", 1)
     sample, t, text, _ = unet_inputs("sd15")
     data = make_instances(2, 3, 32, masks=[[1, 1, 1], [0, 0, 0]])
-    with torch.no_grad():
-        out = unet(sample, t, text, cross_attention_kwargs={"roictrl": data}).sample
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the fixture was made
+    try:
+        with torch.no_grad():
+            out = unet(sample, t, text, cross_attention_kwargs={"roictrl": data}).sample
+    finally:
+        torch.set_num_threads(threads)
     want = load_file(os.path.join(DATA, "legacy_adapter_output.safetensors"))["output"]
     assert torch.equal(out, want), f"max difference {float((out - want).abs().max()):.3g}"
 
@@ -155,3 +159,26 @@ def test_the_adapter_reads_no_box_table_back_per_op_call():
     assert _ops.host_box_reads() == before + 1
     with pytest.raises(ValueError, match="batch index"):
         roi_ops.roi_align(torch.randn(1, 2, 8, 8), torch.tensor([[3.0, 1, 1, 5, 5]]), (2, 2))
+
+
+def test_bench_step_quick_run_writes_its_json(tmp_path):
+    """benchmarks/bench_step.py end to end on a tiny UNet: every configuration timed, ratios, the breakdown."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import bench_step
+
+    path = tmp_path / "step.json"
+    threads = torch.get_num_threads()
+    try:
+        bench_step.main(["--quick", "--rounds", "1", "--counts", "0,3", "--breakdown", "--json", str(path)])
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.loads(path.read_text())
+    (res,) = doc["results"]
+    assert set(res["adapter"]) == {"0", "3"} and res["plain_ms"]["median"] > 0
+    assert all(v["ratio_of_medians"] > 0 and len(v["all_ms"]) == 1 for v in res["adapter"].values())
+    parts = res["breakdown_ms"]["3"]
+    assert parts["adapter_blocks_total"] >= parts["instance_path"] > 0 and parts["box_guidance"] > 0
+    assert doc["adapter_config"]["grid_policy"] == "footprint" and doc["threads"] >= 1
