@@ -109,7 +109,7 @@ def test_new_adapters_get_the_cost_options_saved_and_official_ones_keep_theirs()
     assert (official.grid_policy, official.guidance_pool) == ("fixed", 1)
     assert OFFICIAL_CONFIG["grid_policy"] == "fixed" and OFFICIAL_CONFIG["guidance_pool"] == 1
     quantised = make_adapter(unet, "sd15", unpool="official").options  # the footprint grids need the exact paste
-    assert (quantised.grid_policy, quantised.guidance_pool) == ("fixed", 2)
+    assert (quantised.grid_policy, quantised.guidance_pool) == ("fixed", 1)
     with pytest.raises(ValueError, match="grid_policy='footprint' needs unpool='exact'"):
         ArchitectureOptions(grid_policy="footprint", unpool="official")
     with pytest.raises(ValueError, match="guidance_pool must be an int in"):
