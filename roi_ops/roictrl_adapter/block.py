@@ -162,7 +162,9 @@ class ROICtrlBlock(nn.Module):
         """The rows of a per-instance ``tensor`` that belong to ``group`` (all of it, uncopied, for one group)."""
         return tensor if len(groups) == 1 else tensor.index_select(0, group.index)
 
-    def grid_groups(self, instances: ROICtrlInstances, size: tuple[int, int], device) -> list[GridGroup]:
+    def grid_groups(
+        self, instances: ROICtrlInstances, size: tuple[int, int], device: torch.device | str
+    ) -> list[GridGroup]:
         """This layer's ROIs grouped by grid size under ``options.grid_policy`` (:func:`.grids.plan_groups`)."""
         return plan_groups(instances.host_boxes, size, self.grid, self.options.grid_policy, device)
 
