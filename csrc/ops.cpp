@@ -3,9 +3,27 @@
 // kernels and autograd are registered from Python (roi_ops/_ops.py).
 #include <torch/library.h>
 
+#include "common/host_checks.h"
+
 #ifdef ROI_OPS_PYTHON_MODULE
 #include <Python.h>
 #endif
+
+namespace {
+
+// The trusted-boxes scope of the calling thread (host_checks.h, BoxTrust):
+// sets it, returns what it was.
+bool set_trusted_boxes(bool trusted) {
+  const bool previous = roi_ops::BoxTrust::trusted();
+  roi_ops::BoxTrust::trusted() = trusted;
+  return previous;
+}
+
+bool trusted_boxes() { return roi_ops::BoxTrust::trusted(); }
+
+int64_t host_box_reads() { return roi_ops::BoxTrust::host_reads().load(); }
+
+}  // namespace
 
 TORCH_LIBRARY(roi_ops, m) {
   m.def(
@@ -40,6 +58,11 @@ TORCH_LIBRARY(roi_ops, m) {
       "Tensor base, Tensor base_logit, Tensor input, Tensor input_logit, "
       "Tensor rois, float spatial_scale, bool aligned, Tensor? coverage=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Internal (roi_ops._ops.trusted_boxes): the calling thread's trusted-boxes
+  // scope, and the count of box-table reads on the host (host_checks.h).
+  m.def("_set_trusted_boxes(bool trusted) -> bool", &set_trusted_boxes);
+  m.def("_trusted_boxes() -> bool", &trusted_boxes);
+  m.def("_host_box_reads() -> int", &host_box_reads);
 }
 
 #ifdef ROI_OPS_PYTHON_MODULE

@@ -19,10 +19,11 @@ load otherwise leaves the pure-PyTorch fallback in charge, and
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch._prims_common import suggest_memory_format
@@ -143,6 +144,40 @@ def native_import_error() -> Optional[ImportError]:
     return _IMPORT_ERROR
 
 
+@contextlib.contextmanager
+def trusted_boxes(trusted: bool = True) -> Iterator[None]:
+    """Internal: run the ops of the ``with`` block, in this thread, without reading their boxes on the host.
+
+    Every op checks its box *values* (finite, batch indices in range, mapped extents bounded) on a host copy of
+    ``rois``: on CUDA, one device synchronisation per op call. Code that built its boxes from values it validated
+    once (the ROICtrl adapter: from a validated ``ROICtrlInstances``, once per UNet call) runs the ops in this
+    scope, where that copy and those checks are skipped; everything else (shapes, dtypes, devices, sizes) is
+    still checked. The autograd backward of an op called in the scope runs in it too (its boxes are the ones
+    the forward was given). Boxes that break the contract of docs/spec.md inside the scope are undefined
+    behaviour: this is not an API for unchecked user input. ``trusted=False`` restores the checks inside an
+    outer scope. A no-op while ``torch.compile`` traces (the compiled graph keeps the checks) and without the
+    compiled extension.
+    """
+    if _IMPORT_ERROR is not None or torch.compiler.is_compiling():
+        yield
+        return
+    previous = torch.ops.roi_ops._set_trusted_boxes(trusted)
+    try:
+        yield
+    finally:
+        torch.ops.roi_ops._set_trusted_boxes(previous)
+
+
+def host_box_reads() -> int:
+    """How many times an op read its box table on the host in this process (each one a device sync on CUDA);
+    for tests of :func:`trusted_boxes`."""
+    return 0 if _IMPORT_ERROR is not None else int(torch.ops.roi_ops._host_box_reads())
+
+
+def _trusted_now() -> bool:
+    return not torch.compiler.is_compiling() and bool(torch.ops.roi_ops._trusted_boxes())
+
+
 def _double_backward_error(name: str):
     def backward(ctx, *grads):
         raise RuntimeError(
@@ -255,28 +290,32 @@ if _IMPORT_ERROR is None:
         ctx.save_for_backward(rois)
         ctx.input_shape = input.shape
         ctx.args = (spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
+        ctx.trusted = _trusted_now()
 
     def _roi_align_backward(ctx, grad):
         (rois,) = ctx.saved_tensors
         spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned = ctx.args
         batch, channels, height, width = ctx.input_shape
-        grad_input = ops._roi_align_backward(
-            grad, rois, spatial_scale, pooled_height, pooled_width,
-            batch, channels, height, width, sampling_ratio, aligned,
-        )
+        with trusted_boxes(ctx.trusted):
+            grad_input = ops._roi_align_backward(
+                grad, rois, spatial_scale, pooled_height, pooled_width,
+                batch, channels, height, width, sampling_ratio, aligned,
+            )
         return grad_input, None, None, None, None, None, None
 
     def _roi_unpool_setup(ctx, inputs, output):
         input, rois, spatial_scale, height, width, aligned = inputs
         ctx.save_for_backward(rois)
         ctx.args = (spatial_scale, input.shape[2], input.shape[3], aligned)
+        ctx.trusted = _trusted_now()
 
     def _roi_unpool_backward(ctx, grad):
         (rois,) = ctx.saved_tensors
         spatial_scale, pooled_height, pooled_width, aligned = ctx.args
-        grad_input = ops._roi_unpool_backward(
-            grad, rois, spatial_scale, pooled_height, pooled_width, aligned
-        )
+        with trusted_boxes(ctx.trusted):
+            grad_input = ops._roi_unpool_backward(
+                grad, rois, spatial_scale, pooled_height, pooled_width, aligned
+            )
         return grad_input, None, None, None, None, None
 
     def _roi_unpool_blend_setup(ctx, inputs, output):
@@ -287,22 +326,24 @@ if _IMPORT_ERROR is None:
         ctx.save_for_backward(base, base_logit, input, input_logit, rois, coverage)
         ctx.args = (spatial_scale, aligned)
         ctx.num_inputs = len(inputs)
+        ctx.trusted = _trusted_now()
 
     def _roi_unpool_blend_backward(ctx, grad_out, grad_base_weight):
         base, base_logit, input, input_logit, rois, coverage = ctx.saved_tensors
         spatial_scale, aligned = ctx.args
         if grad_out is None:  # only base_weight was used
             grad_out = torch.zeros_like(base)
-        if coverage is None:  # the op's call before coverage existed
-            grads = ops._roi_unpool_blend_backward(
-                grad_out, grad_base_weight, base, base_logit, input, input_logit, rois,
-                spatial_scale, aligned,
-            )
-        else:
-            grads = ops._roi_unpool_blend_backward(
-                grad_out, grad_base_weight, base, base_logit, input, input_logit, rois,
-                spatial_scale, aligned, coverage,
-            )
+        with trusted_boxes(ctx.trusted):
+            if coverage is None:  # the op's call before coverage existed
+                grads = ops._roi_unpool_blend_backward(
+                    grad_out, grad_base_weight, base, base_logit, input, input_logit, rois,
+                    spatial_scale, aligned,
+                )
+            else:
+                grads = ops._roi_unpool_blend_backward(
+                    grad_out, grad_base_weight, base, base_logit, input, input_logit, rois,
+                    spatial_scale, aligned, coverage,
+                )
         grad_coverage = grads[4] if coverage is not None else None
         return (*grads[:4], None, None, None, grad_coverage)[: ctx.num_inputs]
 

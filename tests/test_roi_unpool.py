@@ -191,3 +191,35 @@ def test_module_repr_and_forward(device):
     d = roi_ops.RoIUnpool(6)
     assert "output_size=6" in repr(d) and "aligned=False" in repr(d)
     assert torch.equal(d(x, rois_of(boxes).float()), roi_ops.roi_unpool(x, boxes, 6))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backward_reads_strided_and_expanded_gradients_in_place(device, layout):
+    """The backward takes any gradient strides: an expanded one (``.sum().backward()``, stride 0 everywhere), a
+    broadcast channel row, a slice of a larger tensor, a transposed one: each gives the same result as its dense
+    copy (what reading in place saves is measured by benchmarks/bench_unpool_sum.py)."""
+    gen = torch.Generator().manual_seed(11)
+    K, C, PH, PW, H, W = 3, 5, 4, 3, 9, 11
+    grids = torch.randn(K, C, PH, PW, generator=gen, dtype=torch.float64)
+    if layout == "channels_last":
+        grids = grids.contiguous(memory_format=torch.channels_last)
+    rois = torch.tensor([[0, 0.5, 1.0, 7.5, 8.0], [0, 2.0, 0.0, 11.0, 9.0], [0, 3.2, 4.1, 4.4, 5.0]],
+                        dtype=torch.float64)
+    args = (rois, 1.0, PH, PW, True)
+    big = torch.randn(K, C + 2, H + 1, W * 2, generator=gen, dtype=torch.float64)
+    grads = {
+        "expanded scalar": torch.tensor(0.7, dtype=torch.float64).expand(K, C, H, W),
+        "expanded channel row": torch.randn(1, C, 1, 1, generator=gen, dtype=torch.float64).expand(K, C, H, W),
+        "slice": big[:, 1 : C + 1, :H, ::2],
+        "transposed": torch.randn(K, C, W, H, generator=gen, dtype=torch.float64).transpose(2, 3),
+    }
+    for name, g in grads.items():
+        got = torch.ops.roi_ops._roi_unpool_backward(g.to(device), rois.to(device), *args[1:])
+        want = torch.ops.roi_ops._roi_unpool_backward(g.contiguous().to(device), rois.to(device), *args[1:])
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13, msg=lambda m: f"{name}: {m}")
+    # through autograd: .sum().backward() against the dense gradient of ones
+    x = grids.to(device).requires_grad_()
+    roi_ops.roi_unpool(x, rois.to(device), (H, W), 1.0, True).sum().backward()
+    want = torch.ops.roi_ops._roi_unpool_backward(torch.ones(K, C, H, W, dtype=torch.float64, device=device),
+                                                  rois.to(device), 1.0, PH, PW, True)
+    torch.testing.assert_close(x.grad, want, rtol=1e-13, atol=1e-13)

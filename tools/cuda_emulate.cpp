@@ -55,6 +55,14 @@ TORCH_LIBRARY(roi_ops_emu, m) {
         (std::string("roi_ops::") + name).c_str(), "");
     m.def(real.schema().cloneWithName(std::string("roi_ops_emu::") + name, ""));
   }
+  // This library's own trusted-boxes scope and box-read count (the host
+  // code above is compiled into it with its own copy of BoxTrust).
+  m.def("_set_trusted_boxes(bool trusted) -> bool", [](bool trusted) {
+    const bool previous = BoxTrust::trusted();
+    BoxTrust::trusted() = trusted;
+    return previous;
+  });
+  m.def("_host_box_reads() -> int", [] { return BoxTrust::host_reads().load(); });
 }
 
 TORCH_LIBRARY_IMPL(roi_ops_emu, CPU, m) {

@@ -551,3 +551,47 @@ def test_blend_with_coverage_matches_cpu_and_reference(emu, dtype, layout, with_
     keep = [0, 1, 2, 4]
     absent = emu.roi_unpool_blend(base, bl, inp[keep], il[keep], rois[keep], 1.0, True, cov[keep])
     assert all(torch.equal(a, b) for a, b in zip((out, bw), absent))
+
+
+def test_host_syncs_counted_and_skipped_for_trusted_boxes(emu):
+    """The CUDA host code reads the box table on the host (a device-to-host copy: one device sync on a GPU) once
+    per op call, and never inside a trusted scope (roi_ops._ops.trusted_boxes, which the ROICtrl adapter opens
+    around the ops of a layer): one adapter layer's op calls (ROI-Align, the fused blend, the coverage
+    ROI-Unpool, and their backward) make 0 reads there and give the same results; an overflowing box is still
+    refused outside the scope."""
+    gen = torch.Generator().manual_seed(3)
+    B, C, H, W, P = 2, 4, 9, 7, 3
+    x = torch.randn(B, C, H, W, generator=gen)
+    rois = torch.tensor([[0, 0.5, 1.0, 5.5, 8.0], [1, 2.0, 0.0, 7.0, 6.5], [1, 1.0, 3.0, 3.0, 4.0]])
+    base_logit = torch.randn(B, H, W, generator=gen)
+
+    def layer():
+        crops = emu.roi_align(x, rois, 1.0, P, P, -1, True)
+        logit = crops.mean(1)
+        out, weight = emu.roi_unpool_blend(x, base_logit, crops, logit, rois, 1.0, True)
+        cover = emu.roi_unpool(torch.ones(3, 1, 1, 1), rois, 1.0, H, W, True)
+        g_crops = emu._roi_align_backward(crops, rois, 1.0, P, P, B, C, H, W, -1, True)
+        g_unpool = emu._roi_unpool_backward(cover.expand(3, C, H, W), rois, 1.0, P, P, True)
+        grads = emu._roi_unpool_blend_backward(out, weight, x, base_logit, crops, logit, rois, 1.0, True)
+        return [crops, out, weight, cover, g_crops, g_unpool, *grads]
+
+    def reads_of(fn):
+        before = emu._host_box_reads()
+        result = fn()
+        return emu._host_box_reads() - before, result
+
+    checked, want = reads_of(layer)
+    assert checked == 6  # one read (one sync) per op call
+    previous = emu._set_trusted_boxes(True)
+    try:
+        trusted, got = reads_of(layer)
+    finally:
+        emu._set_trusted_boxes(previous)
+    assert trusted == 0
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    # outside the scope, boxes that overflow the batch or the coordinate dtype are refused, as before
+    with pytest.raises(ValueError, match="batch index"):
+        emu.roi_align(x, torch.tensor([[2.0, 0, 0, 1, 1]]), 1.0, P, P, -1, True)
+    with pytest.raises(ValueError, match="not a finite box in the feature frame"):
+        emu.roi_align(x, torch.tensor([[0, 0.0, 0.0, 1e30, 3.0]]), 1e10, P, P, -1, True)

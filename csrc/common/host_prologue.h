@@ -135,9 +135,13 @@ struct RoiShape {
 
 // The operands of an op with one feature operand and one result.
 struct GridOperands : BoxOperands {
-  at::Tensor features;  // contiguous in `format` (step 5)
+  at::Tensor features;  // contiguous in `format` (step 5), or as given with keep_feature_strides
   at::Tensor result;
   RoiShape shape{};
+  // Set before prepare() by an op whose kernels read `features` through its
+  // strides (ROI-Unpool's backward): an expanded gradient (stride 0, what
+  // `.sum().backward()` hands over) is then read in place, not materialised.
+  bool keep_feature_strides = false;
 
   // Steps 2 to 5. There is no work unless every size is positive (and, for
   // ROI-Align, batch_size: an empty batch can only have no boxes).
@@ -150,7 +154,7 @@ struct GridOperands : BoxOperands {
                s.pooled_h > 0 && s.pooled_w > 0 && batch_size > 0;
     result = new_result(op, result_from, result_sizes, features_.options(), format, !has_work);
     if (!has_work) return;
-    features = features_.contiguous(format);
+    features = keep_feature_strides ? features_ : features_.contiguous(format);
     cast_boxes(features_, rois_);
   }
 };
@@ -225,6 +229,7 @@ inline UnpoolOperands unpool_backward_operands(const at::Tensor& grad, const at:
   UnpoolOperands o;
   o.shape = {rois.size(0), grad.size(1), grad.size(2), grad.size(3), pooled_height,
              pooled_width};
+  o.keep_feature_strides = true;  // both backends' kernels read grad through its strides
   o.prepare(op, nullptr, {o.shape.num_rois, o.shape.channels, pooled_height, pooled_width},
             grad, rois, INT64_MAX, spatial_scale, aligned);
   return o;

@@ -162,13 +162,30 @@ void unpool_forward_nhwc(const scalar_t* input, const coord_t* rois,
   });
 }
 
+// The gradient of the backward as the kernels read it: any strides (an
+// expanded `.sum().backward()` gradient has stride 0 everywhere and is read in
+// place); `Unit` says the innermost stride of the working layout is 1 (w for
+// NCHW, c for NHWC), so that the inner loops stay plain vector loops.
+struct GradStrides {
+  int64_t k, c, h, w;
+};
+
+template <bool Unit>
+inline int64_t inner(int64_t i, int64_t stride) {
+  if constexpr (Unit) {
+    return i;
+  } else {
+    return i * stride;
+  }
+}
+
 // Backward: a task owns one ROI grid (k, c) and sums the covered pixels'
 // gradients into it in a fixed order (adjoint of the forward's two passes).
-template <typename scalar_t, typename coord_t, typename acc_t>
-void unpool_backward_nchw(const scalar_t* grad, const coord_t* rois,
+template <typename scalar_t, typename coord_t, typename acc_t, bool Unit>
+void unpool_backward_nchw(const scalar_t* grad, const GradStrides& gs, const coord_t* rois,
                           coord_t scale, bool aligned, const RoiShape& s,
                           scalar_t* grad_input) {
-  const int64_t C = s.channels, H = s.height, W = s.width;
+  const int64_t C = s.channels;
   const int64_t PH = s.pooled_h, PW = s.pooled_w;
   at::parallel_for(0, s.num_rois * C, 1, [&](int64_t begin, int64_t end) {
     UnpoolRoi<coord_t, acc_t> roi;
@@ -176,7 +193,7 @@ void unpool_backward_nchw(const scalar_t* grad, const coord_t* rois,
     std::vector<acc_t> cells;
     for (int64_t kc = begin; kc < end; ++kc) {
       roi.load(rois, kc / C, scale, aligned, s);
-      const scalar_t* g = grad + kc * H * W;
+      const scalar_t* g = grad + (kc / C) * gs.k + (kc % C) * gs.c;
       scalar_t* out = grad_input + kc * PH * PW;
       const int64_t y0 = roi.ay.first, y1 = roi.ay.last;
       const int64_t x0 = roi.ax.first, x1 = roi.ax.last;
@@ -184,15 +201,19 @@ void unpool_backward_nchw(const scalar_t* grad, const coord_t* rois,
       cols.assign(PH * std::max<int64_t>(nx, 0), acc_t(0));
       for (int64_t h = y0; h < y1 && nx > 0; ++h) {
         const math::Tap<acc_t>& t = roi.ty[h - y0];
-        const scalar_t* __restrict src = g + h * W + x0;
+        const scalar_t* __restrict src = g + h * gs.h + x0 * gs.w;
         // lo and hi may be the same row at the grid's edge: separate scopes
         {
           acc_t* __restrict a = cols.data() + t.lo * nx;
-          for (int64_t w = 0; w < nx; ++w) a[w] += t.w_lo * static_cast<acc_t>(src[w]);
+          for (int64_t w = 0; w < nx; ++w) {
+            a[w] += t.w_lo * static_cast<acc_t>(src[inner<Unit>(w, gs.w)]);
+          }
         }
         {
           acc_t* __restrict b = cols.data() + t.hi * nx;
-          for (int64_t w = 0; w < nx; ++w) b[w] += t.w_hi * static_cast<acc_t>(src[w]);
+          for (int64_t w = 0; w < nx; ++w) {
+            b[w] += t.w_hi * static_cast<acc_t>(src[inner<Unit>(w, gs.w)]);
+          }
         }
       }
       // Gather per grid cell (register accumulator, no store-to-load chain).
@@ -215,11 +236,11 @@ void unpool_backward_nchw(const scalar_t* grad, const coord_t* rois,
 
 // Same summation order as unpool_backward_nchw (rows into cells along y,
 // then columns into cells along x), so both layouts agree bitwise.
-template <typename scalar_t, typename coord_t, typename acc_t>
-void unpool_backward_nhwc(const scalar_t* grad, const coord_t* rois,
+template <typename scalar_t, typename coord_t, typename acc_t, bool Unit>
+void unpool_backward_nhwc(const scalar_t* grad, const GradStrides& gs, const coord_t* rois,
                           coord_t scale, bool aligned, const RoiShape& s,
                           scalar_t* grad_input) {
-  const int64_t C = s.channels, H = s.height, W = s.width;
+  const int64_t C = s.channels;
   const int64_t PH = s.pooled_h, PW = s.pooled_w;
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
   at::parallel_for(0, s.num_rois * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -236,15 +257,20 @@ void unpool_backward_nhwc(const scalar_t* grad, const coord_t* rois,
       for (int64_t h = roi.ay.first; h < roi.ay.last; ++h) {
         const math::Tap<acc_t>& ty = roi.ty[h - roi.ay.first];
         for (int64_t w = 0; w < nx; ++w) {
-          const scalar_t* __restrict g = grad + ((k * H + h) * W + x0 + w) * C + c0;
+          const scalar_t* __restrict g =
+              grad + k * gs.k + h * gs.h + (x0 + w) * gs.w + c0 * gs.c;
           // lo and hi may be the same cell at the grid's edge: separate scopes
           {
             acc_t* __restrict a = cols.data() + (ty.lo * nx + w) * nc;
-            for (int64_t c = 0; c < nc; ++c) a[c] += ty.w_lo * static_cast<acc_t>(g[c]);
+            for (int64_t c = 0; c < nc; ++c) {
+              a[c] += ty.w_lo * static_cast<acc_t>(g[inner<Unit>(c, gs.c)]);
+            }
           }
           {
             acc_t* __restrict b = cols.data() + (ty.hi * nx + w) * nc;
-            for (int64_t c = 0; c < nc; ++c) b[c] += ty.w_hi * static_cast<acc_t>(g[c]);
+            for (int64_t c = 0; c < nc; ++c) {
+              b[c] += ty.w_hi * static_cast<acc_t>(g[inner<Unit>(c, gs.c)]);
+            }
           }
         }
       }
@@ -278,14 +304,26 @@ void unpool_backward_nhwc(const scalar_t* grad, const coord_t* rois,
 // the kernel is the one for the working layout.
 at::Tensor run_unpool(const UnpoolOperands& u, bool forward) {
   return run_kernels(u, [&]<typename scalar_t, typename coord_t, typename acc_t>() {
+    const scalar_t* features = u.features.const_data_ptr<scalar_t>();
+    const coord_t* rois = u.rois.const_data_ptr<coord_t>();
+    const coord_t scale = static_cast<coord_t>(u.spatial_scale);
+    scalar_t* result = u.result.mutable_data_ptr<scalar_t>();
+    if (forward) {
+      const auto kernel = u.channels_last ? unpool_forward_nhwc<scalar_t, coord_t, acc_t>
+                                          : unpool_forward_nchw<scalar_t, coord_t, acc_t>;
+      kernel(features, rois, scale, u.aligned, u.shape, result);
+      return;
+    }
+    const at::Tensor& g = u.features;  // the gradient, any strides
+    const GradStrides gs{g.stride(0), g.stride(1), g.stride(2), g.stride(3)};
+    const bool unit = (u.channels_last ? gs.c : gs.w) == 1;
     const auto kernel =
-        forward ? (u.channels_last ? unpool_forward_nhwc<scalar_t, coord_t, acc_t>
-                                   : unpool_forward_nchw<scalar_t, coord_t, acc_t>)
-                : (u.channels_last ? unpool_backward_nhwc<scalar_t, coord_t, acc_t>
-                                   : unpool_backward_nchw<scalar_t, coord_t, acc_t>);
-    kernel(u.features.const_data_ptr<scalar_t>(), u.rois.const_data_ptr<coord_t>(),
-           static_cast<coord_t>(u.spatial_scale), u.aligned, u.shape,
-           u.result.mutable_data_ptr<scalar_t>());
+        u.channels_last
+            ? (unit ? unpool_backward_nhwc<scalar_t, coord_t, acc_t, true>
+                    : unpool_backward_nhwc<scalar_t, coord_t, acc_t, false>)
+            : (unit ? unpool_backward_nchw<scalar_t, coord_t, acc_t, true>
+                    : unpool_backward_nchw<scalar_t, coord_t, acc_t, false>);
+    kernel(features, gs, rois, scale, u.aligned, u.shape, result);
   });
 }
 

@@ -40,10 +40,15 @@ from .options import ArchitectureOptions
 from .paste import PasteRule, paste_rule, resolve_fused_blend
 from .validation import architecture_mismatch, check_finite, read_safetensors_header, validate_config
 
-__all__ = ["DEFAULT_GRID_SIZES", "ROICtrlAdapter", "installed_adapter", "unwrap_unet"]
+__all__ = ["DEFAULT_GRID_SIZES", "NEW_ADAPTER_OPTIONS", "ROICtrlAdapter", "installed_adapter", "unwrap_unet"]
 
 #: ROI grid side by the layer's downsampling factor relative to the image (the paper's setting).
 DEFAULT_GRID_SIZES = {8: 25, 16: 19, 32: 13, 64: 7}
+#: The options :meth:`ROICtrlAdapter.from_unet` gives a new adapter unless told otherwise (the issue-19 cost
+#: work, docs/performance.md; the toy benchmark's ISR held with them, retrained); a saved config without these
+#: keys means the ``ArchitectureOptions`` defaults (``"fixed"`` grids), which compute exactly as before.
+#: ``guidance_pool=2`` is not among them: retrained with it the toy's ISR fell outside its seed spread.
+NEW_ADAPTER_OPTIONS = {"grid_policy": "footprint"}
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "roictrl_adapter.safetensors"
 
@@ -151,13 +156,19 @@ class ROICtrlAdapter(nn.Module):
             grid_sizes: ROI grid side by downsampling factor (image pixels per feature pixel); defaults to
                 :data:`DEFAULT_GRID_SIZES` ``{8: 25, 16: 19, 32: 13, 64: 7}``.
             vae_scale_factor: image pixels per latent pixel (8 for SD1.5 and SDXL).
-            preset: ``None``/``"default"`` (roi-ops' design) or ``"official"`` (``OFFICIAL_CONFIG``: the official
+            preset: ``None``/``"default"`` (roi-ops' design, with :data:`NEW_ADAPTER_OPTIONS`: footprint grids) or
+                ``"official"`` (``OFFICIAL_CONFIG``: the official
                 release's architecture, whose weights :meth:`from_official` loads); ``kwargs`` override it.
             kwargs: the remaining constructor arguments (``position_dim``, options such as ``unpool``, ...).
         """
         if preset == "official":
             kwargs = {**OFFICIAL_CONFIG, **kwargs}
-        elif preset not in (None, "default"):
+        elif preset in (None, "default"):
+            defaults = dict(NEW_ADAPTER_OPTIONS)
+            if kwargs.get("unpool", "exact") != "exact":  # the footprint grids need the exact paste
+                defaults.pop("grid_policy")
+            kwargs = {**defaults, **kwargs}
+        else:
             raise ValueError(f"ROICtrlAdapter.from_unet preset must be None, 'default' or 'official', got {preset!r}")
         grid_sizes = dict(DEFAULT_GRID_SIZES if grid_sizes is None else grid_sizes)
         unet = unwrap_unet(unet)

@@ -11,10 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import roi_ops
+from roi_ops._ops import trusted_boxes
 
+from .grids import GridGroup, blend_groups, plan_groups
 from .instances import ROICtrlInstances
 from .layers import FeedForward, SelfAttention
 from .options import ArchitectureOptions
@@ -119,13 +122,20 @@ class ROICtrlBlock(nn.Module):
             coverage=coverage,
         )
 
-    def _gate_logits(self, base_logit, inst_logit, rois, instances, size):
-        """The official channel gate: scale every slot's logits by ``sigmoid(MLP(max-pooled logit maps))``."""
+    def _gate_logits(self, base_logit, inst_logits, groups, rois, instances, size):
+        """The official channel gate: scale every slot's logits by ``sigmoid(MLP(max-pooled logit maps))``.
+
+        ``inst_logits``: one ``Tensor[Kg, PH, PW]`` per grid group (:mod:`.grids`); returns them scaled, likewise."""
         B = base_logit.shape[0]
         S = self.options.max_instances
         device = base_logit.device
         # Max over the pasted map, 0 where the slot does not cover (as the official code pools its dense maps).
-        inst_max = self.paste_rule.paste(inst_logit.unsqueeze(1), rois, size).amax(dim=(1, 2, 3))
+        maxima = [
+            self.paste_rule.paste(logit.unsqueeze(1), self._group_rows(rois, g, groups), size).amax(dim=(1, 2, 3))
+            for logit, g in zip(inst_logits, groups)
+        ]
+        inst_max = maxima[0] if len(groups) == 1 else torch.cat(maxima).index_select(
+            0, torch.argsort(torch.cat([g.index for g in groups])))
         batch = instances.batch_index.to(device)
         position = instances.slot_position.to(device)
         pooled = base_logit.new_zeros(B, S + 1)
@@ -142,7 +152,22 @@ class ROICtrlBlock(nn.Module):
         scale = torch.sigmoid(self.blend_gate(pooled.to(self.blend_gate[0].weight.dtype))).to(base_logit.dtype)
         if perm is not None:
             scale = torch.cat([scale[:, :1], scale[:, 1:].index_select(1, torch.argsort(perm))], dim=1)
-        return base_logit * scale[:, 0, None, None], inst_logit * scale[batch, position + 1][:, None, None]
+        inst_scale = scale[batch, position + 1]
+        scaled = [
+            logit * self._group_rows(inst_scale, g, groups)[:, None, None] for logit, g in zip(inst_logits, groups)
+        ]
+        return base_logit * scale[:, 0, None, None], scaled
+
+    @staticmethod
+    def _group_rows(tensor: torch.Tensor, group: GridGroup, groups: list[GridGroup]) -> torch.Tensor:
+        """The rows of a per-instance ``tensor`` that belong to ``group`` (all of it, uncopied, for one group)."""
+        return tensor if len(groups) == 1 else tensor.index_select(0, group.index)
+
+    def grid_groups(
+        self, instances: ROICtrlInstances, size: tuple[int, int], device: torch.device | str
+    ) -> list[GridGroup]:
+        """This layer's ROIs grouped by grid size under ``options.grid_policy`` (:func:`.grids.plan_groups`)."""
+        return plan_groups(instances.host_boxes, size, self.grid, self.options.grid_policy, device)
 
     def check_slots(self, instances: ROICtrlInstances) -> None:
         """Raise ``ValueError`` if an instance sits beyond ``max_instances`` slots (fixed-slot configurations)."""
@@ -158,6 +183,22 @@ class ROICtrlBlock(nn.Module):
                 f"(roictrl boxes hold {instances.boxes.shape[1]} slots per sample); pass at most {limit} slots, or "
                 "use the default configuration (max_instances=None) for unbounded instance counts"
             )
+
+    def _align(self, feature_map: torch.Tensor, rois: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Step 1: ROI-Align crops of the layer's normed states, as tokens ``[K, PH*PW, C]``."""
+        crops = roi_ops.roi_align(
+            feature_map, rois, grid, spatial_scale=1.0, sampling_ratio=self.options.sampling_ratio, aligned=True
+        )
+        return crops.flatten(2).transpose(1, 2)
+
+    def _inject(self, tokens, attn, text, batch, encoder_hidden_states, attn_kwargs) -> torch.Tensor:
+        """Step 2: the layer's own cross-attention on the crop tokens, each with its instance's caption."""
+        return attn.forward(
+            tokens,
+            encoder_hidden_states=_gather_encoder_states(encoder_hidden_states, text, batch),
+            attention_mask=None,
+            **attn_kwargs,
+        )
 
     def instance_path(
         self,
@@ -189,41 +230,52 @@ class ROICtrlBlock(nn.Module):
             )
         device, dtype = hidden_states.device, hidden_states.dtype
         rois = instances.rois(H, W, dtype=torch.float64 if dtype == torch.float64 else torch.float32).to(device)
-        K, P = rois.shape[0], self.grid
+        K = rois.shape[0]
         if K == 0:  # only reached with guide_empty_samples: nothing to paste
             return global_out, global_out.new_ones(B, H, W), rois
         feature_map = hidden_states.reshape(B, H, W, C).permute(0, 3, 1, 2)  # channels_last view, no copy
-        crops = roi_ops.roi_align(
-            feature_map, rois, (P, P), spatial_scale=1.0, sampling_ratio=self.options.sampling_ratio, aligned=True
-        )
-        tokens = crops.flatten(2).transpose(1, 2)  # [K, P*P, C]
-
         batch = instances.batch_index.to(device)
         text = instances.instance_embeddings.to(device=device, dtype=dtype)
         kwargs = dict(attn_kwargs or {})
         kwargs.pop("ip_adapter_masks", None)  # full-image masks do not apply to ROI crops
-        x = attn.forward(
-            tokens,
-            encoder_hidden_states=_gather_encoder_states(encoder_hidden_states, text, batch),
-            attention_mask=None,
-            **kwargs,
-        )
-        x = x + torch.tanh(self.roi_gate).to(dtype) * self.roi_attn(self.roi_norm(x))
-
-        # project(roi_unpool(x)) == roi_unpool(project(x)): the instance logits are made on the small grids.
-        inst_logit = self.blend_proj(x).view(K, P, P)
+        groups = self.grid_groups(instances, size, device)
+        group_rois, grids, inst_logits = [], [], []
+        for g in groups:  # one batched pass per grid size (one under grid_policy="fixed")
+            rows = self._group_rows(rois, g, groups)
+            x = self._align(feature_map, rows, (g.ph, g.pw))
+            x = self._inject(
+                x, attn, self._group_rows(text, g, groups), self._group_rows(batch, g, groups),
+                encoder_hidden_states, kwargs,
+            )
+            x = x + torch.tanh(self.roi_gate).to(dtype) * self.roi_attn(self.roi_norm(x))
+            # project(roi_unpool(x)) == roi_unpool(project(x)): the instance logits are made on the small grids.
+            inst_logits.append(self.blend_proj(x).view(-1, g.ph, g.pw))
+            grids.append(x.transpose(1, 2).reshape(-1, C, g.ph, g.pw))
+            group_rois.append(rows)
         base_logit = self.blend_proj(global_out).reshape(B, H, W)
         if self.options.channel_gate:
-            base_logit, inst_logit = self._gate_logits(base_logit, inst_logit, rois, instances, size)
-        grid_values = x.transpose(1, 2).reshape(K, C, P, P)
+            base_logit, inst_logits = self._gate_logits(base_logit, inst_logits, groups, rois, instances, size)
         base = global_out.reshape(B, H, W, C).permute(0, 3, 1, 2)
         coverage = instances.layer_coverage(rois, size, dtype)
-        if coverage is None:  # boxes only: the call as before regions existed
-            out, base_weight = self._blend(base, base_logit, grid_values, inst_logit, rois, 1.0, True)
+        if coverage is None:  # boxes only: the calls as before regions existed
+            out, base_weight = blend_groups(
+                lambda b, bl, v, vl, r: self._blend(b, bl, v, vl, r, 1.0, True), base, base_logit, grids,
+                inst_logits, group_rois,
+            )
         else:
-            out, base_weight = self._blend(base, base_logit, grid_values, inst_logit, rois, 1.0, True, coverage)
+            out, base_weight = blend_groups(
+                lambda b, bl, v, vl, r, c: self._blend(b, bl, v, vl, r, 1.0, True, c), base, base_logit, grids,
+                inst_logits, group_rois, [self._group_rows(coverage, g, groups) for g in groups],
+            )
         if blend_record is not None:
-            _, logits, covered = self.paste_rule.paste_for_blend(grid_values.detach(), inst_logit.detach(), rois, size)
+            pasted = [
+                self.paste_rule.paste_for_blend(v.detach(), vl.detach(), r, size)
+                for v, vl, r in zip(grids, inst_logits, group_rois)
+            ]
+            logits, covered = (torch.cat([p[i] for p in pasted]) for i in (1, 2))
+            if len(groups) > 1:  # back to the instances' order
+                order = torch.argsort(torch.cat([g.index for g in groups]))
+                logits, covered = logits.index_select(0, order), covered.index_select(0, order)
             blend_record["instance_weights"] = instance_weights(
                 base_weight.detach(), base_logit.detach(), logits, covered, rois, coverage
             )
@@ -236,12 +288,37 @@ class ROICtrlBlock(nn.Module):
         instances: ROICtrlInstances,
         rows: torch.Tensor | None = None,
         null_position: torch.Tensor | None = None,
+        size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Step 5. ``residual`` is ``[S, T, C]``: the batch rows ``rows`` (default ``instances.sample_index``, the
         samples with instances), ``position_tokens`` ``[K, position_dim]``; returns the residual update.
 
         With ``position_padding="null_token"`` every row attends to ``max_instances`` tokens, padded slots holding
-        ``null_position`` (``[position_dim]``), without a key mask; otherwise only to its real instances."""
+        ``null_position`` (``[position_dim]``), without a key mask; otherwise only to its real instances.
+
+        With ``options.guidance_pool = p > 1`` the update is computed on the ``p x p`` average-pooled map (``size``,
+        the map's ``(H, W)``, is then required) and resized back bilinearly."""
+        pool = self.options.guidance_pool
+        if pool > 1:
+            if size is None:
+                raise ValueError(f"ROICtrlBlock.box_guidance needs size=(H, W) with guidance_pool={pool}, got None")
+            S, T, C = residual.shape
+            H, W = size
+            if H * W != T:
+                raise ValueError(f"ROICtrlBlock.box_guidance size must satisfy H*W == tokens, got {H}x{W} for {T}")
+            grid = residual.transpose(1, 2).reshape(S, C, H, W)
+            low = F.avg_pool2d(grid, pool, ceil_mode=True)
+            delta = self._guidance_update(
+                low.flatten(2).transpose(1, 2), position_tokens, instances, rows, null_position
+            )
+            h, w = low.shape[-2:]
+            delta = F.interpolate(delta.transpose(1, 2).reshape(S, C, h, w), size=(H, W), mode="bilinear",
+                                  align_corners=False)
+            return delta.flatten(2).transpose(1, 2)
+        return self._guidance_update(residual, position_tokens, instances, rows, null_position)
+
+    def _guidance_update(self, residual, position_tokens, instances, rows, null_position) -> torch.Tensor:
+        """Step 5 on ``residual`` ``[S, T, C]`` as it is (full or pooled resolution)."""
         S, T, C = residual.shape
         device = residual.device
         rows = instances.sample_index.to(device) if rows is None else rows.to(device)
@@ -302,25 +379,29 @@ class ROICtrlBlock(nn.Module):
             return global_out, {"base_weight": global_out.new_ones(shape), "covered": covered}
         self.check_slots(instances)
         record = {} if record_blend else None
-        blended, base_weight, rois = self.instance_path(
-            hidden_states, global_out, attn, instances, size, encoder_hidden_states, attn_kwargs, blend_record=record
-        )
-        B = global_out.shape[0]
+        # The ROIs come from a validated ROICtrlInstances: the ops need not read them back (a device sync per op
+        # call on CUDA); roi_ops._ops.trusted_boxes.
+        with trusted_boxes():
+            blended, base_weight, rois = self.instance_path(
+                hidden_states, global_out, attn, instances, size, encoder_hidden_states, attn_kwargs,
+                blend_record=record,
+            )
+            B = global_out.shape[0]
+            region = instances.layer_coverage(rois, size, global_out.dtype)
+            if region is None:  # boxes only: as before regions existed
+                covered = self.paste_rule.coverage(rois, B, size, grid=self.grid)
+            else:
+                covered = self.paste_rule.coverage(rois, B, size, grid=self.grid, coverage=region)
         sel = torch.arange(B, device=global_out.device) if empty_too else instances.sample_index.to(global_out.device)
         blended_rows = blended.index_select(0, sel)
         delta = self.box_guidance(
-            residual.index_select(0, sel) + blended_rows, position_tokens, instances, sel, null_position
+            residual.index_select(0, sel) + blended_rows, position_tokens, instances, sel, null_position, size
         )
         new_rows = blended_rows + delta
         if instances.scale != 1.0:
             g = global_out.index_select(0, sel)
             new_rows = g + instances.scale * (new_rows - g)
         out = global_out.index_copy(0, sel, new_rows)
-        region = instances.layer_coverage(rois, size, global_out.dtype)
-        if region is None:  # boxes only: as before regions existed
-            covered = self.paste_rule.coverage(rois, B, size, grid=self.grid)
-        else:
-            covered = self.paste_rule.coverage(rois, B, size, grid=self.grid, coverage=region)
         stats = {"base_weight": base_weight, "covered": covered}
         if record:
             stats.update(record, rois=rois)

@@ -53,7 +53,9 @@ class ROICtrlInstances:
         ``Tensor[K, L, D]``, ``slot_index`` ``LongTensor[K]`` (rank of the instance within its sample),
         ``slot_position`` ``LongTensor[K]`` (its slot ``n`` in the padded ``[B, N]`` input),
         ``sample_index`` ``LongTensor[S]`` (sorted samples with at least one instance), ``num_instances`` (K),
-        ``max_instances_per_sample``.
+        ``max_instances_per_sample``, ``host_boxes`` (``instance_boxes`` as a tuple of ``K`` tuples of Python
+        floats: the layers' grid sizes are planned from it without a device sync, and as constants under
+        ``torch.compile``).
     """
 
     boxes: torch.Tensor
@@ -72,6 +74,7 @@ class ROICtrlInstances:
     max_instances_per_sample: int = field(init=False, repr=False)
     instance_regions: torch.Tensor | None = field(init=False, repr=False)
     _coverage_cache: dict = field(init=False, repr=False)
+    host_boxes: tuple = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         boxes, emb, masks = self.boxes, self.embeddings, self.masks
@@ -171,6 +174,7 @@ class ROICtrlInstances:
         object.__setattr__(self, "max_instances_per_sample", int(counts.max()) if B > 0 else 0)
         object.__setattr__(self, "instance_regions", inst_regions)
         object.__setattr__(self, "_coverage_cache", {})
+        object.__setattr__(self, "host_boxes", tuple(map(tuple, inst_boxes.detach().double().tolist())))
 
     @property
     def has_regions(self) -> bool:

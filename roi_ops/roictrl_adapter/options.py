@@ -27,6 +27,8 @@ OPTION_RULES: dict[str, tuple[tuple[type, ...], Any]] = {
     "guide_empty_samples": ((bool,), (False, True)),
     "dropout": ((float, int), "a number in [0, 1)"),
     "unpool": ((str,), ("exact", "official")),
+    "grid_policy": ((str,), ("fixed", "footprint")),
+    "guidance_pool": ((int,), "an int in [1, 8]"),
 }
 
 
@@ -64,6 +66,13 @@ class ArchitectureOptions:
             ``"official"`` (the release's quantised unpool: box pixel range ``ceil(c*s - 0.5)``, grid position
             without the half-cell offset, pixels whose bilinear neighbours leave the grid set to 0, coverage =
             "feature sum != 0"; always the unfused blend).
+        grid_policy: ROI grid size per instance (``grids.py``): ``"fixed"`` (the layer's ``grid x grid`` for
+            every ROI; official, and what a saved config without this key means) or ``"footprint"`` (per axis
+            ``min(grid, ceil(the box's extent in feature pixels))``; ROIs of one grid size share each call).
+        guidance_pool: the box guidance (step 5) runs on the ``guidance_pool x guidance_pool`` average-pooled
+            map and its update is resized back bilinearly; ``1`` (official, and what a saved config without this
+            key means): full resolution. ``2`` costs about a quarter of the projections and feed-forward and a
+            sixteenth of the attention scores.
     """
 
     ff_activation: str = "gelu"
@@ -77,6 +86,8 @@ class ArchitectureOptions:
     guide_empty_samples: bool = False
     dropout: float = 0.0
     unpool: str = "exact"
+    grid_policy: str = "fixed"
+    guidance_pool: int = 1
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -94,6 +105,8 @@ class ArchitectureOptions:
             raise ValueError(f"ROICtrl option slot_seed must be >= 0, got {self.slot_seed}")
         if self.sampling_ratio == 0 or self.sampling_ratio < -1:
             raise ValueError(f"ROICtrl option sampling_ratio must be -1 or >= 1, got {self.sampling_ratio}")
+        if not 1 <= self.guidance_pool <= 8:
+            raise ValueError(f"ROICtrl option guidance_pool must be an int in [1, 8], got {self.guidance_pool}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"ROICtrl option dropout must be in [0, 1), got {self.dropout}")
         object.__setattr__(self, "dropout", float(self.dropout))
@@ -105,6 +118,11 @@ class ArchitectureOptions:
         ]
         if needs_slots and self.max_instances is None:
             raise ValueError(f"ROICtrl options {' and '.join(needs_slots)} need a fixed max_instances, got None")
+        if self.grid_policy == "footprint" and self.unpool != "exact":
+            raise ValueError(
+                f"ROICtrl option grid_policy='footprint' needs unpool='exact', got unpool={self.unpool!r} (the "
+                "official quantised paste's coverage depends on the grid size); use grid_policy='fixed' with it"
+            )
         if self.slot_order != "identity" and not self.channel_gate:
             raise ValueError(
                 f"ROICtrl option slot_order={self.slot_order!r} only affects the channel gate; set "

@@ -88,7 +88,8 @@ CONFIG_SCHEMA: dict[str, Field] = {
 #: The architecture options (options.py): their types and values are checked by ``ArchitectureOptions`` itself
 #: (one rule table), here only whether each is part of what the weights were trained with. The rest change
 #: what a forward computes without changing a weight, and may be edited like ``fused_blend``.
-_RUNTIME_OPTIONS = {"slot_order", "slot_seed", "sampling_ratio", "guide_empty_samples", "dropout", "unpool"}
+_RUNTIME_OPTIONS = {"slot_order", "slot_seed", "sampling_ratio", "guide_empty_samples", "dropout", "unpool", "grid_policy",
+                    "guidance_pool"}
 CONFIG_SCHEMA.update(
     {name: Field(object, architecture=name not in _RUNTIME_OPTIONS) for name in ArchitectureOptions.names()}
 )

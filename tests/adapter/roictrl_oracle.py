@@ -102,6 +102,28 @@ def norm(p, prefix, x):
     return layer_norm(x, p[f"{prefix}.weight"], p[f"{prefix}.bias"])
 
 
+def pooled_size(size, pool):
+    return -(-size[0] // pool), -(-size[1] // pool)
+
+
+def pool_tokens(x, size, pool):
+    """``[H*W, C]`` row-major -> ``[h*w, C]``: the mean of each ``pool x pool`` cell (cut by the map's edge)."""
+    H, W = size
+    m = x.reshape(H, W, -1)
+    h, w = pooled_size(size, pool)
+    rows = [m[i * pool : min((i + 1) * pool, H), j * pool : min((j + 1) * pool, W)].mean((0, 1))
+            for i in range(h) for j in range(w)]
+    return torch.stack(rows)
+
+
+def resize_tokens(x, size, out_size):
+    """``[h*w, C]`` -> ``[H*W, C]``, bilinear with ``align_corners=False``."""
+    (h, w), (H, W) = size, out_size
+    grid = x.transpose(0, 1).reshape(1, -1, h, w)
+    return torch.nn.functional.interpolate(grid, size=(H, W), mode="bilinear", align_corners=False)[0].reshape(
+        -1, H * W).transpose(0, 1)
+
+
 def box_tokens(encoder_params, boxes, num_freqs):
     """Position tokens of normalised boxes ``[..., 4]``: Fourier features (sin, then cos, of ``2^f * pi * coord``
     per coordinate) through the MLP Linear-SiLU-Linear-SiLU-Linear, in the MLP's dtype (float32 at least).
@@ -143,6 +165,8 @@ def oracle_layer(
     position_tokens: torch.Tensor,
     scale: float = 1.0,
     knockout: str | None = None,
+    grid_policy: str = "fixed",
+    guidance_pool: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's new cross-attention output ``[B, H*W, C]`` and the global output's blending weight
     ``[B, H, W]`` (exactly 1 where no instance covers a pixel; the regulariser's ``W_global``).
@@ -150,6 +174,11 @@ def oracle_layer(
     ``params``: the block's parameters by name (``dict(block.named_parameters())``); ``boxes [B, N, 4]``
     normalised, ``embeddings [B, N, L, D]``, ``masks [B, N]``; ``position_tokens [B, N, position_dim]`` (the
     box encoder's tokens, see :func:`box_tokens`).
+
+    ``grid_policy="footprint"``: instance ``n`` gets a ``PH x PW`` grid with ``PH = min(grid, ceil(box height
+    in map pixels))`` (``PW`` likewise, at least 1), each instance on its own. ``guidance_pool = p > 1``: step 5
+    runs on the map averaged over ``p x p`` cells (the last row / column of cells may be cut by the map's edge)
+    and its update is resized back bilinearly (``align_corners=False``).
     """
     assert knockout is None or knockout in KNOCKOUTS, knockout
     p = params
@@ -174,27 +203,39 @@ def oracle_layer(
         crop_rois = torch.stack([torch.zeros_like(x1), x1 * sx, y1 * sy, x2 * sx, y2 * sy], -1)
         rois = torch.stack([torch.zeros_like(x1), x1 * W, y1 * H, x2 * W, y2 * H], -1)
         feature_map = inputs.normed[b].transpose(0, 1).reshape(1, C, H, W)
-        crops = reference.roi_align(feature_map, crop_rois, (grid, grid), 1.0, -1, aligned=ko != "crop_not_aligned")
-        tokens = crops.reshape(k, C, grid * grid).transpose(1, 2)  # [k, P*P, C], row-major cells
-
-        # step 2: the layer's own cross-attention on each crop with that instance's caption
         captions = inputs.text[b].expand(k, -1, -1) if ko == "instance_global_caption" else embeddings[b, valid]
-        v = pretrained_cross_attention(attn, tokens, captions.to(tokens.dtype))
-
-        # step 3: gated ROI self-attention within each instance
-        if ko != "roi_attention_off":
-            gate = p["roi_gate"] if ko == "roi_gate_no_tanh" else torch.tanh(p["roi_gate"])
-            a_in = v if ko == "roi_attention_no_norm" else norm(p, "roi_norm", v)
-            v = v + gate * self_attention(p, "roi_attn", a_in, heads)
-
-        # step 4: logits by one shared 1x1 projection, paste back, per-pixel softmax over g and the covering ROIs
         w_proj = p["blend_proj.weight"] * (0 if ko == "logits_off" else 1)
-        inst_logit = linear(v, w_proj).reshape(k, 1, grid, grid)
-        global_logit = linear(g[b], w_proj).reshape(H, W)
-        grids = v.transpose(1, 2).reshape(k, C, grid, grid)
         aligned = ko != "paste_not_aligned"
-        values = reference.roi_unpool(grids, rois, (H, W), 1.0, aligned)  # [k, C, H, W]
-        logit_maps = reference.roi_unpool(inst_logit, rois, (H, W), 1.0, aligned)[:, 0]  # [k, H, W]
+        values, logit_maps = [], []
+        for j, n in enumerate(valid):  # one instance at a time, each on its own grid
+            if grid_policy == "footprint":
+                bx = [float(c) for c in boxes[b, n]]
+                gh = max(1, min(grid, math.ceil((bx[3] - bx[1]) * H)))
+                gw = max(1, min(grid, math.ceil((bx[2] - bx[0]) * W)))
+            else:
+                gh = gw = grid
+            crop = reference.roi_align(feature_map, crop_rois[j : j + 1], (gh, gw), 1.0, -1,
+                                       aligned=ko != "crop_not_aligned")
+            tokens = crop.reshape(1, C, gh * gw).transpose(1, 2)  # [1, PH*PW, C], row-major cells
+
+            # step 2: the layer's own cross-attention on the crop with this instance's caption
+            v = pretrained_cross_attention(attn, tokens, captions[j : j + 1].to(tokens.dtype))
+
+            # step 3: gated ROI self-attention within the instance
+            if ko != "roi_attention_off":
+                gate = p["roi_gate"] if ko == "roi_gate_no_tanh" else torch.tanh(p["roi_gate"])
+                a_in = v if ko == "roi_attention_no_norm" else norm(p, "roi_norm", v)
+                v = v + gate * self_attention(p, "roi_attn", a_in, heads)
+
+            # step 4 (per instance): logit by one shared 1x1 projection, both pasted back
+            inst_logit = linear(v, w_proj).reshape(1, 1, gh, gw)
+            grid_values = v.transpose(1, 2).reshape(1, C, gh, gw)
+            values.append(reference.roi_unpool(grid_values, rois[j : j + 1], (H, W), 1.0, aligned)[0])
+            logit_maps.append(reference.roi_unpool(inst_logit, rois[j : j + 1], (H, W), 1.0, aligned)[0, 0])
+        values, logit_maps = torch.stack(values), torch.stack(logit_maps)  # [k, C, H, W], [k, H, W]
+
+        # step 4: per-pixel softmax over g and the covering ROIs
+        global_logit = linear(g[b], w_proj).reshape(H, W)
         covered = reference.roi_unpool_coverage(rois, (H, W), 1.0, aligned)  # [k, H, W]
         if ko != "blend_ignores_coverage":
             logit_maps = logit_maps.masked_fill(~covered, float("-inf"))
@@ -207,17 +248,22 @@ def oracle_layer(
 
         # step 5: box-coordinate guidance on y = x + blended, over [visual tokens; this sample's position tokens]
         y = inputs.residual[b] + blended
+        if guidance_pool > 1:
+            y = pool_tokens(y, (H, W), guidance_pool)
         pos = linear(position_tokens[b, valid].to(y.dtype), p["position_proj.weight"], p["position_proj.bias"])
         seq = y if ko == "guide_no_position_tokens" else torch.cat([y, pos])
         s_in = seq if ko == "guide_attn_no_norm" else norm(p, "guide_norm", seq)
-        attn_out = self_attention(p, "guide_attn", s_in, heads)[:T]
+        attn_out = self_attention(p, "guide_attn", s_in, heads)[: y.shape[0]]
         gate_a = p["guide_attn_gate"] if ko == "guide_attn_gate_no_tanh" else torch.tanh(p["guide_attn_gate"])
         d1 = gate_a * attn_out
         ff_in = norm(p, "guide_ff_norm", y if ko == "guide_ff_skips_attention" else y + d1)
         ff = linear(gelu_tanh(linear(ff_in, p["guide_ff.net.0.weight"], p["guide_ff.net.0.bias"])),
                     p["guide_ff.net.2.weight"], p["guide_ff.net.2.bias"])
         gate_f = p["guide_ff_gate"] if ko == "guide_ff_gate_no_tanh" else torch.tanh(p["guide_ff_gate"])
-        new = blended + d1 + gate_f * ff
+        update = d1 + gate_f * ff
+        if guidance_pool > 1:
+            update = resize_tokens(update, pooled_size((H, W), guidance_pool), (H, W))
+        new = blended + update
 
         # strength: g + scale * (ROICtrl output - g)
         s = 1.0 if ko == "scale_ignored" else scale

@@ -12,6 +12,7 @@ from roictrl_oracle import KNOCKOUTS, LayerInputs, box_tokens, oracle_layer
 from roictrl_testutils import make_adapter, make_instances, make_unet, randomize_, unet_inputs
 
 from roi_ops.roictrl_adapter import BoxEncoder, ROICtrlBlock, ROICtrlInstances
+from roi_ops.roictrl_adapter.options import ArchitectureOptions
 
 B, H, W, C, D, L, P, HEADS, POS, FREQS = 3, 6, 10, 16, 12, 5, 4, 2, 8, 4
 # float64 throughout: the block and the oracle differ only in summation order (SDPA vs an explicit softmax,
@@ -30,11 +31,13 @@ BOXES = [[[c / 64 for c in box] for box in sample] for sample in (
 MASKS = [[1, 0, 1], [0, 0, 0], [1, 1, 1]]
 
 
-def _setup(fused, seed=0):
+def _setup(fused, seed=0, **options):
     torch.manual_seed(seed)
     attn = Attention(query_dim=C, cross_attention_dim=D, heads=HEADS, dim_head=C // HEADS)
     attn = attn.double().eval().requires_grad_(False)
-    block = randomize_(ROICtrlBlock(C, heads=HEADS, position_dim=POS, grid=P, fused_blend=fused), seed).double()
+    block = ROICtrlBlock(C, heads=HEADS, position_dim=POS, grid=P, fused_blend=fused,
+                         options=ArchitectureOptions(**options))
+    block = randomize_(block, seed).double()
     encoder = randomize_(BoxEncoder(POS, num_freqs=FREQS, hidden_dim=8), seed + 1).double()
     g = torch.Generator().manual_seed(seed + 2)
     hidden = torch.randn(B, H * W, C, generator=g, dtype=torch.float64)
@@ -57,7 +60,8 @@ def _run_oracle(attn, block, encoder, hidden, residual, text, emb, scale, knocko
     # padded boxes hold garbage (NaN): keep it out of the encoder, whose tokens for them are never used
     tokens = box_tokens(dict(encoder.named_parameters()), torch.where(masks[..., None], boxes, 0.0), FREQS)
     return oracle_layer(attn, dict(block.named_parameters()), HEADS, P, LayerInputs(hidden, residual, text, (H, W)),
-                        boxes, emb, masks, tokens, scale, knockout)
+                        boxes, emb, masks, tokens, scale, knockout, grid_policy=block.options.grid_policy,
+                        guidance_pool=block.options.guidance_pool)
 
 
 def _assert_close(actual, expected, what):
@@ -65,10 +69,15 @@ def _assert_close(actual, expected, what):
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL * scale, msg=lambda m: f"{what}: {m}")
 
 
+#: the options of a new adapter (footprint grids, pooled guidance) and the fixed grids with pooled guidance
+NEW_OPTIONS = dict(grid_policy="footprint", guidance_pool=2)
+
+
 @pytest.mark.parametrize("scale", [1.0, 0.6])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
-def test_block_matches_oracle_forward_and_gradients(fused, scale):
-    attn, block, encoder, hidden, residual, text, emb = _setup(fused)
+@pytest.mark.parametrize("options", [{}, NEW_OPTIONS, {"guidance_pool": 3}], ids=["fixed", "footprint", "pool3"])
+def test_block_matches_oracle_forward_and_gradients(fused, scale, options):
+    attn, block, encoder, hidden, residual, text, emb = _setup(fused, **options)
     hidden.requires_grad_(), residual.requires_grad_()
     out, base_weight = _run_block(attn, block, encoder, hidden, residual, text, emb, scale)
     ref, ref_weight = _run_oracle(attn, block, encoder, hidden, residual, text, emb, scale)
@@ -135,7 +144,8 @@ class OracleHooks:
         tokens = box_tokens(dict(self.adapter.box_encoder.named_parameters()), boxes, self.adapter.fourier_freqs)
         inputs = LayerInputs(hidden, self.residual[i], text, self.sizes[hidden.shape[1]])
         out, _ = oracle_layer(attn, dict(block.named_parameters()), spec.heads, spec.grid, inputs, data["boxes"],
-                              data["embeddings"], masks, tokens, data.get("scale", 1.0))
+                              data["embeddings"], masks, tokens, data.get("scale", 1.0),
+                              grid_policy=block.options.grid_policy, guidance_pool=block.options.guidance_pool)
         return out
 
     def remove(self):

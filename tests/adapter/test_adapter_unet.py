@@ -1,5 +1,7 @@
 """The adapter installed in tiny SD1.5-like and SDXL-like UNets: exactness, locality, gradients, plug-ins."""
 
+import math
+
 import pytest
 import torch
 from diffusers import ControlNetModel
@@ -285,7 +287,9 @@ def _with_ip_adapter(unet, image_dim=12, tokens=4, seed=0):
 
 def test_with_ip_adapter(diffusers_log):
     unet = _with_ip_adapter(make_unet("sd15"))
-    adapter = make_adapter(unet, "sd15")
+    # fixed grids: one instance-path call per layer, which the counts below rely on (footprint grids split the
+    # 3 instances into calls by grid size, each routed the same way)
+    adapter = make_adapter(unet, "sd15", grid_policy="fixed")
     sample, t, text, _ = unet_inputs("sd15")
     image = [torch.randn(2, 1, 12, generator=torch.Generator().manual_seed(5))]
     data = make_instances(2, 3, _dim("sd15"), masks=[[1, 1, 0], [0, 1, 0]])
@@ -312,18 +316,34 @@ class _RecordingProcessor(AttnProcessor2_0):
         return super().__call__(attn, hidden_states, encoder_hidden_states, **kwargs)
 
 
-def test_instance_path_calls_the_layers_own_cross_attention_with_the_instance_captions():
+@pytest.mark.parametrize("policy", ["fixed", "footprint"])
+def test_instance_path_calls_the_layers_own_cross_attention_with_the_instance_captions(policy):
     unet = make_unet("sd15")
-    adapter = make_adapter(unet, "sd15")
+    adapter = make_adapter(unet, "sd15", grid_policy=policy)
     unet.set_attn_processor(_RecordingProcessor())
     data = make_instances(2, 3, _dim("sd15"), masks=[[1, 0, 1], [0, 1, 0]])
     _RecordingProcessor.calls.clear()
     with _Installed(adapter, unet):
-        _run(unet, "sd15", data)
-    captions = data["embeddings"][data["masks"].bool()]  # [3, L, D], in (sample, slot) order
+        _run(unet, "sd15", data)  # latents 16 x 12
+    valid = data["masks"].bool()
+    captions = data["embeddings"][valid]  # [3, L, D], in (sample, slot) order
+    boxes = data["boxes"][valid].double().tolist()
     for spec in adapter.specs:
         attn2 = unet.get_submodule(spec.name).attn2
         calls = [c for c in _RecordingProcessor.calls if c[0] is attn2]
-        assert len(calls) == 2  # the global call, then one batched call over the 3 crops
-        assert calls[1][1] == (3, spec.grid * spec.grid, spec.dim)
-        assert torch.equal(calls[1][2], captions)
+        H, W = 16 * 8 // spec.downsample, 12 * 8 // spec.downsample  # the layer's map (VAE factor 8)
+        if policy == "fixed":
+            want = [(spec.grid, spec.grid)] * 3
+        else:  # per axis: min(grid, ceil(the box's extent in feature pixels))
+            want = [(min(spec.grid, math.ceil((y2 - y1) * H)), min(spec.grid, math.ceil((x2 - x1) * W)))
+                    for x1, y1, x2, y2 in boxes]
+        # the global call, then one batched call per grid size over its crops, each with its instances' captions
+        assert len(calls) == 1 + len(set(want))
+        seen = []
+        for _, shape, text in calls[1:]:
+            rows = [next(k for k in range(3) if torch.equal(t, captions[k])) for t in text]
+            assert all(want[k] == want[rows[0]] for k in rows)
+            ph, pw = want[rows[0]]
+            assert shape == (len(rows), ph * pw, spec.dim)
+            seen += rows
+        assert sorted(seen) == [0, 1, 2]

@@ -9,6 +9,7 @@ import torch
 from roictrl_testutils import make_adapter, make_instances, make_unet, unet_inputs
 
 from roi_ops.roictrl_adapter import OFFICIAL_CONFIG, ArchitectureOptions, ROICtrlAdapter, ROICtrlInstances
+from roi_ops.roictrl_adapter.adapter import NEW_ADAPTER_OPTIONS
 from roi_ops.roictrl_adapter.block import ROICtrlBlock
 from roi_ops.roictrl_adapter.layers import BoxEncoder, FeedForward, SelfAttention
 from roi_ops.roictrl_adapter.official import roi_unpool_quantized
@@ -59,10 +60,10 @@ def test_options_round_trip_through_config_json(tmp_path):
     assert loaded.options == adapter.options and loaded.config == adapter.config
     assert not loaded.training  # loaded adapters come back in eval mode (dropout off)
     assert torch.equal(loaded.blocks[0].slot_permutation, adapter.blocks[0].slot_permutation)
-    # An adapter saved before the options existed (no option keys) loads with the defaults.
+    # A new default adapter round-trips with the options from_unet gave it.
     plain = make_adapter(unet, "sd15")
     plain.save_pretrained(tmp_path / "plain")
-    assert ROICtrlAdapter.from_pretrained(tmp_path / "plain").options == ArchitectureOptions()
+    assert ROICtrlAdapter.from_pretrained(tmp_path / "plain").options == ArchitectureOptions(**NEW_ADAPTER_OPTIONS)
 
 
 def test_official_configuration_runs_on_sdxl_style_unets_too():
@@ -152,9 +153,10 @@ def test_seeded_slot_order_is_fixed_and_differs_from_identity():
     inst = ROICtrlInstances(torch.tensor([[[0.1, 0.1, 0.6, 0.7], [0.3, 0.2, 0.9, 0.8]]]), torch.zeros(1, 2, 2, 4))
     base_logit, inst_logit = torch.randn(1, 6, 6), torch.randn(2, 3, 3)
     rois = inst.rois(6, 6)
-    ga = a._gate_logits(base_logit, inst_logit, rois, inst, (6, 6))
-    gc = c._gate_logits(base_logit, inst_logit, rois, inst, (6, 6))
-    assert not torch.equal(ga[1], gc[1])
+    groups = a.grid_groups(inst, (6, 6), rois.device)
+    ga = a._gate_logits(base_logit, [inst_logit], groups, rois, inst, (6, 6))
+    gc = c._gate_logits(base_logit, [inst_logit], groups, rois, inst, (6, 6))
+    assert not torch.equal(ga[1][0], gc[1][0])
 
 
 def test_official_configuration_guides_a_batch_without_any_instance():

@@ -1,0 +1,184 @@
+"""The adapter's cost options (issue 19): grid groups and their chained blend, the defaults of new and of saved
+adapters, and the ops' box reads (device syncs on CUDA) inside the adapter. The grid policy and the pooled guidance
+are also held to the independent oracle (test_adapter_oracle.py); the timings are benchmarks/bench_step.py's."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from roictrl_testutils import make_adapter, make_instances, make_unet, unet_inputs
+from safetensors.torch import load_file
+
+import roi_ops
+from roi_ops import _ops, reference
+from roi_ops.roictrl_adapter import OFFICIAL_CONFIG, ArchitectureOptions, ROICtrlAdapter
+from roi_ops.roictrl_adapter.adapter import NEW_ADAPTER_OPTIONS
+from roi_ops.roictrl_adapter.grids import blend_groups, grid_sides, plan_groups
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def _fused(base, base_logit, values, logits, rois):
+    return roi_ops.roi_unpool_blend(base, base_logit, values, logits, rois, 1.0, True)
+
+
+def _reference_blend(base, base_logit, grids, logits, boxes):
+    """One softmax over the global output and every ROI, each pasted by the float64 reference on its own grid."""
+    H, W = base.shape[-2:]
+    values = torch.cat([reference.roi_unpool(g, b, (H, W), 1.0, True) for g, b in zip(grids, boxes)])
+    maps = torch.cat([reference.roi_unpool(lg.unsqueeze(1), b, (H, W), 1.0, True)[:, 0] for lg, b in zip(logits, boxes)])
+    rois = torch.cat(boxes)
+    covered = reference.roi_unpool_coverage(rois, (H, W), 1.0, True)
+    return reference.blend_pasted(base, base_logit, values, maps, covered, rois[:, 0].long())
+
+
+def _case(dtype, sizes, seed=0, logit_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    B, C, H, W = 2, 3, 9, 11
+    base = torch.randn(B, C, H, W, generator=g, dtype=dtype)
+    base_logit = torch.randn(B, H, W, generator=g, dtype=dtype) * logit_scale
+    grids, logits, boxes = [], [], []
+    for k, (ph, pw) in enumerate(sizes):
+        n = 2 + k % 2
+        lo = torch.rand(n, 2, generator=g, dtype=torch.float64) * torch.tensor([W / 2, H / 2], dtype=torch.float64)
+        side = 2 + torch.rand(n, 2, generator=g, dtype=torch.float64) * 4
+        rows = torch.cat([torch.tensor([[k % 2]] * n, dtype=torch.float64), lo, lo + side], 1)
+        boxes.append(rows.to(dtype))
+        grids.append(torch.randn(n, C, ph, pw, generator=g, dtype=dtype))
+        logits.append(torch.randn(n, ph, pw, generator=g, dtype=dtype) * logit_scale)
+    return base, base_logit, grids, logits, boxes
+
+
+def test_chained_blend_equals_one_call_when_the_grids_are_equal():
+    base, base_logit, grids, logits, boxes = _case(torch.float64, [(4, 4)] * 3)
+    out, weight = blend_groups(_fused, base, base_logit, grids, logits, boxes)
+    one_out, one_weight = _fused(base, base_logit, torch.cat(grids), torch.cat(logits), torch.cat(boxes))
+    torch.testing.assert_close(out, one_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(weight, one_weight, rtol=1e-12, atol=1e-12)
+    # float32: the chain runs in float32, as the single call's softmax does
+    b32 = [t.float() for t in (base, base_logit)]
+    out32, weight32 = blend_groups(_fused, *b32, [t.float() for t in grids], [t.float() for t in logits],
+                                   [t.float() for t in boxes])
+    torch.testing.assert_close(out32.double(), one_out, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(weight32.double(), one_weight, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 30.0])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_chained_blend_of_different_grids_matches_the_reference(fused, logit_scale):
+    """Groups of different grid sizes, chained, against one softmax over all ROIs (float64 reference); logits
+    spread over +-100 (logit_scale 30) leave base weights of 1e-40 between the calls, still exact."""
+    base, base_logit, grids, logits, boxes = _case(torch.float64, [(5, 3), (2, 2), (4, 6)], logit_scale=logit_scale)
+    blend = _fused if fused else (lambda *a: roi_ops.roictrl_adapter.paste.blend(*a, 1.0, True))
+    out, weight = blend_groups(blend, base, base_logit, grids, logits, boxes)
+    want, want_weight = _reference_blend(base, base_logit, grids, logits, boxes)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(weight, want_weight, rtol=1e-10, atol=1e-300)
+
+
+def test_chained_blend_stays_finite_when_a_group_swamps_the_rest():
+    """float32, a group 200 above everything blended before it: the previous base weight underflows; it is
+    clamped, so the chain's logit and the output stay finite, and the output is that group's values."""
+    base, base_logit, grids, logits, boxes = _case(torch.float32, [(3, 3), (2, 4)])
+    logits[1] = logits[1] + 200
+    out, weight = blend_groups(_fused, base, base_logit, grids, logits, boxes)
+    want, want_weight = _reference_blend(*(t.double() for t in (base, base_logit)), [g.double() for g in grids],
+                                         [lg.double() for lg in logits], [b.double() for b in boxes])
+    assert torch.isfinite(out).all() and torch.isfinite(weight).all()
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_footprint_grid_sides():
+    boxes = [(0.0, 0.0, 1.0, 1.0), (0.1, 0.2, 0.2, 0.25), (0.5, 0.5, 0.5, 0.5), (0.0, 0.0, 0.3, 0.9)]
+    assert grid_sides(boxes, (64, 64), 25, "footprint") == [(25, 25), (4, 7), (1, 1), (25, 20)]
+    assert grid_sides(boxes, (8, 16), 7, "footprint") == [(7, 7), (1, 2), (1, 1), (7, 5)]
+    assert grid_sides(boxes, (64, 64), 25, "fixed") == [(25, 25)] * 4
+    groups = plan_groups(boxes + [(0.2, 0.2, 0.3, 0.32)], (64, 64), 25, "footprint", torch.device("cpu"))
+    assert [(g.ph, g.pw, g.index.tolist()) for g in groups] == [(25, 25, [0]), (25, 20, [3]), (8, 7, [4]),
+                                                                  (4, 7, [1]), (1, 1, [2])]
+    with pytest.raises(ValueError, match="grid_policy must be one of"):
+        grid_sides(boxes, (8, 8), 3, "tiny")
+
+
+def test_new_adapters_get_the_cost_options_saved_and_official_ones_keep_theirs():
+    unet = make_unet("sd15")
+    assert make_adapter(unet, "sd15").options == ArchitectureOptions(**NEW_ADAPTER_OPTIONS)
+    official = make_adapter(unet, "sd15", preset="official").options
+    assert (official.grid_policy, official.guidance_pool) == ("fixed", 1)
+    assert OFFICIAL_CONFIG["grid_policy"] == "fixed" and OFFICIAL_CONFIG["guidance_pool"] == 1
+    quantised = make_adapter(unet, "sd15", unpool="official").options  # the footprint grids need the exact paste
+    assert (quantised.grid_policy, quantised.guidance_pool) == ("fixed", 1)
+    with pytest.raises(ValueError, match="grid_policy='footprint' needs unpool='exact'"):
+        ArchitectureOptions(grid_policy="footprint", unpool="official")
+    with pytest.raises(ValueError, match="guidance_pool must be an int in"):
+        ArchitectureOptions(guidance_pool=0)
+
+
+def test_an_adapter_saved_before_the_options_loads_fixed_and_computes_bitwise_as_before():
+    """tests/adapter/data/legacy_adapter was saved by the code before these options (make_legacy_adapter.py),
+    with that code's UNet output; today's code loads it as fixed grids and full-resolution guidance and gives
+    the same output bit for bit (same torch build and CPU)."""
+    folder = os.path.join(DATA, "legacy_adapter")
+    with open(os.path.join(folder, "config.json")) as f:
+        assert "grid_policy" not in f.read()
+    unet = make_unet("sd15")
+    adapter = ROICtrlAdapter.from_pretrained(folder, unet).install(unet)
+    assert (adapter.options.grid_policy, adapter.options.guidance_pool) == ("fixed", 1)
+    sample, t, text, _ = unet_inputs("sd15")
+    data = make_instances(2, 3, 32, masks=[[1, 1, 1], [0, 0, 0]])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the fixture was made
+    try:
+        with torch.no_grad():
+            out = unet(sample, t, text, cross_attention_kwargs={"roictrl": data}).sample
+    finally:
+        torch.set_num_threads(threads)
+    want = load_file(os.path.join(DATA, "legacy_adapter_output.safetensors"))["output"]
+    assert torch.equal(out, want), f"max difference {float((out - want).abs().max()):.3g}"
+
+
+def test_the_adapter_reads_no_box_table_back_per_op_call():
+    """Inside the adapter the ops run on trusted boxes (validated once per UNet call by ROICtrlInstances): a UNet
+    forward and backward with instances reads no box table on the host (each read is a device sync on CUDA; the
+    count is kept by the ops' host code that the CPU and CUDA backends share). Outside, every op call reads its
+    boxes, and the trusted scope does not leak out of the call."""
+    unet = make_unet("sd15")
+    adapter = make_adapter(unet, "sd15").install(unet)
+    sample, t, text, _ = unet_inputs("sd15")
+    data = make_instances(2, 3, 32, masks=[[1, 0, 1], [0, 1, 0]])
+    before = _ops.host_box_reads()
+    out = unet(sample, t, text, cross_attention_kwargs={"roictrl": data}).sample
+    out.square().mean().backward()
+    assert _ops.host_box_reads() == before
+    assert all(p.grad is not None for p in adapter.parameters())
+    assert not torch.ops.roi_ops._trusted_boxes()
+    rois = torch.tensor([[0, 1.0, 1.0, 5.0, 5.0]])
+    roi_ops.roi_align(torch.randn(1, 2, 8, 8), rois, (2, 2))
+    assert _ops.host_box_reads() == before + 1
+    with pytest.raises(ValueError, match="batch index"):
+        roi_ops.roi_align(torch.randn(1, 2, 8, 8), torch.tensor([[3.0, 1, 1, 5, 5]]), (2, 2))
+
+
+def test_bench_step_quick_run_writes_its_json(tmp_path):
+    """benchmarks/bench_step.py end to end on a tiny UNet: every configuration timed, ratios, the breakdown."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import bench_step
+
+    path = tmp_path / "step.json"
+    threads = torch.get_num_threads()
+    try:
+        bench_step.main(["--quick", "--rounds", "1", "--counts", "0,3", "--breakdown", "--json", str(path)])
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.loads(path.read_text())
+    (res,) = doc["results"]
+    assert set(res["adapter"]) == {"0", "3"} and res["plain_ms"]["median"] > 0
+    assert all(v["ratio_of_medians"] > 0 and len(v["all_ms"]) == 1 for v in res["adapter"].values())
+    parts = res["breakdown_ms"]["3"]
+    assert parts["adapter_blocks_total"] >= parts["instance_path"] > 0 and parts["box_guidance"] > 0
+    assert doc["adapter_config"]["grid_policy"] == "footprint" and doc["threads"] >= 1
