@@ -252,16 +252,34 @@ def save_grid(path: str, layouts, kept, methods, per_level_shown: int) -> None:
     plt.close(fig)
 
 
+TITLES = (("isr", "ISR"), ("color_box", "colour-and-box"), ("miou", "mIoU"), ("color_acc", "colour acc."),
+          ("leakage", "leakage"))
+
+
+def summary_table(record: dict, track: str) -> str:
+    """One row per method: every metric averaged over levels, mean +- std over seeds (docs/quality.md's table)."""
+    part = record["tracks"][track]
+    lines = ["| method | " + " | ".join(t for _, t in TITLES) + " |", "| --- |" + " ---: |" * len(TITLES)]
+    gt = part["ground_truth"]["average"]
+    lines.append("| ground-truth images (scorer ceiling) | " + " | ".join(f"{gt[m]:.3f}" for m, _ in TITLES) + " |")
+    for method, res in part["methods"].items():
+        avg = res["average"]
+        lines.append(f"| {NAMES.get(method, method)} | "
+                     + " | ".join(f"{avg[m]['mean']:.3f} +- {avg[m]['std']:.3f}" for m, _ in TITLES) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(record: dict) -> str:
-    """The results as Markdown: per track, metric and level, mean +- std over seeds (what docs/quality.md shows)."""
+    """The results as Markdown: per track, a summary, then per metric and level, mean +- std over seeds."""
     lines = []
     n_seeds = len(record["settings"]["seeds"])
     for track in record["settings"]["tracks"]:
         part = record["tracks"][track]
         levels = [k for k in part["ground_truth"] if k != "average"]
         lines.append(f"### Track: {track} ({record['settings']['track_layouts'][track]})\n")
-        for metric, title in (("isr", "ISR"), ("color_box", "colour-and-box success"), ("miou", "mIoU"),
-                              ("color_acc", "colour accuracy"), ("leakage", "leakage")):
+        lines.append(f"Averaged over levels (mean +- std over {n_seeds} seeds):\n")
+        lines.append(summary_table(record, track))
+        for metric, title in TITLES:
             lines.append(f"**{title}** ({track} track; mean +- std over {n_seeds} seeds)\n")
             lines.append("| method | " + " | ".join(levels) + " | average |")
             lines.append("| --- |" + " ---: |" * (len(levels) + 1))
