@@ -160,7 +160,7 @@ def evaluate(ckpt: str, settings: dict, methods=METHODS, log=print):
     guidance, tracks, keep_images). Returns (results {track: {method: ...}}, seed-0 images of the main track
     {method: {level: [...]}}, layouts {track: {level: [...]}})."""
     layouts = {t: track_layouts(t, settings["overlap_per_level" if t == "overlap" else "per_level"],
-                                settings["levels"] if t == "main" else None) for t in settings["tracks"]}
+                                settings["overlap_levels" if t == "overlap" else "levels"]) for t in settings["tracks"]}
     pipes = load_pipelines(ckpt, methods)
     kw = dict(num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
               height=models.RESOLUTION, width=models.RESOLUTION)
@@ -301,13 +301,15 @@ def merge_into(path: str, record: dict) -> dict:
     and tracks; each method keeps its own ``seconds`` and the merged record lists every run's environment."""
     with open(path) as f:
         old = json.load(f)
-    same = ("per_level", "overlap_per_level", "levels", "seeds", "steps", "guidance", "tracks")
+    same = ("per_level", "overlap_per_level", "levels", "overlap_levels", "seeds", "steps", "guidance", "tracks")
     diff = [k for k in same if json.loads(json.dumps(record["settings"][k])) != old["settings"][k]]
     if diff:
         raise ValueError(f"--merge needs the settings of {path}; these differ: {diff}")
     for track, part in record["tracks"].items():
         old["tracks"][track]["methods"].update(part["methods"])
-    runs = old.pop("runs", [{"environment": old.pop("environment"), "seconds": old.pop("seconds")}])
+    if "runs" not in old:  # the first merge: the original run becomes runs[0]
+        old["runs"] = [{"environment": old.pop("environment"), "seconds": old.pop("seconds")}]
+    runs = old.pop("runs")
     old["runs"] = runs + [{"environment": record["environment"], "seconds": record["seconds"],
                            "methods": list(next(iter(record["tracks"].values()))["methods"])}]
     return old
@@ -331,6 +333,8 @@ def main(argv=None):
     p.add_argument("--per-level", type=int, default=6, help="held-out layouts per level (main track)")
     p.add_argument("--overlap-per-level", type=int, default=4, help="layouts per level of the overlap track")
     p.add_argument("--levels", default=",".join(str(L) for L in world.LEVELS), help="main-track levels, e.g. 2,3")
+    p.add_argument("--overlap-levels", default=",".join(str(L) for L in world.OVERLAP_LEVELS),
+                   help="overlap-track levels")
     p.add_argument("--tracks", default=",".join(TRACKS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
@@ -349,7 +353,8 @@ def main(argv=None):
     if bad or not methods or not tracks:
         p.error(f"--methods takes some of {METHODS} and --tracks some of {TRACKS}, got {bad or 'none'}")
     settings = {"per_level": args.per_level, "overlap_per_level": args.overlap_per_level,
-                "levels": tuple(int(L) for L in args.levels.split(",")), "tracks": tracks,
+                "levels": tuple(int(L) for L in args.levels.split(",")),
+                "overlap_levels": tuple(int(L) for L in args.overlap_levels.split(",")), "tracks": tracks,
                 "seeds": tuple(int(s) for s in args.seeds.split(",")), "steps": args.steps,
                 "guidance": args.guidance, "keep_images": args.grid_per_level}
     t0 = time.time()
@@ -360,8 +365,9 @@ def main(argv=None):
                      "resolution": models.RESOLUTION, "checkpoints": os.path.relpath(args.ckpt),
                      "track_layouts": {
                          "main": f"world.eval_layouts: {args.per_level} per level, levels L2-L6 as asked",
-                         "overlap": f"world.overlap_layouts: {args.overlap_per_level} per level, L2-L4, one pair of "
-                                    f"boxes with IoU {lo}-{hi}, half with similar captions"},
+                         "overlap": f"world.overlap_layouts: {args.overlap_per_level} per level, levels "
+                                    f"L{args.overlap_levels.replace(',', ', L')}, one pair of boxes with IoU "
+                                    f"{lo}-{hi}, half with similar captions"},
                      "spread": "std over seeds (population) of the level-averaged metric; per_seed lists each",
                      "success": f"right colour, right shape and box IoU >= {scorer.SUCCESS_IOU}",
                      "color_box": f"an object of the asked colour with box IoU >= {scorer.SUCCESS_IOU}"},
