@@ -339,7 +339,8 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default="", help="comma-separated (default: every method, leaving out the "
+                   "ablations whose checkpoint folder is missing, as results.json's 'skipped' records)")
     p.add_argument("--grid-per-level", type=int, default=2, help="layouts per level in grid.png")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--jobs", type=int, default=1, help="worker processes, one method each (one thread each)")
@@ -348,6 +349,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = tuple(m for m in args.methods.split(",") if m)
+    skipped = []
+    if not methods:  # the default: every method whose checkpoints exist (an ablation may not be trained yet)
+        skipped = [m for m in ABLATION_METHODS if not os.path.isdir(os.path.join(args.ckpt, "ablations", ABLATION_METHODS[m]))]
+        methods = tuple(m for m in METHODS if m not in skipped)
+        for m in skipped:
+            print(f"skipping {m}: no {os.path.join(args.ckpt, 'ablations', ABLATION_METHODS[m])} "
+                  f"(train it with train.py --stages roictrl --ablation {ABLATION_METHODS[m]})")
     tracks = tuple(t for t in args.tracks.split(",") if t)
     bad = [m for m in methods if m not in METHODS] + [t for t in tracks if t not in TRACKS]
     if bad or not methods or not tracks:
@@ -372,6 +380,7 @@ def main(argv=None):
                      "success": f"right colour, right shape and box IoU >= {scorer.SUCCESS_IOU}",
                      "color_box": f"an object of the asked colour with box IoU >= {scorer.SUCCESS_IOU}"},
         "tracks": {t: {"ground_truth": ground_truth_scores(layouts[t]), "methods": results[t]} for t in tracks},
+        "skipped": skipped,
         "environment": environment(),
         "seconds": round(time.time() - t0, 1),
     }
