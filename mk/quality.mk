@@ -1,16 +1,23 @@
-# Toy-scale instance-control reproduction: ROICtrl vs GLIGEN vs no control (docs/quality.md).
-#   make quality        train the toy SD model, ROICtrl and GLIGEN from scratch, then evaluate (CPU)
-#   make quality-eval   evaluate the committed checkpoints only
+# Toy-scale instance-control comparison (docs/quality.md): no control, regional cross-attention (training-free),
+# GLIGEN, ROICtrl and four ROICtrl ablations, on the main and the overlap track.
+#   make quality            train everything from scratch, then evaluate and measure (CPU; the full run)
+#   make quality-eval       evaluate the checkpoints in QUALITY_CKPT only (every method, both tracks)
+#   make quality-ablations  train the four ROICtrl ablations on the model in QUALITY_CKPT
+#   make quality-cost       time and activation memory of a training step, ROI vs masked attention
 # QUALITY_CKPT / QUALITY_RESULTS move the checkpoints / results (default: the committed ones are overwritten).
+# CI runs a smoke version only (tests/instance_control/test_smoke.py: every stage a few steps, one layout).
 QUALITY_CKPT ?= benchmarks/instance_control/checkpoints
 QUALITY_RESULTS ?= benchmarks/instance_control/results
 # The committed checkpoints were trained with one thread per process (see docs/quality.md).
 QUALITY_THREADS ?= 1
+QUALITY_ABLATIONS ?= no_guidance no_roi_attn no_reg masked_attn
 
-.PHONY: quality quality-train quality-eval
+.PHONY: quality quality-train quality-ablations quality-eval quality-cost
 
 quality: quality-train
+	$(MAKE) quality-ablations
 	$(MAKE) quality-eval
+	$(MAKE) quality-cost
 
 # One process per stage, as the committed checkpoints were made (train_config_*.json in QUALITY_CKPT record
 # each command): a stage's random state then does not depend on which stages ran before it in the process.
@@ -24,5 +31,16 @@ quality-train: build
 	  $(PY) -m benchmarks.instance_control.train --out $(QUALITY_CKPT) --threads $(QUALITY_THREADS) --stages gligen; \
 	  gligen=$$?; wait $$roictrl && test $$gligen -eq 0
 
+# Each ablation: the ROICtrl stage (same data, steps, learning rate, seed, noise) with one part removed.
+quality-ablations: build
+	for a in $(QUALITY_ABLATIONS); do \
+	  $(PY) -m benchmarks.instance_control.train --out $(QUALITY_CKPT) --threads $(QUALITY_THREADS) \
+	    --stages roictrl --ablation $$a || exit 1; \
+	done
+
 quality-eval: build
 	$(PY) -m benchmarks.instance_control.evaluate --ckpt $(QUALITY_CKPT) --out $(QUALITY_RESULTS) --jobs 3
+
+quality-cost: build
+	$(PY) -m benchmarks.instance_control.step_cost --ckpt $(QUALITY_CKPT) --out $(QUALITY_RESULTS)/step_cost.json \
+	  --threads $(QUALITY_THREADS)

@@ -46,7 +46,7 @@ def score(adapter_path: str, model: str = os.path.join(CKPT, "model"), per_level
             for img in np.asarray(images, np.float32).transpose(0, 3, 1, 2):
                 results += scorer.score_image(img, layout)
     summary = scorer.summarize(results)
-    summary["color_box_success"] = sum(r["found"] and r["iou"] >= scorer.SUCCESS_IOU for r in results) / len(results)
+    summary["color_box_success"] = summary["color_box"]  # the name earlier records used
     summary["seconds"] = round(time.time() - t0, 1)
     summary["settings"] = {"per_level": per_level, "levels": list(levels), "seeds": list(seeds), "steps": steps,
                            "guidance_scale": guidance, "sampler": "DDIM", "adapter": adapter_path}

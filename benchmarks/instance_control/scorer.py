@@ -125,12 +125,15 @@ def score_image(image: np.ndarray, layout: Layout) -> list[dict]:
 
 
 def summarize(per_instance: list[dict]) -> dict:
-    """ISR, mIoU, colour accuracy and leakage rate over a list of :func:`score_instance` results."""
+    """ISR, colour-and-box success (an object of the asked colour with box IoU >= 0.5, shape not asked), mIoU,
+    colour accuracy and leakage rate over a list of :func:`score_instance` results."""
     n = len(per_instance)
     if n == 0:
-        return {"isr": float("nan"), "miou": float("nan"), "color_acc": float("nan"), "leakage": float("nan"), "n": 0}
+        return {"isr": float("nan"), "color_box": float("nan"), "miou": float("nan"), "color_acc": float("nan"),
+                "leakage": float("nan"), "n": 0}
     return {
         "isr": sum(r["success"] for r in per_instance) / n,
+        "color_box": sum(r["found"] and r["iou"] >= SUCCESS_IOU for r in per_instance) / n,
         "miou": sum(r["iou"] for r in per_instance) / n,
         "color_acc": sum(r["color_ok"] for r in per_instance) / n,
         "leakage": sum(r["leak"] for r in per_instance) / n,

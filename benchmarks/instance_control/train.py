@@ -34,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import models, world
+from . import ablations, models, world
 
 STAGES = ("vae", "base", "decoder", "roictrl", "gligen")
 GLIGEN_MAX_OBJS = 30  # max_objs of diffusers' StableDiffusionGLIGENPipeline
@@ -69,7 +69,7 @@ def optimiser_step(opt, loss, step: int, lr: float, clip_params=None, total: int
     """One update of every stage: warm-up learning rate (then cosine decay over ``total`` steps when given),
     backward, optional gradient clipping (norm 1), step."""
     for group in opt.param_groups:
-        group["lr"] = lr_at(step, lr, total=total)
+        group["lr"] = lr_at(step, lr, total=total) * group.get("lr_scale", 1.0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if clip_params is not None:
@@ -222,12 +222,15 @@ class _CaptionCache:
         return torch.stack([self.cache[t][0] for t in texts]), torch.stack([self.cache[t][1] for t in texts])
 
 
-def make_roictrl_adapter(unet, seed: int):
+def make_roictrl_adapter(unet, seed: int, grid_policy: str = "fixed"):
+    """The toy ROICtrl adapter. ``grid_policy="fixed"`` (the committed adapter's recipe, from before footprint
+    grids became the default of new adapters) keeps ``make quality`` reproducing it bit for bit; ``"footprint"``
+    is today's default of ``ROICtrlAdapter.from_unet`` (docs/performance.md measures its toy ISR)."""
     from roi_ops.roictrl_adapter import ROICtrlAdapter
 
     torch.manual_seed(seed)
     return ROICtrlAdapter.from_unet(unet, grid_sizes=models.GRID_SIZES, vae_scale_factor=models.VAE_SCALE_FACTOR,
-                                    position_dim=models.TEXT_WIDTH, position_hidden_dim=128)
+                                    position_dim=models.TEXT_WIDTH, position_hidden_dim=128, grid_policy=grid_policy)
 
 
 def train_roictrl(args, data, latents):
@@ -242,13 +245,20 @@ def train_roictrl(args, data, latents):
     from roi_ops.training.trainer import CaptionEncoder, TrainConfig, train_adapter
 
     frozen = load_frozen_model(os.path.join(args.out, "model"))
-    adapter = make_roictrl_adapter(frozen.unet, args.seed)
+    adapter = make_roictrl_adapter(frozen.unet, args.seed, args.grid_policy)
+    name = "roictrl"
+    reg_weight = args.reg_weight
+    if args.ablation:  # the same adapter, data and noise with one part removed (benchmarks/.../ablations.py)
+        ablations.apply(adapter, args.ablation)
+        reg_weight = ablations.reg_weight(args.ablation, args.reg_weight)
+        name = f"roictrl ablation {args.ablation}"
     _, boxes, masks, inst_caps, captions, regions = data
-    log(f"roictrl: {sum(p.numel() for p in adapter.parameters()):,} trainable parameters")
+    log(f"{name}: {sum(p.numel() for p in adapter.parameters() if p.requires_grad):,} trainable parameters, "
+        f"reg weight {reg_weight:g}")
     config = TrainConfig(
         max_steps=args.control_steps, batch_size=args.batch_size, learning_rate=args.control_lr,
         lr_scheduler=args.control_schedule, lr_warmup_steps=50, weight_decay=0.0, max_grad_norm=1.0,
-        reg_weight=args.reg_weight, seed=args.seed, region_loss_weight=args.region_loss_weight,
+        reg_weight=reg_weight, seed=args.seed, region_loss_weight=args.region_loss_weight,
     )
     accelerator = Accelerator(cpu=True)
     t0 = time.time()
@@ -259,17 +269,70 @@ def train_roictrl(args, data, latents):
         data=TensorData(latents[0], latents[1], captions, inst_caps, boxes, masks, regions=regions), config=config,
         scaling_factor=frozen.vae.config.scaling_factor, progress=False, log=log,
         on_step=lambda step, stats: (step % 50 == 0 or step == args.control_steps) and log(
-            f"roictrl step {step}/{args.control_steps} ldm {stats['l_ldm']:.4f} reg {stats['l_reg']:.3f} "
+            f"{name} step {step}/{args.control_steps} ldm {stats['l_ldm']:.4f} reg {stats['l_reg']:.3f} "
             f"({time.time() - t0:.0f}s)"),
     )
-    adapter.save_pretrained(os.path.join(args.out, "roictrl"))
-    log(f"saved roictrl to {os.path.join(args.out, 'roictrl')} ({result['seconds']:.0f}s)")
+    if args.ablation:
+        folder = os.path.join(args.out, "ablations", args.ablation)
+        ablations.save(adapter, folder, args.ablation, {
+            "steps": args.control_steps, "reg_weight": reg_weight, "seconds": round(result["seconds"], 1),
+            "seconds_per_step": round(result["seconds"] / max(1, args.control_steps), 4), "command": args.command})
+    else:
+        folder = os.path.join(args.out, "roictrl")
+        adapter.save_pretrained(folder)
+    log(f"saved {name} to {folder} ({result['seconds']:.0f}s)")
     return adapter
 
 
+GLIGEN_GATES = ("alpha_attn", "alpha_dense")
+
+
+def gligen_param_groups(model, new: set, lr_scale_gates: float, lr_scale_unet: float | None):
+    """AdamW groups of the GLIGEN UNet: the gates (``alpha_attn``, ``alpha_dense`` of every
+    ``GatedSelfAttentionDense``, scalars starting at 0) with their own learning-rate multiplier, the other new
+    layers (fuser, ``position_net``) at the stage's learning rate and, unless ``lr_scale_unet`` is None (the
+    GLIGEN paper's frozen base), the base UNet's own weights at that multiplier."""
+    gates, rest, base = [], [], []
+    for n, p in model.named_parameters():
+        if n not in new:
+            base.append(p)
+        else:
+            (gates if n.rsplit(".", 1)[-1] in GLIGEN_GATES else rest).append(p)
+    groups = [{"params": rest, "lr_scale": 1.0}, {"params": gates, "lr_scale": lr_scale_gates}]
+    if lr_scale_unet is not None:
+        groups.append({"params": base, "lr_scale": lr_scale_unet})
+    return groups
+
+
+def gligen_diagnostics(model) -> dict:
+    """Gate values tanh(alpha) and gradient norms (of the last backward) of the gates, the fuser layers and the
+    position net: what shows whether GLIGEN's grounding path is opening."""
+    gates, grads = {}, {"gates": 0.0, "fuser": 0.0, "position_net": 0.0, "unet": 0.0}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = n.rsplit(".", 1)[-1]
+        part = ("gates" if leaf in GLIGEN_GATES else "position_net" if n.startswith("position_net.")
+                else "fuser" if ".fuser." in n else "unet")
+        if leaf in GLIGEN_GATES:
+            gates[n] = math.tanh(p.item())
+        if p.grad is not None:
+            grads[part] += p.grad.detach().pow(2).sum().item()
+    return {"gates": gates, "max_abs_gate": max(abs(v) for v in gates.values()),
+            "grad_norm": {k: math.sqrt(v) for k, v in grads.items()}}
+
+
+def gligen_snapshot_steps(text: str) -> list[int]:
+    return sorted({int(s) for s in text.split(",") if s.strip()})
+
+
 def train_gligen(args, data, latents, vae, unet, text_encoder, tokenizer):
-    """GLIGEN on the frozen base: the same data, steps, batch, learning rate, noise and seed as ROICtrl."""
+    """GLIGEN on the frozen base with the same data, batches, noise and seed as ROICtrl; steps, learning rate,
+    schedule and the gates' learning-rate multiplier are its own options (``--gligen-*``, by default ROICtrl's
+    budget). Writes ``<out>/gligen/gligen.safetensors``, ``<out>/gligen/train_log.json`` (loss, gate values and
+    gradient norms every ``--log-every`` steps) and, for ``--gligen-snapshots``, ``<out>/gligen_step<N>/``."""
     from diffusers import DDPMScheduler
+    from safetensors.torch import save_file
 
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
@@ -280,17 +343,38 @@ def train_gligen(args, data, latents, vae, unet, text_encoder, tokenizer):
     # make_roictrl_adapter does, so the stage is reproducible whatever ran before it in the process.
     torch.manual_seed(args.seed)
     model, new = models.gligen_unet_from_base(unet)
+    if args.gligen_gate_init:  # diffusers starts every gate at alpha = 0 (the fuser adds nothing at first)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in new and n.rsplit(".", 1)[-1] in GLIGEN_GATES:
+                    p.fill_(args.gligen_gate_init)
     model.requires_grad_(False)
-    params = [p for n, p in model.named_parameters() if n in new]
+    train_unet = args.gligen_unet_lr_scale > 0
+    params = [p for n, p in model.named_parameters() if train_unet or n in new]
     for p in params:
         p.requires_grad_(True)
     model.train()
-    log(f"gligen: {sum(p.numel() for p in params):,} trainable parameters")
-    opt = torch.optim.AdamW(params, lr=args.control_lr, weight_decay=0.0)
+    steps = args.gligen_steps or args.control_steps
+    lr = args.gligen_lr or args.control_lr
+    schedule = args.gligen_schedule or args.control_schedule
+    log(f"gligen: {sum(p.numel() for p in params):,} trainable parameters; {steps} steps, lr {lr:g} ({schedule}), "
+        f"gates x{args.gligen_gate_lr_scale:g} from alpha {args.gligen_gate_init:g}, base UNet " + (f"x{args.gligen_unet_lr_scale:g}" if train_unet else "frozen"))
+    opt = torch.optim.AdamW(gligen_param_groups(model, new, args.gligen_gate_lr_scale,
+                                                args.gligen_unet_lr_scale if train_unet else None),
+                            lr=lr, weight_decay=0.0)
     scale = vae.config.scaling_factor
     N = masks.shape[1]
+    snapshots = gligen_snapshot_steps(args.gligen_snapshots)
+    history = []
+
+    def save(folder):
+        os.makedirs(folder, exist_ok=True)
+        # the new layers only, or the whole UNet when its base weights were trained too
+        state = {n: p.detach().contiguous() for n, p in model.named_parameters() if train_unet or n in new}
+        save_file(state, os.path.join(folder, "gligen.safetensors"), metadata={"format": "pt"})
+
     t0 = time.time()
-    for step in range(args.control_steps):
+    for step in range(steps):
         idx, noisy, noise, t, _ = noisy_batch(step, args, latents, scheduler, scale, len(captions), 2)
         text, _ = encode([captions[i] for i in idx.tolist()])
         flat = [inst_caps[i][k] for i in idx.tolist() for k in range(N)]
@@ -303,28 +387,40 @@ def train_gligen(args, data, latents, vae, unet, text_encoder, tokenizer):
         kwargs = {"gligen": {"boxes": b, "masks": m, "positive_embeddings": e}}
         pred = model(noisy, t, text, cross_attention_kwargs=kwargs).sample
         loss = F.mse_loss(pred, noise)
-        optimiser_step(opt, loss, step, args.control_lr, clip_params=params,
-                       total=args.control_steps if args.control_schedule == "cosine" else None)
+        optimiser_step(opt, loss, step, lr, clip_params=params, total=steps if schedule == "cosine" else None)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"gligen loss became {loss.item()} at step {step}")
-        if step % 50 == 0 or step == args.control_steps - 1:
-            log(f"gligen step {step}/{args.control_steps} ldm {loss.item():.4f} ({time.time() - t0:.0f}s)")
-    from safetensors.torch import save_file
+        if step % args.log_every == 0 or step == steps - 1:
+            diag = gligen_diagnostics(model)
+            history.append({"step": step + 1, "loss": loss.item(), **diag})
+            log(f"gligen step {step}/{steps} ldm {loss.item():.4f} max|gate| {diag['max_abs_gate']:.4f} grad "
+                + " ".join(f"{k} {v:.2e}" for k, v in diag["grad_norm"].items()) + f" ({time.time() - t0:.0f}s)")
+        if step + 1 in snapshots and step + 1 < steps:
+            save(os.path.join(args.out, f"gligen_step{step + 1}"))
+            log(f"saved the step-{step + 1} snapshot")
+    save(os.path.join(args.out, args.gligen_name))
+    with open(os.path.join(args.out, args.gligen_name, "train_log.json"), "w") as f:
+        json.dump({"steps": steps, "lr": lr, "schedule": schedule, "gate_lr_scale": args.gligen_gate_lr_scale,
+                   "gate_init": args.gligen_gate_init,
+                   "unet_lr_scale": args.gligen_unet_lr_scale if train_unet else None,
+                   "seconds": round(time.time() - t0, 1), "log": history}, f, indent=1)
+    log(f"saved gligen to {os.path.join(args.out, args.gligen_name)} ({time.time() - t0:.0f}s)")
 
-    os.makedirs(os.path.join(args.out, "gligen"), exist_ok=True)
-    state = {n: p.detach().contiguous() for n, p in model.named_parameters() if n in new}
-    save_file(state, os.path.join(args.out, "gligen", "gligen.safetensors"), metadata={"format": "pt"})
-    log(f"saved gligen to {os.path.join(args.out, 'gligen')}")
 
-
-def load_gligen_unet(out, unet):
-    """The GLIGEN UNet: the base ``unet``'s weights plus the trained GLIGEN parts from ``<out>/gligen``."""
+def load_gligen_unet(out, unet, folder: str = "gligen"):
+    """The GLIGEN UNet: the base ``unet``'s weights plus the trained GLIGEN parts from ``<out>/<folder>`` (the
+    new layers only, or every weight of the GLIGEN UNet when the stage trained the base weights too)."""
     from safetensors.torch import load_file
 
     gligen, new = models.gligen_unet_from_base(unet)
-    state = load_file(os.path.join(out, "gligen", "gligen.safetensors"))
-    if set(state) != new:
-        raise ValueError(f"{out}/gligen holds {len(state)} tensors, the GLIGEN UNet expects {len(new)} new ones")
+    path = os.path.join(out, folder, "gligen.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no GLIGEN weights at {path} (train.py --stages gligen writes them)")
+    state = load_file(path)
+    every = {n for n, _ in gligen.named_parameters()}
+    if set(state) != new and set(state) != every:
+        raise ValueError(f"{out}/gligen holds {len(state)} tensors; expected the GLIGEN UNet's {len(new)} new ones "
+                         f"or all its {len(every)}")
     gligen.load_state_dict(state, strict=False)
     return gligen.eval()
 
@@ -348,6 +444,9 @@ def parse_args(argv=None):
                    help="ROICtrl and GLIGEN learning rate after the warm-up (as --base-schedule)")
     p.add_argument("--control-lr", type=float, default=1e-3, help="ROICtrl and GLIGEN, each")
     p.add_argument("--reg-weight", type=float, default=0.01, help="weight of ROICtrl's L_reg")
+    p.add_argument("--grid-policy", choices=("fixed", "footprint"), default="fixed",
+                   help="ROICtrl: ROI grid policy (fixed: the committed adapter's recipe; footprint: the default of "
+                        "new adapters, docs/performance.md)")
     p.add_argument("--mask-rate", type=float, default=0.0,
                    help="ROICtrl: fraction of training layouts that give their instances' masks (regions)")
     p.add_argument("--free-form-rate", type=float, default=0.0,
@@ -358,6 +457,21 @@ def parse_args(argv=None):
                    help="ROICtrl: caption word of free forms (default: a random shape word)")
     p.add_argument("--region-loss-weight", type=float, default=0.0,
                    help="ROICtrl: extra weight of the diffusion loss inside the boxes of mask-shaped instances")
+    p.add_argument("--ablation", default="", help=f"roictrl stage only: train the ablation of this name instead "
+                   f"({', '.join(ablations.ABLATIONS)}), saved to <out>/ablations/<name>")
+    p.add_argument("--gligen-steps", type=int, default=0, help="GLIGEN steps (0: --control-steps)")
+    p.add_argument("--gligen-lr", type=float, default=0.0, help="GLIGEN learning rate (0: --control-lr)")
+    p.add_argument("--gligen-schedule", choices=("constant", "cosine"), default=None,
+                   help="GLIGEN learning rate after the warm-up (default: --control-schedule)")
+    p.add_argument("--gligen-gate-lr-scale", type=float, default=1.0,
+                   help="multiplier of the learning rate of GLIGEN's gates (alpha_attn, alpha_dense)")
+    p.add_argument("--gligen-gate-init", type=float, default=0.0,
+                   help="initial alpha of GLIGEN's gates (diffusers and the paper: 0, so tanh(alpha) = 0)")
+    p.add_argument("--gligen-unet-lr-scale", type=float, default=0.0,
+                   help="train the base UNet's weights too, at this multiple of the GLIGEN learning rate (0: frozen)")
+    p.add_argument("--gligen-name", default="gligen", help="GLIGEN's output folder under --out")
+    p.add_argument("--gligen-snapshots", default="", help="GLIGEN steps to also save as <out>/gligen_step<N>, e.g. 1200,3000")
+    p.add_argument("--log-every", type=int, default=50, help="steps between log lines (GLIGEN: diagnostics too)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="a few steps per stage and a small dataset (tests)")
     args = p.parse_args(argv)
@@ -368,6 +482,9 @@ def parse_args(argv=None):
     bad = [s for s in args.stages if s not in STAGES]
     if bad:
         p.error(f"--stages takes some of {STAGES}, got {bad}")
+    if args.ablation and (args.ablation not in ablations.ABLATIONS or args.stages != ["roictrl"]):
+        p.error(f"--ablation takes one of {sorted(ablations.ABLATIONS)} with --stages roictrl alone, got "
+                f"--ablation {args.ablation!r} with --stages {','.join(args.stages)}")
     return args
 
 
@@ -375,10 +492,13 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    cmd = "python -m benchmarks.instance_control.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.command = "python -m benchmarks.instance_control.train " + " ".join(sys.argv[1:] if argv is None else argv)
     record = {k: v for k, v in vars(args).items()}
-    record.update(command=cmd, torch=torch.__version__, python=platform.python_version(), machine=platform.machine())
-    with open(os.path.join(args.out, f"train_config_{'_'.join(args.stages)}.json"), "w") as f:
+    record.update(torch=torch.__version__, python=platform.python_version(), machine=platform.machine())
+    tag = "_".join(args.stages) + (f"_{args.ablation}" if args.ablation else "")
+    if "gligen" in args.stages and args.gligen_name != "gligen":
+        tag += f"_{args.gligen_name}"
+    with open(os.path.join(args.out, f"train_config_{tag}.json"), "w") as f:
         json.dump(record, f, indent=2)
     t0 = time.time()
     data = dataset(args.num_samples, args.seed, args.mask_rate, args.free_form_rate,

@@ -34,6 +34,9 @@ VOCAB = ("a", "and", *COLORS, *SHAPES)
 LEVELS = (2, 3, 4, 5, 6)
 TRAIN_SEED_BASE = 0
 EVAL_SEED_BASE = 10_000_000  # far from any training index
+OVERLAP_SEED_BASE = 20_000_000  # the overlap track's layouts (disjoint from both)
+OVERLAP_LEVELS = (2, 3, 4)
+OVERLAP_IOU = (0.2, 0.5)  # box IoU of the overlapping pair of an overlap-track layout
 
 
 # Drawn forms beyond the captioned shapes, only for instances given with a mask (mask training and the mask
@@ -185,6 +188,63 @@ def train_layout(index: int, seed: int = 0, **kwargs) -> Layout:
 def eval_layouts(per_level: int, levels=LEVELS, **kwargs) -> dict[int, list[Layout]]:
     """The held-out evaluation layouts: ``per_level`` layouts of exactly L objects per level L."""
     return {L: [sample_layout(EVAL_SEED_BASE + 1000 * L + i, L, **kwargs) for i in range(per_level)] for L in levels}
+
+
+def sample_overlap_layout(seed: int, n: int, *, min_size: float = 0.24, max_size: float = 0.42,
+                          iou_range=OVERLAP_IOU, similar_rate: float = 0.5, resolution: int = 32) -> Layout:
+    """A layout of ``n`` objects whose first two boxes overlap heavily (box IoU in ``iou_range``), the failure
+    case the ROICtrl paper names; with probability ``similar_rate`` the pair has similar captions (the same
+    shape in two colours, or the same colour on two shapes). Other boxes keep a pixel apart from every box.
+    The second object is drawn on top of the first."""
+    if not 2 <= n <= 6:
+        raise ValueError(f"n must be in 2..6 for an overlapping pair, got {n}")
+    rng = np.random.default_rng(seed)
+    colors, shapes = list(COLORS), list(SHAPES)
+    picked_colors = list(rng.choice(colors, size=n, replace=False))
+    picked_shapes = [shapes[int(rng.integers(len(shapes)))] for _ in range(n)]
+    if rng.random() < similar_rate:
+        if rng.random() < 0.5:
+            picked_shapes[1] = picked_shapes[0]
+        else:
+            picked_colors[1] = picked_colors[0]
+            picked_shapes[1] = [s for s in shapes if s != picked_shapes[0]][int(rng.integers(len(shapes) - 1))]
+    elif picked_shapes[1] == picked_shapes[0]:  # "not similar": another shape as well as another colour
+        picked_shapes[1] = [s for s in shapes if s != picked_shapes[0]][int(rng.integers(len(shapes) - 1))]
+
+    def draw_box():
+        w = float(rng.uniform(min_size, max_size))
+        h = float(np.clip(w * rng.uniform(0.8, 1.25), min_size, max_size))
+        x1, y1 = float(rng.uniform(0, 1 - w)), float(rng.uniform(0, 1 - h))
+        return (round(x1, 4), round(y1, 4), round(x1 + w, 4), round(y1 + h, 4))
+
+    gap = 1.0 / resolution
+    for _attempt in range(2000):
+        boxes = [draw_box()]
+        for _ in range(500):
+            b = draw_box()
+            if iou_range[0] <= box_iou(boxes[0], b) <= iou_range[1]:
+                boxes.append(b)
+                break
+        else:
+            continue
+        for _ in range(n - 2):
+            for _ in range(200):
+                b = draw_box()
+                if all(_apart(b, o, gap) for o in boxes):
+                    boxes.append(b)
+                    break
+            else:
+                break
+        if len(boxes) == n:
+            insts = tuple(Instance(b, str(c), s) for b, c, s in zip(boxes, picked_colors, picked_shapes))
+            return Layout(insts, seed)
+    raise RuntimeError(f"could not place {n} boxes with an overlapping pair for seed {seed}")
+
+
+def overlap_layouts(per_level: int, levels=OVERLAP_LEVELS) -> dict[int, list[Layout]]:
+    """The held-out overlap track: ``per_level`` layouts of exactly L objects per level L, each with one pair of
+    heavily overlapping boxes (:func:`sample_overlap_layout`); seeds disjoint from training and the main track."""
+    return {L: [sample_overlap_layout(OVERLAP_SEED_BASE + 1000 * L + i, L) for i in range(per_level)] for L in levels}
 
 
 def batch(layouts: list[Layout], resolution: int = 32, max_instances: int = 6):

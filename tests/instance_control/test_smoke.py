@@ -51,16 +51,43 @@ def test_gligen_stage_does_not_depend_on_the_global_rng(smoke_run, tmp_path):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
-def test_evaluation_runs_every_method(smoke_run, tmp_path):
+def test_ablations_train_through_the_trainer_and_reload(smoke_run):
+    """--ablation trains the ROICtrl stage with one part removed; the saved adapter reloads as that ablation."""
+    from diffusers import UNet2DConditionModel
+
+    from instance_control import ablations
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(smoke_run, "model", "unet"))
+    train.main(["--out", smoke_run, "--smoke", "--threads", "2", "--stages", "roictrl", "--ablation", "no_guidance"])
+    adapter = ablations.load(os.path.join(smoke_run, "ablations", "no_guidance"), unet)
+    # frozen at 0: the path adds exactly nothing, while the other gates trained
+    assert all(b.guide_attn_gate.item() == 0 and b.guide_ff_gate.item() == 0 for b in adapter.blocks)
+    assert any(b.roi_gate.item() != 0 for b in adapter.blocks)
+    with open(os.path.join(smoke_run, "train_config_roictrl_no_guidance.json")) as f:
+        assert "--ablation no_guidance" in json.load(f)["command"]
+    masked = ablations.apply(train.make_roictrl_adapter(unet, 0), "masked_attn")
+    assert all(type(b).__name__ == "MaskedAttnROICtrlBlock" and b.masked_self_attention for b in masked.blocks)
+    with pytest.raises(SystemExit):
+        train.main(["--out", smoke_run, "--smoke", "--stages", "gligen", "--ablation", "no_reg"])
+
+
+def test_evaluation_runs_every_kind_of_method_on_both_tracks(smoke_run, tmp_path):
+    methods = ("none", "regional", "gligen", "roictrl_no_guidance")  # one of each kind (roictrl = an ablation's path)
+    if not os.path.isdir(os.path.join(smoke_run, "ablations", "no_guidance")):
+        train.main(["--out", smoke_run, "--smoke", "--threads", "2", "--stages", "roictrl", "--ablation", "no_guidance"])
     record = evaluate.main(["--ckpt", smoke_run, "--out", str(tmp_path), "--per-level", "1", "--levels", "2,3",
-                            "--seeds", "0,1", "--steps", "2", "--grid-per-level", "1"])
-    assert set(record["methods"]) == {"none", "gligen", "roictrl"}
-    for method in record["methods"].values():
-        assert set(method["levels"]) == {"L2", "L3"}
-        for m in ("isr", "miou", "color_acc", "leakage"):
-            stats = method["average"][m]
-            assert len(stats["per_seed"]) == 2 and 0 <= stats["mean"] <= 1
-    assert record["ground_truth"]["average"]["isr"] >= 0.9
+                            "--overlap-per-level", "1", "--overlap-levels", "3", "--seeds", "0,1", "--steps", "2", "--grid-per-level", "1",
+                            "--methods", ",".join(methods)])
+    for track, levels in (("main", {"L2", "L3"}), ("overlap", {"L3"})):
+        part = record["tracks"][track]
+        assert set(part["methods"]) == set(methods)
+        for method in part["methods"].values():
+            assert set(method["levels"]) == levels
+            for m in evaluate.METRICS:
+                stats = method["average"][m]
+                assert len(stats["per_seed"]) == 2 and 0 <= stats["mean"] <= 1
+    assert record["tracks"]["main"]["ground_truth"]["average"]["isr"] >= 0.9
     assert os.path.getsize(tmp_path / "grid.png") > 1000
     with open(tmp_path / "results.json") as f:
         assert json.load(f)["settings"]["steps"] == 2
+    assert "### Track: overlap" in (tmp_path / "table.md").read_text()

@@ -87,3 +87,31 @@ def test_cli_generate_on_the_toy_model(pipes, tmp_path):
     np.testing.assert_allclose(img, np.asarray(ref, np.float32).transpose(2, 0, 1), atol=1.01 / 255)
     res = scorer.score_image(img, layout)
     assert sum(r["color_ok"] for r in res) >= 1, res
+
+
+ABLATIONS_DIR = os.path.join(CKPT, "ablations")
+
+
+@pytest.mark.skipif(not os.path.isdir(ABLATIONS_DIR), reason="no committed ablation checkpoints")
+def test_committed_ablations_are_what_they_claim():
+    """Each committed ablation adapter reloads as its ablation: the removed paths' gates are exactly 0, the kept
+    ones trained (non-zero), and its record names the trainer's command."""
+    from diffusers import UNet2DConditionModel
+
+    from instance_control import ablations
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(CKPT, "model", "unet"))
+    for name in sorted(os.listdir(ABLATIONS_DIR)):
+        folder = os.path.join(ABLATIONS_DIR, name)
+        adapter = ablations.load(folder, unet)
+        gates = {g: [getattr(b, g).item() for b in adapter.blocks]
+                 for g in ("roi_gate", "guide_attn_gate", "guide_ff_gate")}
+        removed = {"no_guidance": ("guide_attn_gate", "guide_ff_gate"), "no_roi_attn": ("roi_gate",)}.get(name, ())
+        for g, values in gates.items():
+            assert (all(v == 0 for v in values) if g in removed else any(v != 0 for v in values)), (name, g, values)
+        with open(os.path.join(folder, "ablation.json")) as f:
+            record = json.load(f)
+        assert record["ablation"] == name and f"--ablation {name}" in record["command"]
+        assert record["reg_weight"] == (0.0 if name == "no_reg" else 0.01)
+        if name == "masked_attn":
+            assert all(type(b).__name__ == "MaskedAttnROICtrlBlock" for b in adapter.blocks)

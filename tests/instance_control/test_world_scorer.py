@@ -123,6 +123,31 @@ def test_scorer_shape_box_and_absence():
     assert not r["success"] and r["iou"] == 0.0 and r["found"]
     blank = np.zeros_like(img)
     assert scorer.summarize(scorer.score_image(blank, layout)) == {
-        "isr": 0.0, "miou": 0.0, "color_acc": 0.0, "leakage": 0.0, "n": 2}
+        "isr": 0.0, "color_box": 0.0, "miou": 0.0, "color_acc": 0.0, "leakage": 0.0, "n": 2}
     with pytest.raises(ValueError, match="n must be"):
         world.sample_layout(0, 7)
+
+
+def test_overlap_track_layouts():
+    """One pair of heavily overlapping boxes per layout (IoU 0.2-0.5), the other boxes apart; deterministic; seeds
+    disjoint from training and the main track; some pairs have similar captions."""
+    track = world.overlap_layouts(6)
+    assert track == world.overlap_layouts(6)
+    assert sorted(track) == list(world.OVERLAP_LEVELS)
+    similar = 0
+    for L, layouts in track.items():
+        for layout in layouts:
+            assert len(layout.instances) == L
+            a, b, *rest = [i.box for i in layout.instances]
+            assert world.OVERLAP_IOU[0] <= world.box_iou(a, b) <= world.OVERLAP_IOU[1]
+            boxes = [a, b, *rest]
+            for i, box in enumerate(boxes):
+                for j in range(max(i + 1, 2), len(boxes)):
+                    assert world.box_iou(box, boxes[j]) == 0.0
+            p, q = layout.instances[:2]
+            similar += p.color == q.color or p.shape == q.shape
+    assert 0.2 <= similar / sum(len(v) for v in track.values()) <= 0.8
+    main_seeds = {l.seed for ls in world.eval_layouts(6).values() for l in ls}
+    assert not main_seeds & {l.seed for ls in track.values() for l in ls}
+    with pytest.raises(ValueError, match="n must be in 2..6"):
+        world.sample_overlap_layout(0, 1)
