@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import types
 
 import torch
 from diffusers.models.attention import GatedSelfAttentionDense
@@ -55,29 +56,29 @@ def pixel_fourier_embedding(height: int, width: int, freqs: int = FOURIER_FREQS,
     return emb.reshape(height * width, 4 * freqs).to(device=device, dtype=dtype)
 
 
-class PixelPositionGatedSelfAttention(GatedSelfAttentionDense):
-    """diffusers' ``GatedSelfAttentionDense`` with the pixel-position embedding added to the attention's visual
-    tokens (the residual ``x`` is left as it is). :func:`install` turns existing fusers into this class (their
-    weights kept), so the pipeline's ``enable_fuser`` still finds them."""
-
-    pixel_position_proj: nn.Linear
-    pixel_position_freqs: int
-    pixel_grid_hw: tuple[int, int] | None
-
-    def forward(self, x: torch.Tensor, objs: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
-        n_visual = x.shape[1]
-        hw = self.pixel_grid_hw
-        if hw is None or hw[0] * hw[1] != n_visual:
-            raise RuntimeError(f"the pixel-position fuser got {n_visual} visual tokens but its map size is {hw}: "
-                               f"it must run inside the Transformer2DModel that gligen_positions.install hooked")
-        pos = pixel_fourier_embedding(*hw, self.pixel_position_freqs, dtype=x.dtype, device=x.device)
-        visual = x + self.pixel_position_proj(pos)[None]
-        objs = self.linear(objs)
-        x = x + self.alpha_attn.tanh() * self.attn(self.norm1(torch.cat([visual, objs], dim=1)))[:, :n_visual, :]
-        x = x + self.alpha_dense.tanh() * self.ff(self.norm2(x))
+def _pixel_position_forward(self, x: torch.Tensor, objs: torch.Tensor) -> torch.Tensor:
+    """``GatedSelfAttentionDense.forward`` with the pixel-position embedding added to the attention's visual
+    tokens (the residual ``x`` is left as it is). :func:`install` binds it to each fuser instance, whose class
+    stays diffusers' ``GatedSelfAttentionDense``: ``StableDiffusionGLIGENPipeline.enable_fuser`` (scheduled
+    sampling) matches ``type(module) is GatedSelfAttentionDense`` and still switches these fusers."""
+    if not self.enabled:
         return x
+    n_visual = x.shape[1]
+    hw = self.pixel_grid_hw
+    if hw is None or hw[0] * hw[1] != n_visual:
+        raise RuntimeError(f"the pixel-position fuser got {n_visual} visual tokens but its map size is {hw}: it "
+                           f"must run inside the Transformer2DModel that gligen_positions.install hooked")
+    pos = pixel_fourier_embedding(*hw, self.pixel_position_freqs, dtype=x.dtype, device=x.device)
+    visual = x + self.pixel_position_proj(pos)[None]
+    objs = self.linear(objs)
+    x = x + self.alpha_attn.tanh() * self.attn(self.norm1(torch.cat([visual, objs], dim=1)))[:, :n_visual, :]
+    x = x + self.alpha_dense.tanh() * self.ff(self.norm2(x))
+    return x
+
+
+def has_pixel_positions(module) -> bool:
+    """Whether ``module`` is a fuser that :func:`install` gave pixel positions."""
+    return isinstance(module, GatedSelfAttentionDense) and hasattr(module, PROJ)
 
 
 def _record_map_size(fusers):
@@ -92,7 +93,7 @@ def _record_map_size(fusers):
 
 def install(unet, freqs: int = FOURIER_FREQS) -> set[str]:
     """Give every fuser of the GLIGEN ``unet`` (``attention_type="gated"``) a zero-initialised
-    ``pixel_position_proj`` (``Linear(4 * freqs, dim)``) and the forward of :class:`PixelPositionGatedSelfAttention`. Returns the new parameters'
+    ``pixel_position_proj`` (``Linear(4 * freqs, dim)``) and the forward :func:`_pixel_position_forward`. Returns the new parameters'
     names (to train and save with GLIGEN's own new layers)."""
     if freqs < 1:
         raise ValueError(f"freqs must be >= 1, got {freqs}")
@@ -102,15 +103,15 @@ def install(unet, freqs: int = FOURIER_FREQS) -> set[str]:
             continue
         fusers = [m for m in transformer.modules() if isinstance(m, GatedSelfAttentionDense)]
         for f in fusers:
-            if isinstance(f, PixelPositionGatedSelfAttention):
+            if has_pixel_positions(f):
                 raise RuntimeError("gligen_positions.install: this UNet has pixel positions already")
             proj = nn.Linear(4 * freqs, f.linear.out_features).to(f.linear.weight.dtype)
             nn.init.zeros_(proj.weight)  # starts as plain GLIGEN; the gradient opens it with the gates
             nn.init.zeros_(proj.bias)
             f.add_module(PROJ, proj)
-            f.__class__ = PixelPositionGatedSelfAttention
             f.pixel_position_freqs = freqs
             f.pixel_grid_hw = None
+            f.forward = types.MethodType(_pixel_position_forward, f)
             installed += 1
         if fusers:
             transformer.register_forward_pre_hook(_record_map_size(fusers), with_kwargs=True)
