@@ -12,7 +12,9 @@ including the pixel-position embedding of ``gligen_positions.py`` when the folde
 - ``own_share`` against ``chance``: for visual tokens inside exactly one box, the share of their attention on
   the real boxes that goes to their own box, and 1 / (number of real boxes) (what uniform attention gives);
 - ``logit_std_visual`` / ``logit_std_boxes``: the spread of the attention logits over the visual keys and over
-  the real box keys (box keys that all look alike cannot be told apart by any query).
+  the real box keys (box keys that all look alike cannot be told apart by any query);
+- ``cos_objs`` / ``cos_keys``: the mean cosine similarity between two real boxes of one layout, of the position
+  net's outputs (the fuser's ``objs``) and of the fuser's keys of those box tokens (head-concatenated).
 """
 
 from __future__ import annotations
@@ -27,6 +29,18 @@ import torch.nn.functional as F
 from . import evaluate, gligen_positions, models, train, world
 
 MAX_OBJS = train.GLIGEN_MAX_OBJS
+INIT = "init"  # --folder init: the untrained GLIGEN layers
+
+
+def _mean_pair_cosine(tokens, masks):
+    """Mean cosine similarity over the pairs of real tokens of each sample ([B, N, D], masks [B, N])."""
+    sims = []
+    for t, m in zip(tokens, masks.bool()):
+        t = F.normalize(t[m], dim=-1)
+        if len(t) > 1:
+            c = t @ t.T
+            sims.append(c[~torch.eye(len(t), dtype=torch.bool)].mean())
+    return torch.stack(sims).mean().item()
 
 
 def _inside(hw, boxes, masks):
@@ -45,7 +59,11 @@ def probe(ckpt: str, folder: str, n: int = 16, t: int = 500) -> list[dict]:
     from diffusers.models.attention import GatedSelfAttentionDense
 
     vae, unet, text_encoder, tokenizer = train.load_model(ckpt)
-    gligen = train.load_gligen_unet(ckpt, unet, folder)
+    if folder == INIT:  # GLIGEN's new layers as train.py initialises them (seed 0), before any step
+        torch.manual_seed(0)
+        gligen = models.gligen_unet_from_base(unet)[0].eval()
+    else:
+        gligen = train.load_gligen_unet(ckpt, unet, folder)
     images, boxes, masks, inst_caps, captions = world.batch([world.train_layout(i, 123) for i in range(n)],
                                                             models.RESOLUTION)
     z = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
@@ -69,7 +87,8 @@ def probe(ckpt: str, folder: str, n: int = 16, t: int = 500) -> list[dict]:
         h = fuser.norm1(torch.cat([visual, fuser.linear(objs)], dim=1))
         attn, hv = fuser.attn, x.shape[1]
         q = attn.to_q(h).unflatten(-1, (attn.heads, -1)).transpose(1, 2)[:, :, :hv]
-        k = attn.to_k(h).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+        keys = attn.to_k(h)
+        k = keys.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
         logits = q @ k.transpose(-1, -2) * attn.scale  # [B, heads, HW, HW + 30]
         p = logits.softmax(-1).mean(1)
         inside = _inside(hw, boxes, masks)
@@ -86,6 +105,8 @@ def probe(ckpt: str, folder: str, n: int = 16, t: int = 500) -> list[dict]:
             "logit_std_visual": logits[..., :hv].std(-1).mean().item(),
             "logit_std_boxes": torch.stack([box_logits[i][..., masks[i].bool()].std(-1).mean()
                                             for i in range(n) if several[i]]).mean().item(),
+            "cos_objs": _mean_pair_cosine(objs[:, :N], masks),
+            "cos_keys": _mean_pair_cosine(keys[:, hv:hv + N], masks),
         })
 
     handles = [mod.register_forward_hook(hook) for mod in gligen.modules() if isinstance(mod, GatedSelfAttentionDense)]
@@ -100,7 +121,8 @@ def probe(ckpt: str, folder: str, n: int = 16, t: int = 500) -> list[dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="a train.py output folder (model/ and the GLIGEN folder)")
-    p.add_argument("--folder", default="gligen", help="GLIGEN weights folder under --ckpt")
+    p.add_argument("--folder", default="gligen",
+                   help=f"GLIGEN weights folder under --ckpt, or {INIT!r}: the layers as train.py initialises them")
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -109,7 +131,7 @@ def main(argv=None):
     for r in rows:
         print(f"{r['map']}: box mass {r['box_mass']:.3f} (uniform {r['uniform_box_mass']:.3f}); own-box share "
               f"{r['own_share']:.3f} (chance {r['chance']:.3f}); logit std visual {r['logit_std_visual']:.3f}, "
-              f"boxes {r['logit_std_boxes']:.4f}")
+              f"boxes {r['logit_std_boxes']:.4f}; box cosine objs {r['cos_objs']:.3f}, keys {r['cos_keys']:.3f}")
     record = {"ckpt": args.ckpt, "folder": args.folder, "fusers": rows, "environment": evaluate.environment()}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
