@@ -111,3 +111,27 @@ def test_a_variant_checkpoint_reloads_through_load_pipelines(tmp_path):
     images = pipes["gligen"](layout, evaluate.generators((0,), layout), num_inference_steps=2, guidance_scale=3.0,
                              height=models.RESOLUTION, width=models.RESOLUTION)
     assert images.shape == (1, 3, models.RESOLUTION, models.RESOLUTION) and torch.isfinite(torch.from_numpy(images)).all()
+
+
+def test_attention_probe_measures_own_box_share_and_box_similarity():
+    from instance_control import gligen_attention
+
+    masks = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    same = torch.ones(2, 3, 4)
+    apart = torch.eye(3, 4).expand(2, 3, 4)
+    assert gligen_attention._mean_pair_cosine(same, masks) == pytest.approx(1.0)
+    assert gligen_attention._mean_pair_cosine(apart, masks) == pytest.approx(0.0)
+    inside = gligen_attention._inside((2, 2), torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.0, 1.0, 1.0]]]),
+                                      torch.tensor([[1, 0]]))
+    assert inside[0, :, 0].tolist() == [True, False, False, False] and not inside[0, :, 1].any()  # masked box
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(CKPT, "model")), reason="the committed toy model is missing")
+def test_attention_probe_on_the_untrained_layers():
+    from instance_control import gligen_attention
+
+    torch.set_num_threads(1)
+    rows = gligen_attention.probe(CKPT, gligen_attention.INIT)
+    assert len(rows) == 7 and sorted({tuple(r["map"]) for r in rows}) == [(8, 8), (16, 16)]
+    for r in rows:  # untrained: attention to the own box at chance, the boxes' grounding tokens still distinct
+        assert abs(r["own_share"] - r["chance"]) < 0.01 and 0.3 < r["cos_objs"] < 0.9, r
