@@ -14,7 +14,9 @@ including the pixel-position embedding of ``gligen_positions.py`` when the folde
 - ``logit_std_visual`` / ``logit_std_boxes``: the spread of the attention logits over the visual keys and over
   the real box keys (box keys that all look alike cannot be told apart by any query);
 - ``cos_objs`` / ``cos_keys``: the mean cosine similarity between two real boxes of one layout, of the position
-  net's outputs (the fuser's ``objs``) and of the fuser's keys of those box tokens (head-concatenated).
+  net's outputs (the fuser's ``objs``) and of the fuser's keys of those box tokens (head-concatenated);
+- ``inputs`` (once per run): the same cosine of what the position net gets, the boxes' Fourier embeddings and
+  the phrase embeddings.
 """
 
 from __future__ import annotations
@@ -51,6 +53,19 @@ def _inside(hw, boxes, masks):
     b = boxes[:, None]
     return ((x[None, :, None] >= b[..., 0]) & (x[None, :, None] < b[..., 2]) & (y[None, :, None] >= b[..., 1])
             & (y[None, :, None] < b[..., 3]) & masks[:, None, :].bool())
+
+
+@torch.no_grad()
+def input_similarity(ckpt: str, n: int = 16) -> dict:
+    """Mean cosine similarity between two real boxes of one layout (the probe's layouts) of what the position
+    net gets: the boxes' Fourier embeddings (GLIGEN's, 8 frequencies) and the phrase embeddings (pooled)."""
+    from diffusers.models.embeddings import get_fourier_embeds_from_boundingbox
+
+    _, _, text_encoder, tokenizer = train.load_model(ckpt)
+    _, boxes, masks, inst_caps, _ = world.batch([world.train_layout(i, 123) for i in range(n)], models.RESOLUTION)
+    _, pooled = models.encode_text(text_encoder, tokenizer, [c for caps in inst_caps for c in caps])
+    return {"cos_box_fourier": _mean_pair_cosine(get_fourier_embeds_from_boundingbox(8, boxes), masks),
+            "cos_phrases": _mean_pair_cosine(pooled.view(n, masks.shape[1], -1), masks)}
 
 
 @torch.no_grad()
@@ -132,7 +147,11 @@ def main(argv=None):
         print(f"{r['map']}: box mass {r['box_mass']:.3f} (uniform {r['uniform_box_mass']:.3f}); own-box share "
               f"{r['own_share']:.3f} (chance {r['chance']:.3f}); logit std visual {r['logit_std_visual']:.3f}, "
               f"boxes {r['logit_std_boxes']:.4f}; box cosine objs {r['cos_objs']:.3f}, keys {r['cos_keys']:.3f}")
-    record = {"ckpt": args.ckpt, "folder": args.folder, "fusers": rows, "environment": evaluate.environment()}
+    inputs = input_similarity(args.ckpt)
+    print(f"position net inputs, cosine of two boxes: Fourier boxes {inputs['cos_box_fourier']:.3f}, phrases "
+          f"{inputs['cos_phrases']:.3f}")
+    record = {"ckpt": args.ckpt, "folder": args.folder, "fusers": rows, "inputs": inputs,
+              "environment": evaluate.environment()}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(record, f, indent=2)
