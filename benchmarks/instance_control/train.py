@@ -34,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import ablations, models, world
+from . import ablations, gligen_positions, models, world
 
 STAGES = ("vae", "base", "decoder", "roictrl", "gligen")
 GLIGEN_MAX_OBJS = 30  # max_objs of diffusers' StableDiffusionGLIGENPipeline
@@ -343,6 +343,8 @@ def train_gligen(args, data, latents, vae, unet, text_encoder, tokenizer):
     # make_roictrl_adapter does, so the stage is reproducible whatever ran before it in the process.
     torch.manual_seed(args.seed)
     model, new = models.gligen_unet_from_base(unet)
+    if args.gligen_pixel_positions:  # toy remedy, not in the paper (gligen_positions.py); zero-init: no RNG used
+        new |= gligen_positions.install(model)
     if args.gligen_gate_init:  # diffusers starts every gate at alpha = 0 (the fuser adds nothing at first)
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -372,6 +374,8 @@ def train_gligen(args, data, latents, vae, unet, text_encoder, tokenizer):
         # the new layers only, or the whole UNet when its base weights were trained too
         state = {n: p.detach().contiguous() for n, p in model.named_parameters() if train_unet or n in new}
         save_file(state, os.path.join(folder, "gligen.safetensors"), metadata={"format": "pt"})
+        if args.gligen_pixel_positions:
+            gligen_positions.save_config(folder)
 
     t0 = time.time()
     for step in range(steps):
@@ -401,7 +405,7 @@ def train_gligen(args, data, latents, vae, unet, text_encoder, tokenizer):
     save(os.path.join(args.out, args.gligen_name))
     with open(os.path.join(args.out, args.gligen_name, "train_log.json"), "w") as f:
         json.dump({"steps": steps, "lr": lr, "schedule": schedule, "gate_lr_scale": args.gligen_gate_lr_scale,
-                   "gate_init": args.gligen_gate_init,
+                   "gate_init": args.gligen_gate_init, "pixel_positions": args.gligen_pixel_positions,
                    "unet_lr_scale": args.gligen_unet_lr_scale if train_unet else None,
                    "seconds": round(time.time() - t0, 1), "log": history}, f, indent=1)
     log(f"saved gligen to {os.path.join(args.out, args.gligen_name)} ({time.time() - t0:.0f}s)")
@@ -413,6 +417,7 @@ def load_gligen_unet(out, unet, folder: str = "gligen"):
     from safetensors.torch import load_file
 
     gligen, new = models.gligen_unet_from_base(unet)
+    new |= gligen_positions.install_from_folder(gligen, os.path.join(out, folder))  # when trained with them
     path = os.path.join(out, folder, "gligen.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no GLIGEN weights at {path} (train.py --stages gligen writes them)")
@@ -469,6 +474,9 @@ def parse_args(argv=None):
                    help="initial alpha of GLIGEN's gates (diffusers and the paper: 0, so tanh(alpha) = 0)")
     p.add_argument("--gligen-unet-lr-scale", type=float, default=0.0,
                    help="train the base UNet's weights too, at this multiple of the GLIGEN learning rate (0: frozen)")
+    p.add_argument("--gligen-pixel-positions", action="store_true",
+                   help="toy remedy, not in GLIGEN: a zero-initialised projection of each visual token's 2D Fourier "
+                        "pixel position added to the fusers' visual tokens (gligen_positions.py)")
     p.add_argument("--gligen-name", default="gligen", help="GLIGEN's output folder under --out")
     p.add_argument("--gligen-snapshots", default="", help="GLIGEN steps to also save as <out>/gligen_step<N>, e.g. 1200,3000")
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines (GLIGEN: diagnostics too)")
