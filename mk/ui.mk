@@ -2,7 +2,7 @@
 #   make ui-test                              run it; screenshot in build/ui-test/ui.png
 #   make ui-test UI_SCREENSHOT=docs/img/ui.png  refresh the screenshot docs/ui.md shows
 # Installs what it needs: Debian's chromium (apt-get, as root) when /usr/bin/chromium is missing, and Playwright
-# (pip) into .venv, driving that Chromium (Playwright's own browser download is not used). Not in .ci/run: the
+# (pip) into .venv, driving that Chromium (Playwright's own browser download is not used). .ci/run runs it; the
 # Chromium install alone took under 2 minutes here (see docs/ui.md).
 UI_SCREENSHOT ?= build/ui-test/ui.png
 CHROMIUM ?= /usr/bin/chromium
