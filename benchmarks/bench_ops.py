@@ -35,6 +35,7 @@ if str(HERE) not in sys.path:  # `baselines` sits beside this file
     sys.path.insert(0, str(HERE))
 
 import roi_ops  # noqa: E402
+from machine_load import cpu_busy_s  # noqa: E402
 from roi_ops import reference  # noqa: E402
 
 THREADS = int(os.environ.get("ROI_OPS_BENCH_THREADS", "2"))
@@ -281,20 +282,6 @@ def environment_info() -> dict:
     }
 
 
-def _cpu_busy_s():
-    """(seconds all cores spent busy, seconds this process spent on the CPU), or None off Linux."""
-    import resource
-
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return None
-    ticks = [int(f) for f in fields]
-    busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
-
-
 class _Collector:
     """pytest plugin: remembers every skip and its reason."""
 
@@ -405,11 +392,11 @@ def main(argv=None) -> int:
     if args.select:
         pytest_args += ["-k", args.select]
     load_before = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    cpu0 = _cpu_busy_s()
+    cpu0 = cpu_busy_s()
     t0 = time.perf_counter()
     code = pytest.main(pytest_args, plugins=[collector])
     wall = time.perf_counter() - t0
-    cpu1 = _cpu_busy_s()
+    cpu1 = cpu_busy_s()
     if code not in (0, 5) or not raw_path.exists():
         print(f"pytest exited with code {code}; no results written", file=sys.stderr)
         return int(code) or 1

@@ -40,13 +40,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
+if str(HERE) not in sys.path:  # machine_load sits beside this file
+    sys.path.insert(0, str(HERE))
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-)
+from bench_training import SD15_UNET  # noqa: E402  (the one SD1.5-shaped UNet config of the benchmarks)
+from machine_load import cpu_busy_s  # noqa: E402
+
 QUICK_UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -56,28 +55,14 @@ TOKENS = 77
 BOX_SIDE = (0.1, 0.5)
 
 
-def _cpu_busy_s():
-    """(seconds all cores spent busy, seconds this process spent on the CPU), or None off Linux."""
-    import resource
-
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return None
-    ticks = [int(f) for f in fields]
-    busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
-
-
 class LoadMeter:
     """How much of the machine other processes took between ``start`` and ``stop``."""
 
     def __init__(self):
-        self.t0, self.c0 = time.perf_counter(), _cpu_busy_s()
+        self.t0, self.c0 = time.perf_counter(), cpu_busy_s()
 
     def share(self) -> float | None:
-        c1 = _cpu_busy_s()
+        c1 = cpu_busy_s()
         if self.c0 is None or c1 is None:
             return None
         wall = time.perf_counter() - self.t0

@@ -744,6 +744,16 @@ def blend_pasted(
         blended = w[0] * base[b].to(acc) + (w[1:, None] * values[sel]).sum(0)
         outs.append(blended)
         weights.append(w[0])
+    return _stack_blended(base, base_logit, outs, weights, acc)
+
+
+
+def _stack_blended(
+    base: Tensor, base_logit: Tensor, outs: list, weights: list, acc: torch.dtype
+) -> Tuple[Tensor, Tensor]:
+    """The per-image results of a blend stacked into ``(out, base_weight)`` in the inputs' dtypes, ``out`` in
+    ``base``'s memory format (empty tensors for an empty batch)."""
+    B, C, H, W = base.shape
     if B == 0:
         out = _empty_result(base, (0, C, H, W), acc)
         base_weight = _empty_result(base_logit, (0, H, W), acc)
@@ -752,7 +762,6 @@ def blend_pasted(
         base_weight = torch.stack(weights)
     out = out.to(base.dtype).contiguous(memory_format=_memory_format_of(base))
     return out, base_weight.to(base_logit.dtype)
-
 
 def _blend_pasted_weighted(
     base: Tensor, base_logit: Tensor, values: Tensor, logits: Tensor, covered: Tensor, batch: Tensor,
@@ -789,11 +798,4 @@ def _blend_pasted_weighted(
         own = base[b].detach().to(acc) + (blended - blended.detach())
         outs.append(torch.where(take[sel].any(0), blended, own))
         weights.append(w0)
-    if B == 0:
-        out = _empty_result(base, (0, C, H, W), acc)
-        base_weight = _empty_result(base_logit, (0, H, W), acc)
-    else:
-        out = torch.stack(outs)
-        base_weight = torch.stack(weights)
-    out = out.to(base.dtype).contiguous(memory_format=_memory_format_of(base))
-    return out, base_weight.to(base_logit.dtype)
+    return _stack_blended(base, base_logit, outs, weights, acc)

@@ -315,6 +315,13 @@ def merge_into(path: str, record: dict) -> dict:
     return old
 
 
+def write_json(path: str, record: dict) -> None:
+    """Write a results record as indented JSON, creating its folder (the toy benchmark's scripts share this)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+
+
 def environment() -> dict:
     import diffusers
     import transformers

@@ -152,9 +152,7 @@ def main(argv=None):
           f"{inputs['cos_phrases']:.3f}")
     record = {"ckpt": args.ckpt, "folder": args.folder, "fusers": rows, "inputs": inputs,
               "environment": evaluate.environment()}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
+    evaluate.write_json(args.out, record)
     return record
 
 

@@ -61,9 +61,7 @@ def main(argv=None):
               + f" ({time.time() - t0:.0f}s)", flush=True)
     record = {"per_level": args.per_level, "levels": list(world.LEVELS), "seeds": list(seeds), "points": points,
               "environment": evaluate.environment()}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
+    evaluate.write_json(args.out, record)
     return record
 
 

@@ -32,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from . import models, scorer, world
+from . import evaluate, models, scorer, world
 
 MASK_EVAL_SEED_BASE = 30_000_000  # far from training (0..) and from evaluate.py's EVAL_SEED_BASE layouts
 FORMS = ("circle", "triangle", "L")
@@ -211,9 +211,7 @@ def main(argv=None):
         "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
         "threads": args.threads, "load_avg_1min_at_start": load,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
+    evaluate.write_json(args.out, record)
     if args.figure:
         figure(kept, args.figure)
         print(f"wrote {args.figure}")

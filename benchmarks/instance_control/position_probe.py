@@ -83,9 +83,7 @@ def main(argv=None):
     record = {"probe": probe(args.ckpt), "environment": evaluate.environment(),
               "how": "ridge regression (lambda 1e-2) from block inputs to (x, y) in [0, 1]; fit on 32 images, "
                      "R^2 on 32 others; interior = cells at least 3 from the border"}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
+    evaluate.write_json(args.out, record)
     for t, rows in record["probe"].items():
         for name, r in rows.items():
             print(f"{t} {name} {r['map']}: R2 x/y {r['r2_xy_all']}, interior {r['r2_xy_interior']}")

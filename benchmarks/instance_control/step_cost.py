@@ -110,9 +110,7 @@ def main(argv=None):
                      "measured_steps": args.steps, "order": "interleaved, one warm-up step each"},
         "environment": evaluate.environment(),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
+    evaluate.write_json(args.out, record)
     r = record["masked_over_roi"]
     print(f"masked / ROI per training step: time {r['time']:.2f}x, saved activations {r['saved_for_backward']:.2f}x "
           + " ".join(f"{n} {v['seconds_per_step_median']:.3f}s {v['saved_for_backward_mib']:.1f}MiB"

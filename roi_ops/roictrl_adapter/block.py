@@ -256,17 +256,11 @@ class ROICtrlBlock(nn.Module):
         if self.options.channel_gate:
             base_logit, inst_logits = self._gate_logits(base_logit, inst_logits, groups, rois, instances, size)
         base = global_out.reshape(B, H, W, C).permute(0, 3, 1, 2)
-        coverage = instances.layer_coverage(rois, size, dtype)
-        if coverage is None:  # boxes only: the calls as before regions existed
-            out, base_weight = blend_groups(
-                lambda b, bl, v, vl, r: self._blend(b, bl, v, vl, r, 1.0, True), base, base_logit, grids,
-                inst_logits, group_rois,
-            )
-        else:
-            out, base_weight = blend_groups(
-                lambda b, bl, v, vl, r, c: self._blend(b, bl, v, vl, r, 1.0, True, c), base, base_logit, grids,
-                inst_logits, group_rois, [self._group_rows(coverage, g, groups) for g in groups],
-            )
+        coverage = instances.layer_coverage(rois, size, dtype)  # None: boxes only, the blend as before regions
+        out, base_weight = blend_groups(
+            lambda b, bl, v, vl, r, *c: self._blend(b, bl, v, vl, r, 1.0, True, *c), base, base_logit, grids,
+            inst_logits, group_rois, None if coverage is None else [self._group_rows(coverage, g, groups) for g in groups],
+        )
         if blend_record is not None:
             pasted = [
                 self.paste_rule.paste_for_blend(v.detach(), vl.detach(), r, size)
@@ -388,7 +382,7 @@ class ROICtrlBlock(nn.Module):
             )
             B = global_out.shape[0]
             region = instances.layer_coverage(rois, size, global_out.dtype)
-            if region is None:  # boxes only: as before regions existed
+            if region is None:  # boxes only: the call as before regions existed
                 covered = self.paste_rule.coverage(rois, B, size, grid=self.grid)
             else:
                 covered = self.paste_rule.coverage(rois, B, size, grid=self.grid, coverage=region)
