@@ -174,10 +174,17 @@ def convert_segmentation(seg: Any, width: int, height: int, where: str):
         if not isinstance(seg, list) or not all(isinstance(r, list) for r in seg):
             raise ValueError(f"{where} must be a list of polygons [[x1, y1, ...], ...] or an RLE object, got "
                              f"{str(seg)[:80]}")
-        rings = [r for r in seg if len(r) >= 6]
+        rings = []
+        for j, ring in enumerate(seg):
+            if len(ring) < 6 and len(ring) % 2 == 0 and all(_number(v) for v in ring):
+                continue  # fewer than 3 points: no area
+            try:
+                regions.read_mask([ring], where, units="pixels")  # numbers, even length, finite
+            except ValueError as e:  # it numbers the rings it was given: name this one by its index
+                raise ValueError(str(e).replace(f"{where} polygon 0", f"{where} polygon {j}", 1)) from None
+            rings.append(ring)
         if not rings:
             return None
-        regions.read_mask(rings, where, units="pixels")  # numbers, even lengths, finite
     except (ValueError, TypeError) as e:
         raise CocoError(str(e)) from None
     return [[round(v / (width if j % 2 == 0 else height), BOX_DIGITS) for j, v in enumerate(r)] for r in rings]

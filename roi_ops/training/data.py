@@ -212,10 +212,13 @@ def _check_mask(value, where: str, root: str, width: int, height: int, units: st
         h, w, _ = regions.rle_runs(value, where)
         parsed = value
     else:
-        if not isinstance(value, (str, dict, list)) or value == []:
-            raise TypeError(
+        if not isinstance(value, (str, dict, list)) or (
+            isinstance(value, list) and not (value and all(isinstance(r, list) for r in value))
+        ):
+            raise ValueError(
                 f"{where} must be a PNG path (relative to the data folder), a COCO RLE {{\"size\": [h, w], "
-                f"\"counts\": ...}} or a COCO polygon list [[x1, y1, x2, y2, ...], ...]; got {type(value).__name__}"
+                f"\"counts\": ...}} or a COCO polygon list [[x1, y1, x2, y2, ...], ...] (a list of rings); got "
+                f"{json.dumps(value)[:60]}"
             )
         parsed = regions.read_mask(value, where, base_dir=root, units=units)
         if isinstance(parsed, regions.Polygon):
