@@ -14,6 +14,7 @@ to the image (nearest for 0/1 masks, antialiased bilinear for soft ones).
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -165,7 +166,7 @@ def _polygon(value: list, where: str, units: str) -> Polygon:
                 f"got {str(ring)[:80]}"
             )
         pts = tuple((float(ring[i]), float(ring[i + 1])) for i in range(0, len(ring), 2))
-        if not all(np.isfinite(p).all() for p in pts):
+        if not all(math.isfinite(v) for p in pts for v in p):
             raise ValueError(f"{where} polygon {j} must have finite coordinates")
         rings.append(pts)
     return Polygon(tuple(rings), units)

@@ -122,9 +122,14 @@ class Record:
             if isinstance(mask, regions.Polygon):
                 mask = regions.to_image(mask, self.height, self.width)
             mask, _ = _clip_mask(mask, self.boxes[k])  # the pipeline's rule: pixels outside the box are cut
-            ay = _area_weights(mask.shape[0], top / rh, (top + resolution) / rh, size)
-            ax = _area_weights(mask.shape[1], left / rw, (left + resolution) / rw, size)
-            cov = ay @ mask.astype(np.float64) @ ax.T
+            # only the box's rows and columns can be nonzero now: the products skip the rest
+            mh, mw = mask.shape
+            x1, y1, x2, y2 = self.boxes[k]
+            r0, r1 = int(math.floor(y1 * mh)), min(mh, int(math.ceil(y2 * mh)))
+            c0, c1 = int(math.floor(x1 * mw)), min(mw, int(math.ceil(x2 * mw)))
+            ay = _area_weights(mh, top / rh, (top + resolution) / rh, size)[:, r0:r1]
+            ax = _area_weights(mw, left / rw, (left + resolution) / rw, size)[:, c0:c1]
+            cov = ay @ mask[r0:r1, c0:c1].astype(np.float64) @ ax.T
             cov[cov < 1e-9] = 0.0  # float rounding of the footprints' edges, not mask
             out[k] = np.minimum(cov, 1.0).astype(np.float32)
         return out
