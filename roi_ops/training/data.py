@@ -26,8 +26,8 @@ raises :class:`DatasetError` naming the first problem as ``metadata.jsonl:<line>
 ``resolution x resolution`` square is cut out. Boxes follow exactly: a normalised x becomes
 ``(x * resized_width - left) / resolution`` (same for y), then is clipped to ``[0, 1]``. An instance whose clipped
 box is narrower or lower than one output pixel (it lay outside the crop, or only a sliver of it is left) is dropped
-for that image; a mask follows the same geometry. There is no random augmentation (no random crop, no flip), so a sample is the same every time it
-is drawn.
+for that image; a mask follows the same geometry. There is no random augmentation (no random crop, no flip), so a
+sample is the same every time it is drawn.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class Record:
         return [inst.get("mask") if isinstance(inst, dict) else None
                 for inst in json.loads(raw.decode("utf-8")).get("instances", [])]
 
-    def regions_at(self, resolution: int, size: int) -> dict[int, "Any"]:
+    def regions_at(self, resolution: int, size: int) -> dict[int, np.ndarray]:
         """``{instance index: float32 [size, size] array}`` for the instances with a mask left in the crop: each
         pixel of the ``size x size`` grid over the crop gets the mask's exact area average over its footprint
         (the mask as a piecewise-constant function over the whole image, whatever its own resolution; a polygon
