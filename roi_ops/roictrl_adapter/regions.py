@@ -14,6 +14,7 @@ to the image (nearest for 0/1 masks, antialiased bilinear for soft ones).
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Polygon", "read_mask", "decode_rle", "to_image", "mask_box", "is_mask_like"]
+__all__ = ["Polygon", "read_mask", "decode_rle", "rle_runs", "to_image", "mask_box", "is_mask_like"]
 
 #: Largest side of a mask in pixels (the image's limit).
 MAX_MASK_SIDE = 8192
@@ -84,10 +85,9 @@ def _from_pil(image: Any, where: str) -> np.ndarray:
     return _check_array(grey, where)
 
 
-def decode_rle(rle: dict, where: str = "mask") -> np.ndarray:
-    """A COCO RLE ``{"size": [h, w], "counts": ...}`` as a float32 ``[h, w]`` array of 0s and 1s. ``counts`` is a
-    list of run lengths (uncompressed RLE) or the compressed string of ``pycocotools`` (column-major runs,
-    starting with a run of 0s, as COCO stores them)."""
+def rle_runs(rle: dict, where: str = "mask") -> tuple[int, int, list[int]]:
+    """Check a COCO RLE ``{"size": [h, w], "counts": ...}`` and return ``(h, w, runs)``, its run lengths
+    (column-major, starting with a run of 0s), without rasterising it: the cheap check of a dataset line."""
     size, counts = rle.get("size"), rle.get("counts")
     if (
         not isinstance(size, (list, tuple))
@@ -108,6 +108,14 @@ def decode_rle(rle: dict, where: str = "mask") -> np.ndarray:
         raise ValueError(f"{where} RLE counts must be a string or a list of non-negative integers, got {counts!r}"[:300])
     if sum(runs) != h * w:
         raise ValueError(f"{where} RLE counts add up to {sum(runs)} pixels but size {[h, w]} has {h * w}")
+    return h, w, runs
+
+
+def decode_rle(rle: dict, where: str = "mask") -> np.ndarray:
+    """A COCO RLE ``{"size": [h, w], "counts": ...}`` as a float32 ``[h, w]`` array of 0s and 1s. ``counts`` is a
+    list of run lengths (uncompressed RLE) or the compressed string of ``pycocotools`` (column-major runs,
+    starting with a run of 0s, as COCO stores them)."""
+    h, w, runs = rle_runs(rle, where)
     flat = np.zeros(h * w, dtype=np.float32)
     pos = 0
     for i, run in enumerate(runs):
@@ -158,7 +166,7 @@ def _polygon(value: list, where: str, units: str) -> Polygon:
                 f"got {str(ring)[:80]}"
             )
         pts = tuple((float(ring[i]), float(ring[i + 1])) for i in range(0, len(ring), 2))
-        if not all(np.isfinite(p).all() for p in pts):
+        if not all(math.isfinite(v) for p in pts for v in p):
             raise ValueError(f"{where} polygon {j} must have finite coordinates")
         rings.append(pts)
     return Polygon(tuple(rings), units)
@@ -216,9 +224,11 @@ def read_mask(value: Any, where: str, base_dir: str | os.PathLike | None = None,
 
 
 def _rasterize(poly: Polygon, height: int, width: int) -> np.ndarray:
-    """The pixels whose centre lies inside the polygon (even-odd rule over all rings)."""
+    """The pixels whose centre lies inside the polygon (even-odd rule over all rings). Each edge only visits the
+    rows it crosses (a COCO polygon at 640 px: about 1 ms, not 50 ms for every edge over the whole image)."""
     sx, sy = (width, height) if poly.units == "normalized" else (1.0, 1.0)
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+    ys = np.arange(height, dtype=np.float64) + 0.5
+    xs = np.arange(width, dtype=np.float64) + 0.5
     inside = np.zeros((height, width), dtype=bool)
     for ring in poly.rings:
         pts = np.asarray(ring, dtype=np.float64) * (sx, sy)
@@ -227,9 +237,11 @@ def _rasterize(poly: Polygon, height: int, width: int) -> np.ndarray:
         for a, b, c, d in zip(x0, y0, x1, y1):
             if b == d:
                 continue
-            crosses = (ys >= min(b, d)) & (ys < max(b, d))
-            x_at = a + (ys - b) * (c - a) / (d - b)
-            inside ^= crosses & (xs < x_at)
+            rows = np.nonzero((ys >= min(b, d)) & (ys < max(b, d)))[0]
+            if rows.size == 0:
+                continue
+            x_at = a + (ys[rows] - b) * (c - a) / (d - b)
+            inside[rows] ^= xs[None, :] < x_at[:, None]
     return inside.astype(np.float32)
 
 

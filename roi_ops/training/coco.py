@@ -2,10 +2,12 @@
 
 Each output line is ``{"file_name": ..., "prompt": ..., "instances": [{"box": [x1, y1, x2, y2], "caption": ...}]}``
 with boxes normalised to ``[0, 1]`` of the image's width and height (``xyxy``, the layout JSON's defaults, so no
-``box_format``/``box_units`` keys are needed). The rules for crowd, tiny and surplus boxes, images without
+``box_format``/``box_units`` keys are needed). With ``masks`` (``--masks``) each instance also gets its COCO
+segmentation as ``"mask"``: polygons normalised like the boxes, RLEs (``iscrowd``'s run lists, compressed
+strings) as COCO stores them. The rules for crowd, tiny and surplus boxes, images without
 instances or captions and missing images are in :class:`CocoOptions` and docs/training.md.
 
-Importable without torch::
+Importable without torch (``masks`` imports it, to check segmentations with the trainer's own parser)::
 
     from roi_ops.training.coco import CocoOptions, convert_coco
     stats = convert_coco("instances_val2017.json", "captions_val2017.json", "val2017", "coco_roictrl")
@@ -55,6 +57,10 @@ class CocoOptions:
     max_images: int = 0
     #: Replace an existing ``metadata.jsonl`` in the output folder.
     overwrite: bool = False
+    #: Write each instance's segmentation as its ``"mask"`` (polygons normalised to the image, RLEs as given).
+    #: Off by default: masks change what the adapter learns (mask-shaped blending) and polygons take most of an
+    #: instances file's bytes, so the metadata grows several times over.
+    masks: bool = False
 
 
 @dataclass
@@ -71,6 +77,10 @@ class CocoStats:
     dropped_small: int = 0
     dropped_over_limit: int = 0
     clamped_boxes: int = 0
+    masks_polygon: int = 0
+    masks_rle: int = 0
+    masks_missing: int = 0
+    masks: bool = False
     bad_images: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -83,6 +93,9 @@ class CocoStats:
         parts.append("dropped boxes: " + ", ".join(f"{n} {what}" for what, n in dropped))
         if self.clamped_boxes:
             parts.append(f"clamped to the image: {self.clamped_boxes} box(es)")
+        if self.masks:
+            parts.append(f"masks: {self.masks_polygon} polygon, {self.masks_rle} RLE, {self.masks_missing} "
+                         "instance(s) without a usable segmentation (box only)")
         return "; ".join(parts)
 
 
@@ -138,6 +151,45 @@ def _clean_text(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- conversion
+def convert_segmentation(seg: Any, width: int, height: int, where: str):
+    """A COCO ``segmentation`` as a dataset line's ``"mask"``, or ``None`` when it has no usable shape.
+
+    Polygons (``[[x1, y1, x2, y2, ...], ...]`` in pixels) are normalised by the image's width and height and rounded
+    like the boxes; rings of fewer than 3 points (COCO has a few) are left out. An RLE (``{"size": [h, w],
+    "counts": list or compressed string}``, e.g. an ``iscrowd`` region) is kept as COCO stores it; its size must be
+    the image's ``[height, width]``. Both are checked with the trainer's own parser (``regions``), so a written
+    line always reads back; a malformed one raises :class:`CocoError` naming ``where``."""
+    from roi_ops.roictrl_adapter import regions
+
+    if seg is None or seg == [] or seg == {}:
+        return None
+    try:
+        if isinstance(seg, dict):
+            h, w, runs = regions.rle_runs(seg, where)
+            if [h, w] != [height, width]:
+                raise ValueError(f"{where} RLE size {[h, w]} is not the image's [height, width] {[height, width]}")
+            if not any(runs[1::2]):
+                return None
+            return {"size": [h, w], "counts": seg["counts"]}
+        if not isinstance(seg, list) or not all(isinstance(r, list) for r in seg):
+            raise ValueError(f"{where} must be a list of polygons [[x1, y1, ...], ...] or an RLE object, got "
+                             f"{str(seg)[:80]}")
+        rings = []
+        for j, ring in enumerate(seg):
+            if len(ring) < 6 and len(ring) % 2 == 0 and all(_number(v) for v in ring):
+                continue  # fewer than 3 points: no area
+            try:
+                regions.read_mask([ring], where, units="pixels")  # numbers, even length, finite
+            except ValueError as e:  # it numbers the rings it was given: name this one by its index
+                raise ValueError(str(e).replace(f"{where} polygon 0", f"{where} polygon {j}", 1)) from None
+            rings.append(ring)
+        if not rings:
+            return None
+    except (ValueError, TypeError) as e:
+        raise CocoError(str(e)) from None
+    return [[round(v / (width if j % 2 == 0 else height), BOX_DIGITS) for j, v in enumerate(r)] for r in rings]
+
+
 def convert_box(bbox: list, width: int, height: int) -> tuple[list[float], bool]:
     """COCO ``[x, y, w, h]`` in pixels -> normalised ``[x1, y1, x2, y2]`` clamped to ``[0, 1]`` (and whether a
     coordinate had to be clamped: COCO boxes overshoot the image by a fraction of a pixel now and then)."""
@@ -172,7 +224,7 @@ def build_lines(instances_json: dict, captions_json: dict, images_dir: str | os.
     Raises :class:`CocoError` naming the file and entry of the first malformed record, or (without
     ``skip_bad_images``) the first missing or unreadable image.
     """
-    stats = CocoStats()
+    stats = CocoStats(masks=options.masks)
     images_dir = Path(images_dir)
     categories: dict[int, str] = {}
     for i, c in enumerate(_list(instances_json, "categories", instances_name)):
@@ -220,7 +272,12 @@ def build_lines(instances_json: dict, captions_json: dict, images_dir: str | os.
             stats.dropped_small += 1
             continue
         stats.clamped_boxes += clamped
-        im["boxes"].append((w * h, len(im["boxes"]), {"box": box, "caption": categories[cid]}))
+        instance = {"box": box, "caption": categories[cid]}
+        if options.masks:
+            mask = convert_segmentation(a.get("segmentation"), im["width"], im["height"], f"{where}.segmentation")
+            if mask is not None:
+                instance["mask"] = mask
+        im["boxes"].append((w * h, len(im["boxes"]), instance))
 
     prompts: dict[int, tuple[int, str]] = {}  # image id -> (caption id, text): the lowest caption id wins
     for i, c in enumerate(_list(captions_json, "annotations", captions_name)):
@@ -264,6 +321,11 @@ def build_lines(instances_json: dict, captions_json: dict, images_dir: str | os.
         lines.append((os.fspath(source), line))
         stats.images_written += 1
         stats.instances_written += len(boxes)
+        for _, _, inst in boxes:  # masks are counted on what is written
+            kind = type(inst.get("mask")).__name__
+            stats.masks_polygon += kind == "list"
+            stats.masks_rle += kind == "dict"
+            stats.masks_missing += options.masks and kind == "NoneType"
     return lines, stats
 
 

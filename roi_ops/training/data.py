@@ -10,6 +10,15 @@ Each line of ``<data>/metadata.jsonl`` is one training image (the convention of 
 checked by the same validator (:func:`roi_ops.roictrl_adapter.pipeline.normalize_instances`), with the image's own
 width and height for pixel boxes. ``instances`` may be empty or left out (an image without instances).
 
+**Masks.** An instance may carry a ``"mask"`` in the forms of a layout file (``regions.read_mask``, the one parser):
+a PNG path relative to the data folder, a COCO RLE ``{"size": [h, w], "counts": ...}`` (compressed string or
+list of runs) or a COCO polygon list (in the line's ``box_units``). They are checked when the folder is read (a
+PNG decoded, an RLE's runs counted, a polygon parsed; not rasterised) and decoded per sample when a batch is made,
+as the instance's *region*: its exact area average over each pixel of the crop's ``region_size`` grid (the
+latents), after the resize and crop below. Mask pixels outside the instance's box are cut (by pixel centre). The
+folder's masks are not kept in memory: each record remembers where its line is in ``metadata.jsonl`` and re-reads
+it (checking that it did not change).
+
 :func:`read_dataset` checks the whole folder before training: every line, every image (opened and decoded), and
 raises :class:`DatasetError` naming the first problem as ``metadata.jsonl:<line>: <what>``.
 
@@ -17,8 +26,8 @@ raises :class:`DatasetError` naming the first problem as ``metadata.jsonl:<line>
 ``resolution x resolution`` square is cut out. Boxes follow exactly: a normalised x becomes
 ``(x * resized_width - left) / resolution`` (same for y), then is clipped to ``[0, 1]``. An instance whose clipped
 box is narrower or lower than one output pixel (it lay outside the crop, or only a sliver of it is left) is dropped
-for that image. There is no random augmentation (no random crop, no flip), so a sample is the same every time it
-is drawn.
+for that image; a mask follows the same geometry. There is no random augmentation (no random crop, no flip), so a
+sample is the same every time it is drawn.
 """
 
 from __future__ import annotations
@@ -27,9 +36,12 @@ import json
 import math
 import os
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 __all__ = ["DatasetError", "Record", "read_dataset", "crop_geometry", "transform_box", "load_image", "METADATA"]
 
@@ -44,7 +56,8 @@ class DatasetError(ValueError):
 @dataclass(frozen=True)
 class Record:
     """One checked line: the image's path and size, its prompt, and its instances (normalised xyxy boxes on the
-    original image; :meth:`instances_at` gives them after the resize/crop)."""
+    original image; :meth:`instances_at` gives them after the resize/crop). ``has_mask[k]``: instance ``k`` has a
+    mask, read again from the line at ``line_span`` (byte offset, length; ``line_crc`` its CRC-32) when needed."""
 
     line: int
     path: str
@@ -54,17 +67,82 @@ class Record:
     boxes: tuple[tuple[float, float, float, float], ...]
     captions: tuple[str, ...]
     geometry: dict = field(default_factory=dict, compare=False)
+    has_mask: tuple[bool, ...] = ()
+    root: str = ""
+    line_span: tuple[int, int] = (0, 0)
+    line_crc: int = 0
+    units: str = "normalized"  # the line's box_units: the coordinates of its polygons
+
+    def crop(self, resolution: int) -> list[tuple[int, tuple[float, float, float, float]]]:
+        """``(instance index, box on the resolution crop)`` of the instances left in the crop."""
+        g = crop_geometry(self.width, self.height, resolution)
+        kept = []
+        for k, box in enumerate(self.boxes):
+            b = transform_box(box, g, resolution)
+            if b is not None:
+                kept.append((k, b))
+        return kept
 
     def instances_at(self, resolution: int) -> tuple[list[tuple[float, float, float, float]], list[str]]:
         """Boxes (normalised xyxy on the ``resolution`` crop) and captions of the instances left in the crop."""
+        kept = self.crop(resolution)
+        return [b for _, b in kept], [self.captions[k] for k, _ in kept]
+
+    def mask_values(self) -> list:
+        """The ``mask`` value of every instance of the line (``None`` without one), read again from the file."""
+        with open(os.path.join(self.root, METADATA), "rb") as f:
+            f.seek(self.line_span[0])
+            raw = f.read(self.line_span[1])
+        if zlib.crc32(raw) != self.line_crc:
+            raise DatasetError(f"{METADATA}:{self.line}: the file changed since it was checked; start again")
+        return [inst.get("mask") if isinstance(inst, dict) else None
+                for inst in json.loads(raw.decode("utf-8")).get("instances", [])]
+
+    def regions_at(self, resolution: int, size: int) -> dict[int, np.ndarray]:
+        """``{instance index: float32 [size, size] array}`` for the instances with a mask left in the crop: each
+        pixel of the ``size x size`` grid over the crop gets the mask's exact area average over its footprint
+        (the mask as a piecewise-constant function over the whole image, whatever its own resolution; a polygon
+        is first rasterised at the image's size, as the pipeline does)."""
+        from roi_ops.roictrl_adapter import regions
+        from roi_ops.roictrl_adapter.pipeline import _clip_mask
+
+        kept = [k for k, _ in self.crop(resolution) if self.has_mask[k]]
+        if not kept:
+            return {}
+        values = self.mask_values()
         g = crop_geometry(self.width, self.height, resolution)
-        boxes, captions = [], []
-        for box, caption in zip(self.boxes, self.captions):
-            b = transform_box(box, g, resolution)
-            if b is not None:
-                boxes.append(b)
-                captions.append(caption)
-        return boxes, captions
+        (rw, rh), left, top = g["resized"], g["left"], g["top"]
+        out = {}
+        for k in kept:
+            where = f"{METADATA}:{self.line}: instances[{k}].mask"
+            try:
+                mask = regions.read_mask(values[k], where, base_dir=self.root, units=self.units)
+            except (ValueError, TypeError) as e:
+                raise DatasetError(str(e)) from None
+            if isinstance(mask, regions.Polygon):
+                mask = regions.to_image(mask, self.height, self.width)
+            mask, _ = _clip_mask(mask, self.boxes[k])  # the pipeline's rule: pixels outside the box are cut
+            # only the box's rows and columns can be nonzero now: the products skip the rest
+            mh, mw = mask.shape
+            x1, y1, x2, y2 = self.boxes[k]
+            r0, r1 = int(math.floor(y1 * mh)), min(mh, int(math.ceil(y2 * mh)))
+            c0, c1 = int(math.floor(x1 * mw)), min(mw, int(math.ceil(x2 * mw)))
+            ay = _area_weights(mh, top / rh, (top + resolution) / rh, size)[:, r0:r1]
+            ax = _area_weights(mw, left / rw, (left + resolution) / rw, size)[:, c0:c1]
+            cov = ay @ mask[r0:r1, c0:c1].astype(np.float64) @ ax.T
+            cov[cov < 1e-9] = 0.0  # float rounding of the footprints' edges, not mask
+            out[k] = np.minimum(cov, 1.0).astype(np.float32)
+        return out
+
+
+def _area_weights(n_src: int, lo: float, hi: float, n_out: int):
+    """``[n_out, n_src]``: row ``j`` averages source pixels ``i`` (spanning ``[i, i+1) / n_src`` of the image) over
+    the output pixel ``[lo + j (hi - lo) / n_out, lo + (j + 1) (hi - lo) / n_out)``, by overlap length."""
+    out_edges = lo + (hi - lo) * np.arange(n_out + 1) / n_out
+    src_edges = np.arange(n_src + 1) / n_src
+    overlap = np.minimum(out_edges[1:, None], src_edges[None, 1:]) - np.maximum(out_edges[:-1, None],
+                                                                                src_edges[None, :-1])
+    return np.clip(overlap, 0.0, None) / ((hi - lo) / n_out)
 
 
 def crop_geometry(width: int, height: int, resolution: int) -> dict:
@@ -121,8 +199,47 @@ def _image_size(path: str) -> tuple[int, int]:
 _WHERE = re.compile(r"instances\[0\]\[(\d+)\]")
 
 
-def _check_line(obj, n: int, root: str) -> Record:
-    from roi_ops.roictrl_adapter.pipeline import normalize_instances
+def _inside_folder(name: str) -> bool:
+    """Whether the relative path ``name`` stays inside the folder it is relative to (not absolute, no ``..``)."""
+    return not os.path.isabs(name) and ".." not in name.replace("\\", "/").split("/")
+
+
+def _check_mask(value, where: str, root: str, width: int, height: int, units: str):
+    """Check the mask ``value`` of a dataset line, cheaply: a PNG is decoded (like the images), an RLE's runs are
+    counted, a polygon is parsed; nothing is rasterised. Returns what :func:`regions.read_mask` gives for a PNG
+    or polygon, the RLE itself otherwise. A mask of another aspect ratio than the image (beyond one pixel of
+    rounding) is refused: resized to the image, it would be stretched (a transposed RLE, another image's PNG)."""
+    from roi_ops.roictrl_adapter import regions
+
+    if isinstance(value, str) and not _inside_folder(value):
+        raise ValueError(f"{where} PNG path must be relative to the data folder and stay inside it, got {value!r}")
+    if isinstance(value, dict) and {"size", "counts"} <= set(value):
+        h, w, _ = regions.rle_runs(value, where)
+        parsed = value
+    else:
+        if not isinstance(value, (str, dict, list)) or (
+            isinstance(value, list) and not (value and all(isinstance(r, list) for r in value))
+        ):
+            raise ValueError(
+                f"{where} must be a PNG path (relative to the data folder), a COCO RLE {{\"size\": [h, w], "
+                f"\"counts\": ...}} or a COCO polygon list [[x1, y1, x2, y2, ...], ...] (a list of rings); got "
+                f"{json.dumps(value)[:60]}"
+            )
+        parsed = regions.read_mask(value, where, base_dir=root, units=units)
+        if isinstance(parsed, regions.Polygon):
+            return parsed
+        h, w = parsed.shape
+    if abs(h * width / w - height) > max(1.0, height / h):
+        raise ValueError(
+            f"{where} is {w}x{h} (width x height) but the image is {width}x{height}: not the image's aspect ratio "
+            "(a transposed RLE size, or the mask of another image?)"
+        )
+    return parsed
+
+
+def _check_line(obj, n: int, root: str, span: tuple[int, int] = (0, 0), crc: int = 0) -> Record:
+    from roi_ops.roictrl_adapter import regions
+    from roi_ops.roictrl_adapter.pipeline import _UNIT_ALIASES, _check_box_options, normalize_instances
 
     if not isinstance(obj, dict):
         raise ValueError(f"must be a JSON object, got {type(obj).__name__}")
@@ -132,7 +249,7 @@ def _check_line(obj, n: int, root: str) -> Record:
     name = obj.get("file_name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"file_name must be a non-empty string, got {name!r}")
-    if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+    if not _inside_folder(name):
         raise ValueError(f"file_name must be a path inside the data folder, got {name!r}")
     prompt = obj.get("prompt")
     if not isinstance(prompt, str):
@@ -140,13 +257,9 @@ def _check_line(obj, n: int, root: str) -> Record:
     instances = obj.get("instances", [])
     if not isinstance(instances, list):
         raise ValueError(f"instances must be a list, got {type(instances).__name__}")
-    for i, inst in enumerate(instances):
-        if isinstance(inst, dict) and "mask" in inst:
-            # the pipeline reads instance masks; the folder data does not carry them through its crop yet
-            raise ValueError(
-                f"instances[{i}].mask: masks in dataset lines are not supported by the trainer yet (only in "
-                "ROICtrlPipeline, roi-ops generate layouts and the toy benchmark's in-memory data); drop the key"
-            )
+    box_format, box_units = obj.get("box_format", "xyxy"), obj.get("box_units", "normalized")
+    _check_box_options(box_format, box_units)
+    units = _UNIT_ALIASES[box_units]
     path = os.path.join(root, name)
     if not os.path.isfile(path):
         raise ValueError(f"image {name!r}: no such file in {root}")
@@ -154,15 +267,28 @@ def _check_line(obj, n: int, root: str) -> Record:
         width, height = _image_size(path)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
         raise ValueError(f"image {name!r} cannot be decoded: {e}") from None
+    # The boxes and captions go through the layout validator without their masks (checked here, decoded per
+    # sample); a mask without a box goes with it, decoded, so that the validator takes its bounding box.
+    plain, has_mask = [], []
+    for i, inst in enumerate(instances):
+        mask = inst.get("mask") if isinstance(inst, dict) else None
+        has_mask.append(mask is not None)
+        if mask is None:
+            plain.append(inst)
+            continue
+        parsed = _check_mask(mask, f"instances[{i}].mask", root, width, height, units)
+        rest = {k: v for k, v in inst.items() if k != "mask"}
+        if "box" not in inst:
+            rest["mask"] = regions.decode_rle(parsed) if isinstance(parsed, dict) else parsed
+        plain.append(rest)
     try:
-        rows = normalize_instances(
-            instances, 1, width=width, height=height, box_format=obj.get("box_format", "xyxy"),
-            box_units=obj.get("box_units", "normalized"),
-        )
+        rows = normalize_instances(plain, 1, width=width, height=height, box_format=box_format, box_units=box_units)
     except (ValueError, TypeError) as e:
         raise ValueError(_WHERE.sub(r"instances[\1]", str(e))) from None
     row = rows[0]
-    return Record(n, path, width, height, prompt, tuple(i.box for i in row), tuple(i.caption for i in row))
+    return Record(n, path, width, height, prompt, tuple(tuple(float(v) for v in i.box) for i in row),
+                  tuple(i.caption for i in row),
+                  has_mask=tuple(has_mask), root=root, line_span=span, line_crc=crc, units=units)
 
 
 def read_dataset(data_dir: str | os.PathLike, limit_errors: int = 1) -> list[Record]:
@@ -179,8 +305,10 @@ def read_dataset(data_dir: str | os.PathLike, limit_errors: int = 1) -> list[Rec
         raise DatasetError(f"--data {root!r} has no {METADATA} (one JSON object per line: file_name, prompt, "
                            "instances)")
     records = []
+    offset = 0
     with open(meta, "rb") as f:
         for n, raw in enumerate(f, start=1):
+            span, offset = (offset, len(raw)), offset + len(raw)
             where = f"{METADATA}:{n}"
             try:
                 text = raw.decode("utf-8")
@@ -193,7 +321,7 @@ def read_dataset(data_dir: str | os.PathLike, limit_errors: int = 1) -> list[Rec
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{where}: not valid JSON: {e}") from None
             try:
-                records.append(_check_line(obj, n, root))
+                records.append(_check_line(obj, n, root, span, zlib.crc32(raw)))
             except ValueError as e:
                 raise DatasetError(f"{where}: {e}") from None
     if not records:
@@ -219,10 +347,16 @@ class Batch:
 
 
 class FolderData:
-    """The checked records of a folder, as :class:`Batch` es at ``resolution`` (images decoded on demand)."""
+    """The checked records of a folder, as :class:`Batch` es at ``resolution`` (images and masks decoded on demand).
 
-    def __init__(self, records: Sequence[Record], resolution: int):
+    Masks become ``regions`` ``Tensor[B, N, region_size, region_size]`` (default: ``resolution``; ``roi-ops train``
+    passes the latent side, ``resolution / vae_scale_factor``, which the adapter's layer maps divide exactly): the
+    area-averaged coverage of each masked instance, all ones for instances without a mask and for padding, or
+    ``None`` for a batch without any mask (boxes only, bitwise the adapter without regions)."""
+
+    def __init__(self, records: Sequence[Record], resolution: int, region_size: int | None = None):
         self.records, self.resolution = list(records), resolution
+        self.region_size = resolution if region_size is None else int(region_size)
         self.instances = [r.instances_at(resolution) for r in self.records]
         self.max_instances = max([len(b) for b, _ in self.instances] + [1])
 
@@ -230,7 +364,7 @@ class FolderData:
         return len(self.records)
 
     def meta(self, indices: Sequence[int]) -> Batch:
-        """The batch without pixels."""
+        """The batch without pixels and masks."""
         import torch
 
         indices = [int(i) for i in indices]
@@ -251,12 +385,34 @@ class FolderData:
             time_ids[b] = torch.tensor([*g["original"], g["top"], g["left"], R, R], dtype=torch.float32)
         return Batch([self.records[i].prompt for i in indices], captions, boxes, masks, time_ids=time_ids)
 
+    def regions(self, indices: Sequence[int]):
+        """``Tensor[B, N, region_size, region_size]`` of the samples' masks (see the class), or ``None``."""
+        import torch
+
+        indices = [int(i) for i in indices]
+        if not any(any(self.records[i].has_mask) for i in indices):
+            return None
+        s = self.region_size
+        out = torch.ones(len(indices), self.max_instances, s, s)
+        any_mask = False
+        for b, i in enumerate(indices):
+            rec = self.records[i]
+            if not any(rec.has_mask):
+                continue
+            found = rec.regions_at(self.resolution, s)
+            for slot, (k, _) in enumerate(rec.crop(self.resolution)):  # the slots of instances_at, in order
+                if k in found:
+                    out[b, slot] = torch.from_numpy(found[k])
+                    any_mask = True
+        return out if any_mask else None  # every mask was cropped away: boxes only
+
     def get(self, indices: Sequence[int]) -> Batch:
         import torch
 
         indices = [int(i) for i in indices]
         batch = self.meta(indices)
         batch.images = torch.stack([load_image(self.records[i].path, self.resolution) for i in indices])
+        batch.regions = self.regions(indices)
         return batch
 
 
@@ -268,7 +424,9 @@ class TensorData:
         self.latent_mean, self.latent_std = latent_mean, latent_std
         self.prompts, self.captions, self.boxes, self.masks = list(prompts), captions, boxes, masks
         self.time_ids = time_ids
-        self.regions = regions  # Tensor[n, N, h, w] or None
+        # Tensor[n, N, h, w], None, or a function (indices -> Tensor[B, N, h, w] | None) that decodes a batch's
+        # masks on demand: a folder's masks are not cached (they would cost n x N x h x w floats)
+        self.regions = regions
         self.max_instances = boxes.shape[1]
 
     def __len__(self) -> int:
@@ -283,7 +441,8 @@ class TensorData:
             [self.prompts[i] for i in il], [list(self.captions[i]) for i in il], self.boxes[idx], self.masks[idx],
             latent_mean=self.latent_mean[idx], latent_std=self.latent_std[idx],
             time_ids=None if self.time_ids is None else self.time_ids[idx],
-            regions=None if self.regions is None else self.regions[idx],
+            regions=self.regions(il) if callable(self.regions) else (
+                None if self.regions is None else self.regions[idx]),
         )
 
 

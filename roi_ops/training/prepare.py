@@ -21,7 +21,8 @@ Output: OUT/metadata.jsonl, one line per image,
 boxes normalised to [0, 1] of the image's width/height, xyxy (the layout JSON's defaults), and the images at
 their COCO file_name under OUT. The prompt is the image's caption with the lowest annotation id. Crowd boxes,
 boxes thinner than --min-box-side and images left without instances or without a caption are skipped and
-counted; a missing or unreadable image is an error unless --skip-bad-images.
+counted; a missing or unreadable image is an error unless --skip-bad-images. With --masks every instance also
+gets its segmentation as "mask": polygons normalised like the boxes, RLEs (crowd regions) as COCO stores them.
 """
 
 
@@ -54,6 +55,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="skip and count missing or unreadable images instead of stopping at the first")
     c.add_argument("--max-images", type=int, default=0, help="convert only the first N images by id (0 = all)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing OUT/metadata.jsonl")
+    c.add_argument("--masks", action="store_true",
+                   help="write each instance's segmentation (polygon or RLE) as its mask (off: boxes only; "
+                   "the metadata grows several times over)")
     c.set_defaults(func=run_coco)
     return p
 
@@ -67,7 +71,7 @@ def run_coco(args: argparse.Namespace) -> int:
     options = CocoOptions(
         min_box_side=args.min_box_side, max_instances=args.max_instances, keep_crowd=args.keep_crowd,
         keep_empty=args.keep_empty, skip_bad_images=args.skip_bad_images, link_mode=args.link,
-        max_images=args.max_images, overwrite=args.overwrite,
+        max_images=args.max_images, overwrite=args.overwrite, masks=args.masks,
     )
     try:
         stats = convert_coco(args.instances, args.captions, args.images, args.out, options)

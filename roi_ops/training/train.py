@@ -24,8 +24,9 @@ data: DIR/metadata.jsonl, one line per image:
   {"file_name": "images/0001.png", "prompt": "a red circle and a blue square",
    "instances": [{"box": [0.1, 0.2, 0.5, 0.6], "caption": "a red circle"}, ...],
    "box_format": "xyxy" | "xywh" (optional), "box_units": "normalized" | "pixels" (optional)}
-  (instances as in the layout JSON of roi-ops generate). Images are resized (shorter side to --resolution) and
-  centre-cropped; boxes follow. Outputs in --output-dir: checkpoint-<step>/, adapter/ (load_adapter reads it),
+  (instances as in the layout JSON of roi-ops generate, each optionally with a "mask": a PNG path relative to
+  DIR, a COCO RLE or a COCO polygon). Images are resized (shorter side to --resolution) and centre-cropped;
+  boxes and masks follow. Outputs in --output-dir: checkpoint-<step>/, adapter/ (load_adapter reads it),
   train_log.jsonl, validation/step-<N>.png. Multi-GPU / multi-node: accelerate launch -m roi_ops.cli train ...
 """
 
@@ -169,7 +170,9 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     records = read_dataset(args.data)
-    data = FolderData(records, resolution)
+    # masks at the latents' resolution: every adapter layer's map divides it (area averages stay exact), and a
+    # batch's regions cost B x N x (resolution / vae factor)^2 floats
+    data = FolderData(records, resolution, region_size=resolution // geometry.vae_scale_factor)
     validation = None
     if args.validation_layout:
         try:
@@ -318,7 +321,7 @@ def _cache(data, vae, encoder, chunk: int, device, accelerator):
     meta = data.meta(list(range(n)))
     encoder.precompute(meta.prompts + [c for row in meta.captions for c in row])
     return TensorData(torch.cat(means), torch.cat(stds), meta.prompts, meta.captions, meta.boxes, meta.masks,
-                      meta.time_ids)
+                      meta.time_ids, regions=data.regions)  # masks: decoded per batch, not cached
 
 
 def _make_validate(pipe, adapter, validation, args, resolution):

@@ -222,3 +222,92 @@ def test_docs_show_this_output(tmp_path, capsys):
     section = doc.split("## From COCO", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```json\n(.*?)```", section, re.S).group(1)
     assert [json.loads(line) for line in block.splitlines()] == read_lines(out) == EXPECTED
+
+
+def write_coco_with_masks(root: Path) -> dict:
+    """One 40x20 image whose annotations carry each kind of COCO segmentation."""
+    from training_helpers import rle_runs, rle_string
+
+    import numpy as np
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    Image.new("RGB", (W, H), (255, 0, 0)).save(images / "s.png")
+    crowd = np.zeros((H, W), dtype=bool)
+    crowd[5:15, 20:38] = True
+    disc = ((np.arange(W)[None, :] + 0.5 - 10) / 6) ** 2 + ((np.arange(H)[:, None] + 0.5 - 12) / 6) ** 2 <= 1
+    instances = {
+        "images": [{"id": 1, "file_name": "s.png", "width": W, "height": H}],
+        "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "ball"}],
+        "annotations": [
+            # a polygon (the box itself) and a degenerate 2-point ring, which COCO has now and then: left out
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 2, 10, 8], "iscrowd": 0,
+             "segmentation": [[4, 2, 14, 2, 14, 10, 4, 10], [5, 5, 6, 6]]},
+            # a crowd region: uncompressed RLE (a run list), kept with --keep-crowd
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [20, 5, 18, 10], "iscrowd": 1,
+             "segmentation": {"size": [H, W], "counts": rle_runs(crowd)}},
+            # pycocotools' compressed string
+            {"id": 3, "image_id": 1, "category_id": 2, "bbox": [4, 6, 12, 12], "iscrowd": 0,
+             "segmentation": {"size": [H, W], "counts": rle_string(rle_runs(disc))}},
+            {"id": 4, "image_id": 1, "category_id": 2, "bbox": [22, 0, 6, 4], "iscrowd": 0},  # no segmentation
+        ],
+    }
+    captions = {"images": instances["images"], "annotations": [{"id": 1, "image_id": 1, "caption": "Shapes."}]}
+    paths = {"instances": root / "instances.json", "captions": root / "captions.json", "images": images,
+             "crowd": crowd, "disc": disc}
+    paths["instances"].write_text(json.dumps(instances))
+    paths["captions"].write_text(json.dumps(captions))
+    return paths
+
+
+def test_masks_flag_brings_polygons_and_rles_into_the_lines(tmp_path, capsys):
+    import numpy as np
+
+    from roi_ops.training.data import FolderData, read_dataset
+
+    paths = write_coco_with_masks(tmp_path)
+    out = tmp_path / "out"
+    assert main(args_for(paths, out, "--masks", "--keep-crowd")) == 0
+    printed = capsys.readouterr().out
+    assert "masks: 1 polygon, 2 RLE, 1 instance(s) without a usable segmentation (box only)" in printed
+    [line] = read_lines(out)
+    inst = json.loads(paths["instances"].read_text())["annotations"]
+    assert line["instances"][0]["mask"] == [[0.1, 0.1, 0.35, 0.1, 0.35, 0.5, 0.1, 0.5]]  # normalised by W and H
+    assert line["instances"][1]["mask"] == inst[1]["segmentation"]  # RLEs as COCO stores them
+    assert line["instances"][2]["mask"] == inst[2]["segmentation"]
+    assert "mask" not in line["instances"][3]
+    # the lines read back through the trainer: 40x20 at resolution 20 is cropped 10 px from the left
+    records = read_dataset(out)
+    assert records[0].has_mask == (True, True, True, False)
+    regions = FolderData(records, 20).regions([0])[0].numpy()
+    box = np.zeros((H, W), dtype=np.float32)
+    box[2:10, 4:14] = 1
+    for k, mask in enumerate((box, paths["crowd"], paths["disc"])):
+        assert np.array_equal(regions[k], mask[:, 10:30].astype(np.float32)), k
+    assert (regions[3] == 1).all()  # box only
+
+    # without --masks: the same lines without masks
+    assert main(args_for(paths, tmp_path / "plain", "--keep-crowd")) == 0
+    assert "masks:" not in capsys.readouterr().out
+    assert [i for i in read_lines(tmp_path / "plain")[0]["instances"]] == [
+        {k: v for k, v in i.items() if k != "mask"} for i in line["instances"]]
+
+
+@pytest.mark.parametrize("segmentation, message", [
+    ({"size": [W, H], "counts": [W * H]}, f"annotations[0].segmentation RLE size {[W, H]} is not the image's "
+                                          f"[height, width] {[H, W]}"),
+    ({"size": [H, W], "counts": [5]}, "annotations[0].segmentation RLE counts add up to 5 pixels"),
+    ([[1, 1, 2, 2], [4, 2, 14, 2, 14, 10, 4]], "annotations[0].segmentation polygon 1 must be a list of at least 3 "
+                                                "points [x1, y1, x2, y2, ...] (numbers), got [4, 2, 14, 2, 14, 10, 4]"),
+    ([[4, 2, 14, 2, "x", 10]], "annotations[0].segmentation polygon 0 must be a list of at least 3 points"),
+    ([4, 2, 14, 2, 14, 10], "annotations[0].segmentation must be a list of polygons"),
+])
+def test_bad_segmentations_name_the_annotation(tmp_path, capsys, segmentation, message):
+    paths = write_coco_with_masks(tmp_path)
+    inst = json.loads(paths["instances"].read_text())
+    inst["annotations"][0]["segmentation"] = segmentation
+    paths["instances"].write_text(json.dumps(inst))
+    assert main(args_for(paths, tmp_path / "out", "--masks")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("roi-ops prepare: error: --instances ") and message in err and err.count("\n") == 1, err
+    assert main(args_for(paths, tmp_path / "out")) == 0  # without --masks the segmentation is not read
