@@ -9,8 +9,8 @@
 What is timed (the issue's held-out check): one forward of an SD1.5-shaped ``UNet2DConditionModel`` (random
 weights, built from its config), a classifier-free-guidance batch of 2 whose conditional sample (index 1) carries
 ``N`` instances and the unconditional one none, under ``torch.no_grad()``, with the default adapter of
-``ROICtrlAdapter.from_unet(unet)`` (or ``--grid-policy``/``--guidance-pool`` overrides), against the same UNet with no
-adapter installed. Boxes: sides uniform in 10-50 % of the image, anywhere inside it (seeded), the sizes of a
+``ROICtrlAdapter.from_unet(unet)`` (or ``--grid-policy``/``--guidance-pool``/``--guidance-kv-pool`` overrides),
+against the same UNet with no adapter installed. Boxes: sides uniform in 10-50 % of the image, anywhere inside it (seeded), the sizes of a
 typical layout. Rounds are interleaved (plain, then each N, in an order that alternates from round to round), so a
 load change hits every configuration alike; the JSON keeps every call, the medians, the spread (min / max of the
 per-round ratio) and the load of other processes during the run (``other_processes_share_of_machine``, from
@@ -189,6 +189,8 @@ def adapter_kwargs(args) -> dict:
         kw["grid_policy"] = args.grid_policy
     if args.guidance_pool:
         kw["guidance_pool"] = args.guidance_pool
+    if args.guidance_kv_pool:
+        kw["guidance_kv_pool"] = args.guidance_kv_pool
     return kw
 
 
@@ -283,7 +285,8 @@ def run_training(args, unet, adapter, dim: int, n: int = 10) -> dict:
     target = torch.randn(1, 4, lat, lat, generator=g)
     t = torch.tensor([500])
     inst = {"boxes": boxes_for(n, 1), "embeddings": torch.randn(1, n, TOKENS, dim, generator=g)}
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-4)
+    # fused: one pass over each parameter instead of one per AdamW term (the same update; ~5x faster on CPU here)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-4, fused=True)
     adapter.train()
 
     def step(with_adapter: bool):
@@ -342,6 +345,7 @@ def main(argv=None) -> None:
     ap.add_argument("--train-px", type=int, default=512)
     ap.add_argument("--grid-policy", default=None, help="override the adapter's grid_policy")
     ap.add_argument("--guidance-pool", type=int, default=None, help="override the adapter's guidance_pool")
+    ap.add_argument("--guidance-kv-pool", type=int, default=None, help="override the adapter's guidance_kv_pool")
     ap.add_argument("--quick", action="store_true", help="tiny UNet (smoke run); JSON in the temp dir")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
