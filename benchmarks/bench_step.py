@@ -18,7 +18,7 @@ per-round ratio) and the load of other processes during the run (``other_process
 
 ``--breakdown`` adds one more call per N with timers on the adapter's parts (the timers cost a little, so these
 calls are not the ones the ratios come from): where the added time goes. ``--train`` times a training step
-(forward + ``0.01 * regularization_loss`` + backward + AdamW step on the adapter; the plain step: forward +
+(forward + ``0.01 * regularization_loss`` + backward + fused AdamW step on the adapter; the plain step: forward +
 backward of the same MSE into the latents, frozen UNet) and its peak RSS, plain and adapter interleaved.
 """
 
@@ -320,6 +320,7 @@ def run_training(args, unet, adapter, dim: int, n: int = 10) -> dict:
               flush=True)
     adapter.eval()
     out = {"image_px": args.train_px, "batch": 1, "instances": n, "rounds": args.train_rounds,
+           "optimizer": "torch.optim.AdamW(lr=1e-4, fused=True)",
            "other_processes_share_of_machine": meter.share()}
     for mode, vals in rows.items():
         out[mode] = {"median_s": round(statistics.median(v[0] for v in vals), 3),

@@ -8,6 +8,7 @@ UNet are in ``hooks.py``; one layer's computation is ``block.py``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -129,12 +130,21 @@ class ROICtrlAdapter(nn.Module):
         )
         fused_blend = resolve_fused_blend(fused_blend, paste_rule(self.options.unpool))  # warns once, not per block
         self.blocks = nn.ModuleList(
-            ROICtrlBlock(s.dim, s.heads, position_dim, s.grid, ff_mult, fused_blend, self.options) for s in specs
+            ROICtrlBlock(s.dim, s.heads, position_dim, s.grid, ff_mult, fused_blend, self.block_options(s))
+            for s in specs
         )
         #: False makes every hook pass the UNet's own computation through untouched.
         self.enabled = True
         self._hooks: AdapterHooks | None = None
         self._blend_recorder: BlendMapRecorder | None = None
+
+    def block_options(self, spec: BlockSpec) -> ArchitectureOptions:
+        """The options of the block of ``spec``: the adapter's, with ``guidance_kv_pool`` off outside the finest
+        level under ``guidance_kv_pool_scope="finest"``."""
+        options = self.options
+        if options.guidance_kv_pool_scope == "finest" and spec.downsample > min(s.downsample for s in self.specs):
+            return dataclasses.replace(options, guidance_kv_pool=1)
+        return options
 
     # ------------------------------------------------------------------ construction and config
     @classmethod

@@ -30,6 +30,7 @@ OPTION_RULES: dict[str, tuple[tuple[type, ...], Any]] = {
     "grid_policy": ((str,), ("fixed", "footprint")),
     "guidance_pool": ((int,), "an int in [1, 8]"),
     "guidance_kv_pool": ((int,), "an int in [1, 8]"),
+    "guidance_kv_pool_scope": ((str,), ("all", "finest")),
 }
 
 
@@ -80,6 +81,9 @@ class ArchitectureOptions:
             equals full-resolution attention over keys and values replaced by their window means, computed once
             per window (a score bias of ``log(pixels in the window)``), so about ``1 / guidance_kv_pool**2`` of
             the attention scores. ``1`` (official, and what a saved config without this key means): off.
+        guidance_kv_pool_scope: where ``guidance_kv_pool`` applies: ``"all"`` levels, or only the ``"finest"``
+            (the adapter's blocks with the smallest downsampling: the 64x64 map of a 512 px SD1.5 UNet, which holds
+            most of the guidance attention's scores).
     """
 
     ff_activation: str = "gelu"
@@ -96,6 +100,7 @@ class ArchitectureOptions:
     grid_policy: str = "fixed"
     guidance_pool: int = 1
     guidance_kv_pool: int = 1
+    guidance_kv_pool_scope: str = "all"
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -163,8 +163,16 @@ class OracleHooks:
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_unet_with_adapter_matches_oracle_hooks(kind, fused, scale):
+    _check_unet_against_oracle_hooks(kind, fused, scale)
+
+
+def test_unet_with_guidance_kv_pool_at_the_finest_level_matches_oracle_hooks():
+    _check_unet_against_oracle_hooks("sd15", True, 1.0, guidance_kv_pool=2, guidance_kv_pool_scope="finest")
+
+
+def _check_unet_against_oracle_hooks(kind, fused, scale, **options):
     unet = make_unet(kind).double()
-    adapter = make_adapter(unet, kind, fused_blend=fused).double()
+    adapter = make_adapter(unet, kind, fused_blend=fused, **options).double()
     sample, t, text, extra = unet_inputs(kind, batch=2)
     sample, text = sample.double(), text.double()
     extra = {k: {n: v.double() for n, v in d.items()} for k, d in extra.items()}
