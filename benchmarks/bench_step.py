@@ -4,13 +4,14 @@
                                                              #   benchmarks/results/step_cpu.json
     python benchmarks/bench_step.py --counts 0,5,10,25 --resolutions 512,1024 --rounds 3 --breakdown
     python benchmarks/bench_step.py --train                  # + one training step, plain vs adapter, at N=10
+    python benchmarks/bench_step.py --variant kv2:guidance_kv_pool=2   # + that option, same rounds, at N=10
     python benchmarks/bench_step.py --quick                  # tiny UNet, seconds: checks it all runs
 
 What is timed (the issue's held-out check): one forward of an SD1.5-shaped ``UNet2DConditionModel`` (random
 weights, built from its config), a classifier-free-guidance batch of 2 whose conditional sample (index 1) carries
 ``N`` instances and the unconditional one none, under ``torch.no_grad()``, with the default adapter of
-``ROICtrlAdapter.from_unet(unet)`` (or ``--grid-policy``/``--guidance-pool`` overrides), against the same UNet with no
-adapter installed. Boxes: sides uniform in 10-50 % of the image, anywhere inside it (seeded), the sizes of a
+``ROICtrlAdapter.from_unet(unet)`` (or ``--grid-policy``/``--guidance-pool``/``--guidance-kv-pool`` overrides),
+against the same UNet with no adapter installed. Boxes: sides uniform in 10-50 % of the image, anywhere inside it (seeded), the sizes of a
 typical layout. Rounds are interleaved (plain, then each N, in an order that alternates from round to round), so a
 load change hits every configuration alike; the JSON keeps every call, the medians, the spread (min / max of the
 per-round ratio) and the load of other processes during the run (``other_processes_share_of_machine``, from
@@ -18,7 +19,7 @@ per-round ratio) and the load of other processes during the run (``other_process
 
 ``--breakdown`` adds one more call per N with timers on the adapter's parts (the timers cost a little, so these
 calls are not the ones the ratios come from): where the added time goes. ``--train`` times a training step
-(forward + ``0.01 * regularization_loss`` + backward + AdamW step on the adapter; the plain step: forward +
+(forward + ``0.01 * regularization_loss`` + backward + fused AdamW step on the adapter; the plain step: forward +
 backward of the same MSE into the latents, frozen UNet) and its peak RSS, plain and adapter interleaved.
 """
 
@@ -189,6 +190,8 @@ def adapter_kwargs(args) -> dict:
         kw["grid_policy"] = args.grid_policy
     if args.guidance_pool:
         kw["guidance_pool"] = args.guidance_pool
+    if args.guidance_kv_pool:
+        kw["guidance_kv_pool"] = args.guidance_kv_pool
     return kw
 
 
@@ -205,33 +208,45 @@ def run_inference(args, unet, adapter, size: int, counts: list[int], dim: int) -
     inst = {n: instances_for(n, dim) for n in counts}
     cpu_times: dict[str, list[float]] = {}  # process CPU time per call: less sensitive to other processes' load
 
-    def call(n):
-        if n is None:
-            if adapter.is_installed:
-                adapter.uninstall(unet)
-            kw = {}
-        else:
-            if not adapter.is_installed:
-                adapter.install(unet)
-            kw = {"cross_attention_kwargs": {"roictrl": inst[n]}}
+    variants = getattr(args, "variant_adapters", {})
+    installed = [None]  # the adapter now on the UNet
+
+    def put(a):
+        if installed[0] is not a:
+            if installed[0] is not None:
+                installed[0].uninstall(unet)
+            if a is not None:
+                a.install(unet)
+            installed[0] = a
+
+    def call(c):
+        """``c``: None (plain), N (the default adapter) or (variant, N)."""
+        label, n = c if isinstance(c, tuple) else (None, c)
+        put(None if n is None else variants[label] if label else adapter)
+        kw = {} if n is None else {"cross_attention_kwargs": {"roictrl": inst[n]}}
         c0, t0 = time.process_time(), time.perf_counter()
         with torch.no_grad():
             unet(latents, t, text, **kw)
-        cpu_times.setdefault(str(n), []).append(time.process_time() - c0)
+        cpu_times.setdefault(key(c), []).append(time.process_time() - c0)
         return time.perf_counter() - t0
 
-    configs = [None] + counts
+    def key(c):
+        return f"{c[0]}:{c[1]}" if isinstance(c, tuple) else str(c)
+
+    configs = [None] + counts + [(label, n) for label in variants for n in args.variant_counts if n in inst]
     for c in configs[: args.warmup and len(configs)]:  # warm-up: one call of each configuration
         call(c)
-    times: dict[str, list[float]] = {str(c): [] for c in configs}
+    times: dict[str, list[float]] = {key(c): [] for c in configs}
     meter = LoadMeter()
     cpu_times.clear()  # the warm-up calls' do not count
     for r in range(rounds):
         order = configs if r % 2 == 0 else configs[::-1]
         for c in order:
-            times[str(c)].append(call(c))
+            times[key(c)].append(call(c))
         print(f"  {size}px round {r + 1}/{rounds}: " + ", ".join(
-            f"{'plain' if c is None else f'N={c}'} {1e3 * times[str(c)][-1]:.0f} ms" for c in configs), flush=True)
+            f"{'plain' if c is None else f'N={key(c)}'} {1e3 * times[key(c)][-1]:.0f} ms" for c in configs),
+            flush=True)
+    put(adapter)
     share = meter.share()
     plain = times["None"]
     result = {
@@ -240,11 +255,11 @@ def run_inference(args, unet, adapter, size: int, counts: list[int], dim: int) -
                      "cpu_median": round(1e3 * statistics.median(cpu_times["None"][: len(plain)]), 1)},
         "adapter": {},
     }
-    for n in counts:
-        ts = times[str(n)]
+    for n in [key(c) for c in configs[1:]]:
+        ts = times[n]
         ratios = [a / p for a, p in zip(ts, plain)]
-        cpu, plain_cpu = cpu_times[str(n)][: len(ts)], cpu_times["None"][: len(plain)]
-        result["adapter"][str(n)] = {
+        cpu, plain_cpu = cpu_times[n][: len(ts)], cpu_times["None"][: len(plain)]
+        result["adapter"][n] = {
             "median_ms": round(1e3 * statistics.median(ts), 1), "all_ms": [round(1e3 * x, 1) for x in ts],
             "cpu_ratio_of_medians": round(statistics.median(cpu) / statistics.median(plain_cpu), 4),
             "ratio_of_medians": round(statistics.median(ts) / statistics.median(plain), 4),
@@ -253,19 +268,20 @@ def run_inference(args, unet, adapter, size: int, counts: list[int], dim: int) -
         }
     if args.breakdown:
         result["breakdown_ms"] = {}
-        for n in counts:
+        for c in configs[1:]:
+            label, n = c if isinstance(c, tuple) else (None, c)
             if n == 0:
                 continue
-            adapter.install(unet) if not adapter.is_installed else None
-            timer = PartTimer(adapter)
+            timer = PartTimer(variants[label] if label else adapter)
             try:
-                total = call(n)
+                total = call(c)
             finally:
                 timer.remove()
             parts = timer.parts_ms()
             parts["call_with_timers"] = round(1e3 * total, 1)
             parts["added_vs_median_plain"] = round(1e3 * total - result["plain_ms"]["median"], 1)
-            result["breakdown_ms"][str(n)] = parts
+            result["breakdown_ms"][key(c)] = parts
+        put(adapter)
     return result
 
 
@@ -283,7 +299,8 @@ def run_training(args, unet, adapter, dim: int, n: int = 10) -> dict:
     target = torch.randn(1, 4, lat, lat, generator=g)
     t = torch.tensor([500])
     inst = {"boxes": boxes_for(n, 1), "embeddings": torch.randn(1, n, TOKENS, dim, generator=g)}
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-4)
+    # fused: one pass over each parameter instead of one per AdamW term (the same update; ~5x faster on CPU here)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-4, fused=True)
     adapter.train()
 
     def step(with_adapter: bool):
@@ -317,6 +334,7 @@ def run_training(args, unet, adapter, dim: int, n: int = 10) -> dict:
               flush=True)
     adapter.eval()
     out = {"image_px": args.train_px, "batch": 1, "instances": n, "rounds": args.train_rounds,
+           "optimizer": "torch.optim.AdamW(lr=1e-4, fused=True)",
            "other_processes_share_of_machine": meter.share()}
     for mode, vals in rows.items():
         out[mode] = {"median_s": round(statistics.median(v[0] for v in vals), 3),
@@ -342,6 +360,11 @@ def main(argv=None) -> None:
     ap.add_argument("--train-px", type=int, default=512)
     ap.add_argument("--grid-policy", default=None, help="override the adapter's grid_policy")
     ap.add_argument("--guidance-pool", type=int, default=None, help="override the adapter's guidance_pool")
+    ap.add_argument("--guidance-kv-pool", type=int, default=None, help="override the adapter's guidance_kv_pool")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:OPT=VAL[,OPT=VAL]",
+                    help="also time the adapter with these options (same weights) in the same interleaved rounds, "
+                         "e.g. kv2:guidance_kv_pool=2; repeatable")
+    ap.add_argument("--variant-counts", default="10", help="instance counts of the variants, comma-separated")
     ap.add_argument("--quick", action="store_true", help="tiny UNet (smoke run); JSON in the temp dir")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -360,10 +383,23 @@ def main(argv=None) -> None:
     grid_sizes = {8: 5, 16: 3} if args.quick else None
     adapter = ROICtrlAdapter.from_unet(unet, grid_sizes=grid_sizes, **adapter_kwargs(args))
     dim = cfg["cross_attention_dim"]
+    args.variant_counts = [int(c) for c in args.variant_counts.split(",")]
+    args.variant_adapters = {}
+    for spec in args.variant:
+        name, _, opts = spec.partition(":")
+        overrides = {}
+        for item in filter(None, opts.split(",")):
+            k, _, v = item.partition("=")
+            overrides[k] = int(v) if v.lstrip("-").isdigit() else v
+        variant = ROICtrlAdapter.from_unet(unet, grid_sizes=grid_sizes, **{**adapter_kwargs(args), **overrides})
+        variant.load_state_dict(adapter.state_dict())
+        args.variant_adapters[name] = variant.eval()
     doc = {"benchmark": "UNet forward with vs without the default ROICtrl adapter (issue 19)",
            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **environment(),
            "unet": "SD1.5-shaped UNet2DConditionModel, random weights" if not args.quick else "tiny UNet",
            "adapter_config": {k: v for k, v in adapter.config.items() if k != "blocks"},
+           "variants": {name: {k: v for k, v in a.config.items() if k != "blocks" and adapter.config.get(k) != v}
+                        for name, a in args.variant_adapters.items()},
            "grids": sorted({s.grid for s in adapter.specs}), "box_side": BOX_SIDE, "batch": 2,
            "instances_on": "sample 1 of 2 (CFG)", "results": []}
     t0 = time.perf_counter()

@@ -8,6 +8,7 @@ UNet are in ``hooks.py``; one layer's computation is ``block.py``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -45,10 +46,12 @@ __all__ = ["DEFAULT_GRID_SIZES", "NEW_ADAPTER_OPTIONS", "ROICtrlAdapter", "insta
 #: ROI grid side by the layer's downsampling factor relative to the image (the paper's setting).
 DEFAULT_GRID_SIZES = {8: 25, 16: 19, 32: 13, 64: 7}
 #: The options :meth:`ROICtrlAdapter.from_unet` gives a new adapter unless told otherwise (the issue-19 cost
-#: work, docs/performance.md; the toy benchmark's ISR held with them, retrained); a saved config without these
-#: keys means the ``ArchitectureOptions`` defaults (``"fixed"`` grids), which compute exactly as before.
-#: ``guidance_pool=2`` is not among them: retrained with it the toy's ISR fell outside its seed spread.
-NEW_ADAPTER_OPTIONS = {"grid_policy": "footprint"}
+#: work, docs/performance.md; the toy benchmark's ISR held with each, retrained): footprint grids, and the box
+#: guidance's keys / values 2x2-pooled at the finest level only. A saved config without these keys means the
+#: ``ArchitectureOptions`` defaults (``"fixed"`` grids, full-resolution guidance), which compute exactly as before.
+#: ``guidance_pool=2`` and ``guidance_kv_pool=2`` at every level are not among them: retrained with either, the
+#: toy's ISR fell outside its seed spread.
+NEW_ADAPTER_OPTIONS = {"grid_policy": "footprint", "guidance_kv_pool": 2, "guidance_kv_pool_scope": "finest"}
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "roictrl_adapter.safetensors"
 
@@ -129,12 +132,21 @@ class ROICtrlAdapter(nn.Module):
         )
         fused_blend = resolve_fused_blend(fused_blend, paste_rule(self.options.unpool))  # warns once, not per block
         self.blocks = nn.ModuleList(
-            ROICtrlBlock(s.dim, s.heads, position_dim, s.grid, ff_mult, fused_blend, self.options) for s in specs
+            ROICtrlBlock(s.dim, s.heads, position_dim, s.grid, ff_mult, fused_blend, self.block_options(s))
+            for s in specs
         )
         #: False makes every hook pass the UNet's own computation through untouched.
         self.enabled = True
         self._hooks: AdapterHooks | None = None
         self._blend_recorder: BlendMapRecorder | None = None
+
+    def block_options(self, spec: BlockSpec) -> ArchitectureOptions:
+        """The options of the block of ``spec``: the adapter's, with ``guidance_kv_pool`` off outside the finest
+        level under ``guidance_kv_pool_scope="finest"``."""
+        options = self.options
+        if options.guidance_kv_pool_scope == "finest" and spec.downsample > min(s.downsample for s in self.specs):
+            return dataclasses.replace(options, guidance_kv_pool=1)
+        return options
 
     # ------------------------------------------------------------------ construction and config
     @classmethod
@@ -156,7 +168,8 @@ class ROICtrlAdapter(nn.Module):
             grid_sizes: ROI grid side by downsampling factor (image pixels per feature pixel); defaults to
                 :data:`DEFAULT_GRID_SIZES` ``{8: 25, 16: 19, 32: 13, 64: 7}``.
             vae_scale_factor: image pixels per latent pixel (8 for SD1.5 and SDXL).
-            preset: ``None``/``"default"`` (roi-ops' design, with :data:`NEW_ADAPTER_OPTIONS`: footprint grids) or
+            preset: ``None``/``"default"`` (roi-ops' design, with :data:`NEW_ADAPTER_OPTIONS`: footprint grids,
+                pooled guidance keys at the finest level) or
                 ``"official"`` (``OFFICIAL_CONFIG``: the official
                 release's architecture, whose weights :meth:`from_official` loads); ``kwargs`` override it.
             kwargs: the remaining constructor arguments (``position_dim``, options such as ``unpool``, ...).

@@ -293,26 +293,30 @@ class ROICtrlBlock(nn.Module):
         With ``options.guidance_pool = p > 1`` the update is computed on the ``p x p`` average-pooled map (``size``,
         the map's ``(H, W)``, is then required) and resized back bilinearly."""
         pool = self.options.guidance_pool
-        if pool > 1:
+        if pool > 1 or self.options.guidance_kv_pool > 1:
             if size is None:
-                raise ValueError(f"ROICtrlBlock.box_guidance needs size=(H, W) with guidance_pool={pool}, got None")
+                raise ValueError(
+                    f"ROICtrlBlock.box_guidance needs size=(H, W) with guidance_pool={pool}, guidance_kv_pool="
+                    f"{self.options.guidance_kv_pool}, got None"
+                )
             S, T, C = residual.shape
             H, W = size
             if H * W != T:
                 raise ValueError(f"ROICtrlBlock.box_guidance size must satisfy H*W == tokens, got {H}x{W} for {T}")
+        if pool > 1:
             grid = residual.transpose(1, 2).reshape(S, C, H, W)
             low = F.avg_pool2d(grid, pool, ceil_mode=True)
-            delta = self._guidance_update(
-                low.flatten(2).transpose(1, 2), position_tokens, instances, rows, null_position
-            )
             h, w = low.shape[-2:]
+            delta = self._guidance_update(
+                low.flatten(2).transpose(1, 2), position_tokens, instances, rows, null_position, (h, w)
+            )
             delta = F.interpolate(delta.transpose(1, 2).reshape(S, C, h, w), size=(H, W), mode="bilinear",
                                   align_corners=False)
             return delta.flatten(2).transpose(1, 2)
-        return self._guidance_update(residual, position_tokens, instances, rows, null_position)
+        return self._guidance_update(residual, position_tokens, instances, rows, null_position, size)
 
-    def _guidance_update(self, residual, position_tokens, instances, rows, null_position) -> torch.Tensor:
-        """Step 5 on ``residual`` ``[S, T, C]`` as it is (full or pooled resolution)."""
+    def _guidance_update(self, residual, position_tokens, instances, rows, null_position, size) -> torch.Tensor:
+        """Step 5 on ``residual`` ``[S, T, C]`` as it is (full or pooled resolution, ``size`` its ``(H, W)``)."""
         S, T, C = residual.shape
         device = residual.device
         rows = instances.sample_index.to(device) if rows is None else rows.to(device)
@@ -326,16 +330,37 @@ class ROICtrlBlock(nn.Module):
             slots = self.options.max_instances
             null = self.position_proj(null_position.to(residual.dtype))
             dense = null.expand(S, slots, C).index_put((inst_rows, instances.slot_position.to(device)), pos)
-            key_valid = None  # every slot attended, as the official code
+            position_valid = None  # every slot attended, as the official code
         else:
             index = (inst_rows, instances.slot_index.to(device))
             slots = instances.max_instances_per_sample
             dense = residual.new_zeros(S, slots, C).index_put(index, pos)
-            key_valid = torch.zeros(S, T + slots, dtype=torch.bool, device=device)
-            key_valid[:, :T] = True
-            key_valid[index[0], T + index[1]] = True  # padded position slots are never attended to
+            # Padded position slots are never attended to; no mask at all where every slot is real (the
+            # instances know that on the host: no device read).
+            position_valid = None
+            if instances.num_instances < S * slots:
+                position_valid = torch.zeros(S, slots, dtype=torch.bool, device=device)
+                position_valid[index] = True
 
-        attn_out = self.guide_attn(self.guide_norm(torch.cat([residual, dense], dim=1)), key_valid)[:, :T]
+        # LayerNorm is per token: the visual and the position tokens are normed apart, as one sequence would be.
+        visual = self.guide_norm(residual)
+        positions = self.guide_norm(dense)
+        kv_pool = self.options.guidance_kv_pool
+        key_bias = None
+        if kv_pool > 1:  # keys / values: the window means, each weighted by its pixel count (options.py)
+            H, W = size
+            grid = visual.transpose(1, 2).reshape(S, C, H, W)
+            pooled = F.avg_pool2d(grid, kv_pool, ceil_mode=True)
+            counts = F.avg_pool2d(grid.new_ones(1, 1, H, W), kv_pool, ceil_mode=True, divisor_override=1)
+            keys = torch.cat([pooled.flatten(2).transpose(1, 2), positions], dim=1)
+            key_bias = torch.cat([counts.flatten().log(), counts.new_zeros(slots)]).expand(S, -1)
+        else:
+            keys = torch.cat([visual, positions], dim=1)
+        key_valid = None
+        if position_valid is not None:
+            key_valid = torch.cat([position_valid.new_ones(S, keys.shape[1] - slots), position_valid], dim=1)
+        # Only the visual tokens query: the position tokens' own outputs would be dropped.
+        attn_out = self.guide_attn(visual, key_valid, context=keys, key_bias=key_bias)
         d_attn = torch.tanh(self.guide_attn_gate).to(residual.dtype) * attn_out
         d_ff = torch.tanh(self.guide_ff_gate).to(residual.dtype) * self.guide_ff(self.guide_ff_norm(residual + d_attn))
         return d_attn + d_ff
@@ -387,15 +412,17 @@ class ROICtrlBlock(nn.Module):
             else:
                 covered = self.paste_rule.coverage(rois, B, size, grid=self.grid, coverage=region)
         sel = torch.arange(B, device=global_out.device) if empty_too else instances.sample_index.to(global_out.device)
-        blended_rows = blended.index_select(0, sel)
+        every_row = sel.shape[0] == B  # sample_index is sorted and unique: then it is 0..B-1, no gather needed
+        rows_of = (lambda t: t) if every_row else (lambda t: t.index_select(0, sel))
+        blended_rows = rows_of(blended)
         delta = self.box_guidance(
-            residual.index_select(0, sel) + blended_rows, position_tokens, instances, sel, null_position, size
+            rows_of(residual) + blended_rows, position_tokens, instances, sel, null_position, size
         )
         new_rows = blended_rows + delta
         if instances.scale != 1.0:
-            g = global_out.index_select(0, sel)
+            g = rows_of(global_out)
             new_rows = g + instances.scale * (new_rows - g)
-        out = global_out.index_copy(0, sel, new_rows)
+        out = new_rows if every_row else global_out.index_copy(0, sel, new_rows)
         stats = {"base_weight": base_weight, "covered": covered}
         if record:
             stats.update(record, rois=rois)

@@ -77,8 +77,10 @@ class BoxEncoder(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over ``Tensor[B, T, C]`` with an optional key mask ``BoolTensor[B, T]``.
+    """Multi-head attention of ``Tensor[B, T, C]`` queries over their own tokens or over ``context``.
 
+    ``key_valid`` ``BoolTensor[B, Tk]`` masks keys out; ``key_bias`` ``Tensor[B, Tk]`` is added to every query's
+    score of each key (0 nowhere changes nothing). With neither, no mask reaches the attention kernel.
     ``dropout`` applies to the output projection's result in training mode (as diffusers' ``Attention``)."""
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0):
@@ -91,12 +93,24 @@ class SelfAttention(nn.Module):
         self.to_v = nn.Linear(dim, dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_valid: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        key_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = (
-            p(x).view(B, T, self.heads, C // self.heads).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v)
-        )
-        mask = None if key_valid is None else key_valid[:, None, None, :]
+        context = x if context is None else context
+        d = C // self.heads
+        q = self.to_q(x).view(B, T, self.heads, d).transpose(1, 2)
+        k, v = (p(context).view(B, -1, self.heads, d).transpose(1, 2) for p in (self.to_k, self.to_v))
+        mask = None
+        if key_bias is not None:
+            mask = key_bias if key_valid is None else key_bias.masked_fill(~key_valid, float("-inf"))
+            mask = mask.to(q.dtype)[:, None, None, :]
+        elif key_valid is not None:
+            mask = key_valid[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return F.dropout(self.to_out(out.transpose(1, 2).reshape(B, T, C)), self.dropout, self.training)
 

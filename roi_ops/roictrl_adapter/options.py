@@ -29,6 +29,8 @@ OPTION_RULES: dict[str, tuple[tuple[type, ...], Any]] = {
     "unpool": ((str,), ("exact", "official")),
     "grid_policy": ((str,), ("fixed", "footprint")),
     "guidance_pool": ((int,), "an int in [1, 8]"),
+    "guidance_kv_pool": ((int,), "an int in [1, 8]"),
+    "guidance_kv_pool_scope": ((str,), ("all", "finest")),
 }
 
 
@@ -73,6 +75,15 @@ class ArchitectureOptions:
             map and its update is resized back bilinearly; ``1`` (official, and what a saved config without this
             key means): full resolution. ``2`` costs about a quarter of the projections and feed-forward and a
             sixteenth of the attention scores.
+        guidance_kv_pool: the guidance self-attention's visual keys and values are the means of their
+            ``guidance_kv_pool x guidance_kv_pool`` windows of the map (cut by its edge): every pixel still queries
+            (and the feed-forward still runs) at full resolution, the position tokens are attended as they are. It
+            equals full-resolution attention over keys and values replaced by their window means, computed once
+            per window (a score bias of ``log(pixels in the window)``), so about ``1 / guidance_kv_pool**2`` of
+            the attention scores. ``1`` (official, and what a saved config without this key means): off.
+        guidance_kv_pool_scope: where ``guidance_kv_pool`` applies: ``"all"`` levels, or only the ``"finest"``
+            (the adapter's blocks with the smallest downsampling: the 64x64 map of a 512 px SD1.5 UNet, which holds
+            most of the guidance attention's scores).
     """
 
     ff_activation: str = "gelu"
@@ -88,6 +99,8 @@ class ArchitectureOptions:
     unpool: str = "exact"
     grid_policy: str = "fixed"
     guidance_pool: int = 1
+    guidance_kv_pool: int = 1
+    guidance_kv_pool_scope: str = "all"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -105,8 +118,9 @@ class ArchitectureOptions:
             raise ValueError(f"ROICtrl option slot_seed must be >= 0, got {self.slot_seed}")
         if self.sampling_ratio == 0 or self.sampling_ratio < -1:
             raise ValueError(f"ROICtrl option sampling_ratio must be -1 or >= 1, got {self.sampling_ratio}")
-        if not 1 <= self.guidance_pool <= 8:
-            raise ValueError(f"ROICtrl option guidance_pool must be an int in [1, 8], got {self.guidance_pool}")
+        for name in ("guidance_pool", "guidance_kv_pool"):
+            if not 1 <= getattr(self, name) <= 8:
+                raise ValueError(f"ROICtrl option {name} must be an int in [1, 8], got {getattr(self, name)}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"ROICtrl option dropout must be in [0, 1), got {self.dropout}")
         object.__setattr__(self, "dropout", float(self.dropout))

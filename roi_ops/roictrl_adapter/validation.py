@@ -89,7 +89,7 @@ CONFIG_SCHEMA: dict[str, Field] = {
 #: (one rule table), here only whether each is part of what the weights were trained with. The rest change
 #: what a forward computes without changing a weight, and may be edited like ``fused_blend``.
 _RUNTIME_OPTIONS = {"slot_order", "slot_seed", "sampling_ratio", "guide_empty_samples", "dropout", "unpool", "grid_policy",
-                    "guidance_pool"}
+                    "guidance_pool", "guidance_kv_pool", "guidance_kv_pool_scope"}
 CONFIG_SCHEMA.update(
     {name: Field(object, architecture=name not in _RUNTIME_OPTIONS) for name in ArchitectureOptions.names()}
 )

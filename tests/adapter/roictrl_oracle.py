@@ -116,6 +116,14 @@ def pool_tokens(x, size, pool):
     return torch.stack(rows)
 
 
+def cell_means(x, size, pool):
+    """``[H*W, C]`` row-major -> the same, every pixel replaced by the mean of its ``pool x pool`` cell."""
+    H, W = size
+    w = pooled_size(size, pool)[1]
+    means = pool_tokens(x, size, pool)
+    return torch.stack([means[(i // pool) * w + j // pool] for i in range(H) for j in range(W)])
+
+
 def resize_tokens(x, size, out_size):
     """``[h*w, C]`` -> ``[H*W, C]``, bilinear with ``align_corners=False``."""
     (h, w), (H, W) = size, out_size
@@ -167,6 +175,7 @@ def oracle_layer(
     knockout: str | None = None,
     grid_policy: str = "fixed",
     guidance_pool: int = 1,
+    guidance_kv_pool: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's new cross-attention output ``[B, H*W, C]`` and the global output's blending weight
     ``[B, H, W]`` (exactly 1 where no instance covers a pixel; the regulariser's ``W_global``).
@@ -178,7 +187,9 @@ def oracle_layer(
     ``grid_policy="footprint"``: instance ``n`` gets a ``PH x PW`` grid with ``PH = min(grid, ceil(box height
     in map pixels))`` (``PW`` likewise, at least 1), each instance on its own. ``guidance_pool = p > 1``: step 5
     runs on the map averaged over ``p x p`` cells (the last row / column of cells may be cut by the map's edge)
-    and its update is resized back bilinearly (``align_corners=False``).
+    and its update is resized back bilinearly (``align_corners=False``). ``guidance_kv_pool = q > 1``: the
+    guidance attention's keys and values come from the normed map with every pixel replaced by the mean of its
+    ``q x q`` cell (full resolution, piecewise constant), the queries from the map itself.
     """
     assert knockout is None or knockout in KNOCKOUTS, knockout
     p = params
@@ -253,7 +264,13 @@ def oracle_layer(
         pos = linear(position_tokens[b, valid].to(y.dtype), p["position_proj.weight"], p["position_proj.bias"])
         seq = y if ko == "guide_no_position_tokens" else torch.cat([y, pos])
         s_in = seq if ko == "guide_attn_no_norm" else norm(p, "guide_norm", seq)
-        attn_out = self_attention(p, "guide_attn", s_in, heads)[: y.shape[0]]
+        context = s_in
+        if guidance_kv_pool > 1:
+            y_size = pooled_size((H, W), guidance_pool) if guidance_pool > 1 else (H, W)
+            context = torch.cat([cell_means(s_in[: y.shape[0]], y_size, guidance_kv_pool), s_in[y.shape[0]:]])
+        a = "guide_attn"
+        attn_out = attention(s_in, context, p[f"{a}.to_q.weight"], p[f"{a}.to_k.weight"], p[f"{a}.to_v.weight"],
+                             p[f"{a}.to_out.weight"], p[f"{a}.to_out.bias"], heads)[: y.shape[0]]
         gate_a = p["guide_attn_gate"] if ko == "guide_attn_gate_no_tanh" else torch.tanh(p["guide_attn_gate"])
         d1 = gate_a * attn_out
         ff_in = norm(p, "guide_ff_norm", y if ko == "guide_ff_skips_attention" else y + d1)

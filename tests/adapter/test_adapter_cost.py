@@ -182,3 +182,72 @@ def test_bench_step_quick_run_writes_its_json(tmp_path):
     parts = res["breakdown_ms"]["3"]
     assert parts["adapter_blocks_total"] >= parts["instance_path"] > 0 and parts["box_guidance"] > 0
     assert doc["adapter_config"]["grid_policy"] == "footprint" and doc["threads"] >= 1
+
+
+def _guidance_masks(block, masks, monkeypatch):
+    """The ``attn_mask`` of every SDPA call of a layer: attn2's own, then one ROICtrl block's (its attn2 call on
+    the crops, ROI self-attention, guidance attention)."""
+    from roi_ops.roictrl_adapter.layers import F as layers_F
+
+    seen, sdpa = [], layers_F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(layers_F, "scaled_dot_product_attention", spy)
+    from diffusers.models.attention_processor import Attention
+
+    from roi_ops.roictrl_adapter import ROICtrlInstances
+    from roi_ops.roictrl_adapter.layers import BoxEncoder
+
+    torch.manual_seed(0)
+    C, H, W = 8, 6, 6
+    attn = Attention(query_dim=C, cross_attention_dim=C, heads=2, dim_head=4).eval()
+    boxes = torch.tensor([[[0.1, 0.1, 0.6, 0.5], [0.3, 0.2, 0.9, 0.9]]] * 2)
+    inst = ROICtrlInstances(boxes, torch.randn(2, 2, 3, C), torch.tensor(masks))
+    x = torch.randn(2, H * W, C)
+    with torch.no_grad():
+        block(x, x, attn(x), attn, inst, (H, W), BoxEncoder(C, 2, 8)(inst.instance_boxes))
+    return seen
+
+
+def test_the_guidance_attention_gets_a_key_mask_only_where_a_position_slot_is_padded(monkeypatch):
+    """A mask can cost the attention kernel its fast path: none is passed where every key is real (exact)."""
+    from roi_ops.roictrl_adapter.block import ROICtrlBlock
+
+    block = ROICtrlBlock(8, 2, 8, 3).eval()
+    # attn2 on the map and on the crops, the ROI self-attention, the guidance attention: no mask anywhere
+    assert _guidance_masks(block, [[1, 1], [1, 1]], monkeypatch) == [None] * 4
+    seen = _guidance_masks(block, [[1, 1], [1, 0]], monkeypatch)  # sample 1 has one slot of two
+    assert seen[:-1] == [None] * 3 and seen[-1] is not None
+    assert seen[-1].dtype == torch.bool and seen[-1].shape == (2, 1, 1, 36 + 2)
+    assert seen[-1][1, 0, 0].tolist() == [True] * 37 + [False]
+
+
+def test_guidance_kv_pool_is_checked_and_pooled_keys_carry_their_pixel_count(monkeypatch):
+    with pytest.raises(ValueError, match="guidance_kv_pool must be an int in"):
+        ArchitectureOptions(guidance_kv_pool=9)
+    from roi_ops.roictrl_adapter.block import ROICtrlBlock
+
+    block = ROICtrlBlock(8, 2, 8, 3, options=ArchitectureOptions(guidance_kv_pool=4)).eval()
+    seen = _guidance_masks(block, [[1, 1], [1, 1]], monkeypatch)
+    # a 6x6 map in 4x4 windows: 2x2 keys of 16, 8, 8 and 4 pixels, then the two position tokens (bias 0)
+    bias = seen[-1][0, 0, 0]
+    torch.testing.assert_close(bias, torch.tensor([16.0, 8.0, 8.0, 4.0, 1.0, 1.0]).log())
+
+
+def test_guidance_kv_pool_scope_finest_pools_only_the_finest_level_and_saves_with_the_adapter(tmp_path):
+    unet = make_unet("sd15")
+    adapter = make_adapter(unet, "sd15")  # a new adapter's default: 2x2 pooled guidance keys at the finest level
+    finest = min(s.downsample for s in adapter.specs)
+    pools = {(s.downsample, b.options.guidance_kv_pool) for s, b in zip(adapter.specs, adapter.blocks)}
+    assert pools == {(finest, 2)} | {(s.downsample, 1) for s in adapter.specs if s.downsample != finest}
+    assert len(pools) > 1
+    adapter.save_pretrained(tmp_path / "a")
+    loaded = ROICtrlAdapter.from_pretrained(tmp_path / "a")
+    assert [b.options for b in loaded.blocks] == [b.options for b in adapter.blocks]
+    everywhere = make_adapter(unet, "sd15", guidance_kv_pool=2, guidance_kv_pool_scope="all")
+    assert {b.options.guidance_kv_pool for b in everywhere.blocks} == {2}
+    with pytest.raises(ValueError, match="guidance_kv_pool_scope must be one of"):
+        ArchitectureOptions(guidance_kv_pool_scope="coarsest")

@@ -61,7 +61,8 @@ def _run_oracle(attn, block, encoder, hidden, residual, text, emb, scale, knocko
     tokens = box_tokens(dict(encoder.named_parameters()), torch.where(masks[..., None], boxes, 0.0), FREQS)
     return oracle_layer(attn, dict(block.named_parameters()), HEADS, P, LayerInputs(hidden, residual, text, (H, W)),
                         boxes, emb, masks, tokens, scale, knockout, grid_policy=block.options.grid_policy,
-                        guidance_pool=block.options.guidance_pool)
+                        guidance_pool=block.options.guidance_pool,
+                        guidance_kv_pool=block.options.guidance_kv_pool)
 
 
 def _assert_close(actual, expected, what):
@@ -75,7 +76,11 @@ NEW_OPTIONS = dict(grid_policy="footprint", guidance_pool=2)
 
 @pytest.mark.parametrize("scale", [1.0, 0.6])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
-@pytest.mark.parametrize("options", [{}, NEW_OPTIONS, {"guidance_pool": 3}], ids=["fixed", "footprint", "pool3"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, NEW_OPTIONS, {"guidance_pool": 3}, {"guidance_kv_pool": 2}, {"guidance_kv_pool": 3, "guidance_pool": 2}],
+    ids=["fixed", "footprint", "pool3", "kv_pool2", "kv_pool3_pool2"],
+)
 def test_block_matches_oracle_forward_and_gradients(fused, scale, options):
     attn, block, encoder, hidden, residual, text, emb = _setup(fused, **options)
     hidden.requires_grad_(), residual.requires_grad_()
@@ -145,7 +150,8 @@ class OracleHooks:
         inputs = LayerInputs(hidden, self.residual[i], text, self.sizes[hidden.shape[1]])
         out, _ = oracle_layer(attn, dict(block.named_parameters()), spec.heads, spec.grid, inputs, data["boxes"],
                               data["embeddings"], masks, tokens, data.get("scale", 1.0),
-                              grid_policy=block.options.grid_policy, guidance_pool=block.options.guidance_pool)
+                              grid_policy=block.options.grid_policy, guidance_pool=block.options.guidance_pool,
+                              guidance_kv_pool=block.options.guidance_kv_pool)
         return out
 
     def remove(self):
@@ -157,8 +163,16 @@ class OracleHooks:
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_unet_with_adapter_matches_oracle_hooks(kind, fused, scale):
+    _check_unet_against_oracle_hooks(kind, fused, scale)
+
+
+def test_unet_with_guidance_kv_pool_at_the_finest_level_matches_oracle_hooks():
+    _check_unet_against_oracle_hooks("sd15", True, 1.0, guidance_kv_pool=2, guidance_kv_pool_scope="finest")
+
+
+def _check_unet_against_oracle_hooks(kind, fused, scale, **options):
     unet = make_unet(kind).double()
-    adapter = make_adapter(unet, kind, fused_blend=fused).double()
+    adapter = make_adapter(unet, kind, fused_blend=fused, **options).double()
     sample, t, text, extra = unet_inputs(kind, batch=2)
     sample, text = sample.double(), text.double()
     extra = {k: {n: v.double() for n, v in d.items()} for k, d in extra.items()}
