@@ -34,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import ablations, gligen_positions, models, world
+from . import ablations, gligen_oracle, gligen_positions, models, world
 
 STAGES = ("vae", "base", "decoder", "roictrl", "gligen")
 GLIGEN_MAX_OBJS = 30  # max_objs of diffusers' StableDiffusionGLIGENPipeline
@@ -349,6 +349,19 @@ def distinct_box_tokens(model) -> None:
                 m.linear.bias.zero_()
 
 
+def gligen_curriculum(text: str) -> tuple[int, int] | None:
+    """``--gligen-box-mask-curriculum FULL,END`` as (FULL, END), or None."""
+    if not text:
+        return None
+    try:
+        full, end = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--gligen-box-mask-curriculum takes FULL,END (two step counts), got {text!r}") from None
+    if not 0 <= full <= end:
+        raise ValueError(f"--gligen-box-mask-curriculum needs 0 <= FULL <= END, got {full},{end}")
+    return full, end
+
+
 def gligen_snapshot_steps(text: str) -> list[int]:
     return sorted({int(s) for s in text.split(",") if s.strip()})
 
@@ -374,6 +387,11 @@ def train_gligen(args, data, latents, vae, unet, text_encoder, tokenizer):
         distinct_box_tokens(model)
     if args.gligen_pixel_positions:  # toy remedy, not in the paper (gligen_positions.py); zero-init: no RNG used
         new |= gligen_positions.install(model, init=args.gligen_pixel_position_init)
+    masked_fusers, curriculum = None, gligen_curriculum(args.gligen_box_mask_curriculum)
+    if args.gligen_oracle_box_mask:  # diagnostic, not GLIGEN: the fusers' attention told each box (gligen_oracle.py)
+        masked_fusers = gligen_oracle.install(model)
+    elif curriculum:  # a training curriculum: the box mask fades out, the saved fuser is GLIGEN's (+ positions)
+        masked_fusers = gligen_oracle.install(model, args.gligen_box_mask_start)
     if args.gligen_gate_init:  # diffusers starts every gate at alpha = 0 (the fuser adds nothing at first)
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -406,9 +424,14 @@ def train_gligen(args, data, latents, vae, unet, text_encoder, tokenizer):
         save_file(state, os.path.join(folder, "gligen.safetensors"), metadata={"format": "pt"})
         if args.gligen_pixel_positions:
             gligen_positions.save_config(folder)
+        if masked_fusers and masked_fusers[0].oracle_strength > 0:  # a snapshot inside the curriculum, or the oracle
+            gligen_oracle.save_config(folder, masked_fusers[0].oracle_strength)
 
     t0 = time.time()
     for step in range(steps):
+        if curriculum:
+            gligen_oracle.set_strength(masked_fusers, gligen_oracle.strength_at(step, *curriculum,
+                                                                                args.gligen_box_mask_start))
         idx, noisy, noise, t, _ = noisy_batch(step, args, latents, scheduler, scale, len(captions), 2)
         text, _ = encode([captions[i] for i in idx.tolist()])
         flat = [inst_caps[i][k] for i in idx.tolist() for k in range(N)]
@@ -432,12 +455,17 @@ def train_gligen(args, data, latents, vae, unet, text_encoder, tokenizer):
         if step + 1 in snapshots and step + 1 < steps:
             save(os.path.join(args.out, f"gligen_step{step + 1}"))
             log(f"saved the step-{step + 1} snapshot")
+    if curriculum:  # the strength after the last step: 0 once the curriculum is over (the model is unmasked)
+        gligen_oracle.set_strength(masked_fusers, gligen_oracle.strength_at(steps, *curriculum, args.gligen_box_mask_start))
     save(os.path.join(args.out, args.gligen_name))
     with open(os.path.join(args.out, args.gligen_name, "train_log.json"), "w") as f:
         json.dump({"steps": steps, "lr": lr, "schedule": schedule, "gate_lr_scale": args.gligen_gate_lr_scale,
                    "gate_init": args.gligen_gate_init, "token_lr_scale": args.gligen_token_lr_scale,
                    "pixel_positions": args.gligen_pixel_positions,
                    "pixel_position_init": args.gligen_pixel_position_init,
+                   "oracle_box_mask": args.gligen_oracle_box_mask,
+                   "box_mask_curriculum": args.gligen_box_mask_curriculum,
+                   "box_mask_start": args.gligen_box_mask_start,
                    "distinct_tokens": args.gligen_distinct_tokens,
                    "unet_lr_scale": args.gligen_unet_lr_scale if train_unet else None,
                    "seconds": round(time.time() - t0, 1), "log": history}, f, indent=1)
@@ -451,6 +479,7 @@ def load_gligen_unet(out, unet, folder: str = "gligen"):
 
     gligen, new = models.gligen_unet_from_base(unet)
     new |= gligen_positions.install_from_folder(gligen, os.path.join(out, folder))  # when trained with them
+    gligen_oracle.install_from_folder(gligen, os.path.join(out, folder))  # the diagnostic variant, no weights
     path = os.path.join(out, folder, "gligen.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no GLIGEN weights at {path} (train.py --stages gligen writes them)")
@@ -517,6 +546,14 @@ def parse_args(argv=None):
     p.add_argument("--gligen-distinct-tokens", action="store_true",
                    help="initialise the biases all box tokens share (position net's last, fusers' linear) to zero, "
                         "so the box tokens start distinct (train.distinct_box_tokens)")
+    p.add_argument("--gligen-oracle-box-mask", action="store_true",
+                   help="diagnostic, not GLIGEN: each visual token's fuser attention sees only its own boxes' tokens "
+                        "(gligen_oracle.py)")
+    p.add_argument("--gligen-box-mask-curriculum", default="", metavar="FULL,END",
+                   help="training curriculum: each visual token's fuser attention to the box tokens outside its box "
+                        "gets -S (--gligen-box-mask-start) for the first FULL steps, fading linearly to 0 at step END; "
+                        "after END (and in the saved model) the fuser is GLIGEN's (gligen_oracle.py)")
+    p.add_argument("--gligen-box-mask-start", type=float, default=8.0, help="S of --gligen-box-mask-curriculum")
     p.add_argument("--gligen-name", default="gligen", help="GLIGEN's output folder under --out")
     p.add_argument("--gligen-snapshots", default="", help="GLIGEN steps to also save as <out>/gligen_step<N>, e.g. 1200,3000")
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines (GLIGEN: diagnostics too)")
