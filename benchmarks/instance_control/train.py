@@ -397,6 +397,14 @@ def train_gligen(args, data, latents, vae, unet, text_encoder, tokenizer):
             for n, p in model.named_parameters():
                 if n in new and n.rsplit(".", 1)[-1] in GLIGEN_GATES:
                     p.fill_(args.gligen_gate_init)
+    if args.gligen_init_from:  # continue from a GLIGEN weights folder of the same variant (new layers only)
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(args.gligen_init_from, "gligen.safetensors"))
+        if set(state) != new:
+            raise ValueError(f"--gligen-init-from {args.gligen_init_from}: its {len(state)} tensors are not this "
+                             f"variant's {len(new)} new layers (same --gligen-pixel-positions?)")
+        model.load_state_dict(state, strict=False)
     model.requires_grad_(False)
     train_unet = args.gligen_unet_lr_scale > 0
     params = [p for n, p in model.named_parameters() if train_unet or n in new]
@@ -554,6 +562,7 @@ def parse_args(argv=None):
                         "gets -S (--gligen-box-mask-start) for the first FULL steps, fading linearly to 0 at step END; "
                         "after END (and in the saved model) the fuser is GLIGEN's (gligen_oracle.py)")
     p.add_argument("--gligen-box-mask-start", type=float, default=8.0, help="S of --gligen-box-mask-curriculum")
+    p.add_argument("--gligen-init-from", default="", help="start GLIGEN's new layers from this weights folder")
     p.add_argument("--gligen-name", default="gligen", help="GLIGEN's output folder under --out")
     p.add_argument("--gligen-snapshots", default="", help="GLIGEN steps to also save as <out>/gligen_step<N>, e.g. 1200,3000")
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines (GLIGEN: diagnostics too)")

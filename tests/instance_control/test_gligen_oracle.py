@@ -93,3 +93,6 @@ def test_curriculum_run_saves_an_unmasked_model_and_masked_snapshots(tmp_path):
     fusers = [m for m in unet.modules() if hasattr(m, "oracle_strength")]
     assert len(fusers) == 7 and all(f.oracle_strength == 8.0 for f in fusers)
     assert all(gligen_positions.has_pixel_positions(f) for f in fusers)
+    with pytest.raises(ValueError, match="gligen-pixel-positions"):  # continuing needs the same variant
+        train.main(["--out", out, "--smoke", "--threads", "1", "--stages", "gligen", "--gligen-init-from",
+                    os.path.join(out, "gligen"), "--gligen-name", "again"])
