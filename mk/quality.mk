@@ -2,6 +2,7 @@
 # GLIGEN, ROICtrl and four ROICtrl ablations, on the main and the overlap track.
 #   make quality            train everything from scratch, then evaluate and measure (CPU; the full run)
 #   make quality-eval       evaluate the checkpoints in QUALITY_CKPT only (every method, both tracks)
+#   make quality-gligen     train the toy GLIGEN that works (two runs, docs/gligen_toy.md) on the model in QUALITY_CKPT
 #   make quality-ablations  train the four ROICtrl ablations on the model in QUALITY_CKPT
 #   make quality-cost       time and activation memory of a training step, ROI vs masked attention
 # QUALITY_CKPT / QUALITY_RESULTS move the checkpoints / results (default: the committed ones are overwritten).
@@ -12,7 +13,7 @@ QUALITY_RESULTS ?= benchmarks/instance_control/results
 QUALITY_THREADS ?= 1
 QUALITY_ABLATIONS ?= no_guidance no_roi_attn no_reg masked_attn
 
-.PHONY: quality quality-train quality-ablations quality-eval quality-cost
+.PHONY: quality quality-train quality-gligen quality-ablations quality-eval quality-cost
 
 quality: quality-train
 	$(MAKE) quality-ablations
@@ -28,8 +29,19 @@ quality-train: build
 	$(PY) -m benchmarks.instance_control.train --out $(QUALITY_CKPT) --threads $(QUALITY_THREADS) --stages decoder
 	$(PY) -m benchmarks.instance_control.train --out $(QUALITY_CKPT) --threads $(QUALITY_THREADS) --stages roictrl & \
 	  roictrl=$$!; \
-	  $(PY) -m benchmarks.instance_control.train --out $(QUALITY_CKPT) --threads $(QUALITY_THREADS) --stages gligen; \
+	  $(PY) -m benchmarks.instance_control.train --out $(QUALITY_CKPT) --threads $(QUALITY_THREADS) --stages gligen \
+	    --gligen-name gligen_plain && $(MAKE) quality-gligen; \
 	  gligen=$$?; wait $$roictrl && test $$gligen -eq 0
+
+# The GLIGEN that works on the toy (docs/gligen_toy.md): 1200 steps with the box-mask curriculum (saved to
+# gligen_curriculum/), then 1000 unmasked steps from those weights (saved to gligen/).
+quality-gligen: build
+	$(PY) -m benchmarks.instance_control.train --out $(QUALITY_CKPT) --threads $(QUALITY_THREADS) --stages gligen \
+	  --gligen-name gligen_curriculum --gligen-steps 1200 --gligen-pixel-positions --gligen-pixel-position-init random \
+	  --gligen-distinct-tokens --gligen-gate-init 1 --gligen-box-mask-curriculum 200,800 --log-every 20
+	$(PY) -m benchmarks.instance_control.train --out $(QUALITY_CKPT) --threads $(QUALITY_THREADS) --stages gligen \
+	  --gligen-steps 1000 --gligen-lr 3e-3 --gligen-token-lr-scale 0.333 --gligen-gate-lr-scale 0.333 \
+	  --gligen-pixel-positions --gligen-init-from $(QUALITY_CKPT)/gligen_curriculum --log-every 20
 
 # Each ablation: the ROICtrl stage (same data, steps, learning rate, seed, noise) with one part removed.
 quality-ablations: build

@@ -8,9 +8,11 @@ Every method uses the same DDIM sampler, steps, guidance scale, image size and i
 
 ``none``           ``StableDiffusionPipeline`` of the base model, global caption only;
 ``regional``       the same pipeline with regional cross-attention (``regional.py``; training-free);
-``gligen``         GLIGEN as the paper trains it (base UNet frozen), at ROICtrl's budget (``gligen/``), through
+``gligen_plain``   GLIGEN as the paper trains it (base UNet frozen), at ROICtrl's budget (``gligen_plain/``), through
                    diffusers' ``StableDiffusionGLIGENPipeline`` with the instance captions as ``gligen_phrases`` and
                    the boxes as ``gligen_boxes`` (grounding on every step: beta = 1);
+``gligen``         the GLIGEN that works on this toy (``gligen/``): GLIGEN + pixel positions, trained with a box-mask
+                   curriculum then without it (toy deviations, docs/gligen_toy.md), sampled the same way;
 ``roictrl``        ``ROICtrlPipeline.from_pipe(base pipeline, adapter)`` with ``instances=`` (the product's path);
 ``roictrl_<name>`` the ROICtrl ablation ``name`` of ``ablations.py`` (``ablations/<name>/``), the same way.
 
@@ -36,14 +38,16 @@ import torch
 
 from . import ablations, models, scorer, world
 
-GLIGEN_METHODS = {"gligen": "gligen"}  # method -> weights folder under --ckpt
+GLIGEN_METHODS = {"gligen": "gligen", "gligen_plain": "gligen_plain"}  # method -> weights folder under --ckpt
 ABLATION_METHODS = {f"roictrl_{name}": name for name in ablations.ABLATIONS}
 METHODS = ("none", "regional", *GLIGEN_METHODS, "roictrl", *ABLATION_METHODS)
 METRICS = ("isr", "color_box", "miou", "color_acc", "leakage")
 TRACKS = ("main", "overlap")
 NAMES = {
     "none": "no control", "regional": "regional cross-attention (training-free)",
-    "gligen": "GLIGEN (diffusers; frozen base), 1.2k steps", "roictrl": "ROICtrl (roi_ops adapter), 1.2k steps",
+    "gligen_plain": "GLIGEN (diffusers; frozen base; paper's recipe), 1.2k steps",
+    "gligen": "GLIGEN + pixel positions, box-mask curriculum (toy deviations; frozen base), 2.2k steps",
+    "roictrl": "ROICtrl (roi_ops adapter), 1.2k steps",
     **{m: f"ROICtrl {ablations.ABLATIONS[a]}" for m, a in ABLATION_METHODS.items()},
 }
 
@@ -222,7 +226,8 @@ def save_grid(path: str, layouts, kept, methods, per_level_shown: int) -> None:
     import matplotlib.pyplot as plt
     from matplotlib import patches
 
-    short = {"none": "no control", "regional": "regional", "gligen": "GLIGEN", "roictrl": "ROICtrl",
+    short = {"none": "no control", "regional": "regional", "gligen": "GLIGEN\n(toy)", "gligen_plain": "GLIGEN\nplain",
+             "roictrl": "ROICtrl",
              **{m: "ROICtrl\n" + m[len("roictrl_"):].replace("_", " ") for m in ABLATION_METHODS}}
     rows = [(L, i) for L in layouts for i in range(min(per_level_shown, len(layouts[L])))]
     cols = ["layout"] + list(methods)

@@ -91,12 +91,17 @@ def _record_map_size(fusers):
     return hook
 
 
-def install(unet, freqs: int = FOURIER_FREQS) -> set[str]:
-    """Give every fuser of the GLIGEN ``unet`` (``attention_type="gated"``) a zero-initialised
-    ``pixel_position_proj`` (``Linear(4 * freqs, dim)``) and the forward :func:`_pixel_position_forward`. Returns the new parameters'
-    names (to train and save with GLIGEN's own new layers)."""
+def install(unet, freqs: int = FOURIER_FREQS, init: str = "zero") -> set[str]:
+    """Give every fuser of the GLIGEN ``unet`` (``attention_type="gated"``) a ``pixel_position_proj``
+    (``Linear(4 * freqs, dim)``) and the forward :func:`_pixel_position_forward`. ``init="zero"``: the projection
+    starts at zero (the fuser is diffusers' exactly); ``"random"``: PyTorch's default ``Linear`` init (from the
+    global RNG), so the fuser's queries know their pixel from the first step (the UNet's output is still
+    diffusers' while the gates are at 0). Returns the new parameters' names (to train and save with GLIGEN's own
+    new layers)."""
     if freqs < 1:
         raise ValueError(f"freqs must be >= 1, got {freqs}")
+    if init not in ("zero", "random"):
+        raise ValueError(f"init must be 'zero' or 'random', got {init!r}")
     installed = 0
     for transformer in unet.modules():
         if not isinstance(transformer, Transformer2DModel):
@@ -106,8 +111,9 @@ def install(unet, freqs: int = FOURIER_FREQS) -> set[str]:
             if has_pixel_positions(f):
                 raise RuntimeError("gligen_positions.install: this UNet has pixel positions already")
             proj = nn.Linear(4 * freqs, f.linear.out_features).to(f.linear.weight.dtype)
-            nn.init.zeros_(proj.weight)  # starts as plain GLIGEN; the gradient opens it with the gates
-            nn.init.zeros_(proj.bias)
+            if init == "zero":  # starts as plain GLIGEN; the gradient opens it with the gates
+                nn.init.zeros_(proj.weight)
+                nn.init.zeros_(proj.bias)
             f.add_module(PROJ, proj)
             f.pixel_position_freqs = freqs
             f.pixel_grid_hw = None

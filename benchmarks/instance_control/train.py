@@ -34,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import ablations, gligen_positions, models, world
+from . import ablations, gligen_oracle, gligen_positions, models, world
 
 STAGES = ("vae", "base", "decoder", "roictrl", "gligen")
 GLIGEN_MAX_OBJS = 30  # max_objs of diffusers' StableDiffusionGLIGENPipeline
@@ -290,18 +290,30 @@ def train_roictrl(args, data, latents):
 GLIGEN_GATES = ("alpha_attn", "alpha_dense")
 
 
-def gligen_param_groups(model, new: set, lr_scale_gates: float, lr_scale_unet: float | None):
+def is_box_token_path(name: str) -> bool:
+    """The layers that make the box tokens before the fuser's LayerNorm: the position net and each fuser's
+    ``linear`` (what ``--gligen-token-lr-scale`` slows down)."""
+    return name.startswith("position_net.") or ".fuser.linear." in name
+
+
+def gligen_param_groups(model, new: set, lr_scale_gates: float, lr_scale_unet: float | None,
+                        lr_scale_tokens: float = 1.0):
     """AdamW groups of the GLIGEN UNet: the gates (``alpha_attn``, ``alpha_dense`` of every
-    ``GatedSelfAttentionDense``, scalars starting at 0) with their own learning-rate multiplier, the other new
-    layers (fuser, ``position_net``) at the stage's learning rate and, unless ``lr_scale_unet`` is None (the
+    ``GatedSelfAttentionDense``, scalars starting at 0) with their own learning-rate multiplier, the box-token
+    path (:func:`is_box_token_path`) with ``lr_scale_tokens``, the other new layers (the fuser's attention and
+    feed-forward, pixel positions) at the stage's learning rate and, unless ``lr_scale_unet`` is None (the
     GLIGEN paper's frozen base), the base UNet's own weights at that multiplier."""
-    gates, rest, base = [], [], []
+    gates, tokens, rest, base = [], [], [], []
     for n, p in model.named_parameters():
         if n not in new:
             base.append(p)
+        elif n.rsplit(".", 1)[-1] in GLIGEN_GATES:
+            gates.append(p)
         else:
-            (gates if n.rsplit(".", 1)[-1] in GLIGEN_GATES else rest).append(p)
+            (tokens if is_box_token_path(n) else rest).append(p)
     groups = [{"params": rest, "lr_scale": 1.0}, {"params": gates, "lr_scale": lr_scale_gates}]
+    if tokens:
+        groups.append({"params": tokens, "lr_scale": lr_scale_tokens})
     if lr_scale_unet is not None:
         groups.append({"params": base, "lr_scale": lr_scale_unet})
     return groups
@@ -325,6 +337,34 @@ def gligen_diagnostics(model) -> dict:
             "grad_norm": {k: math.sqrt(v) for k, v in grads.items()}}
 
 
+def distinct_box_tokens(model) -> None:
+    """Zero the two biases that every box token of a GLIGEN UNet shares: the position net's last layer and each
+    fuser's ``linear``. With PyTorch's default init the position net's output is small (norm ~0.4) next to the
+    fuser's ``linear`` bias (norm 0.4-0.6), so after the fuser's LayerNorm the box tokens of one layout start
+    almost identical (cosine 0.95; docs/gligen_toy.md), the attention cannot tell them apart and nothing in the
+    gradient separates them again. An initialisation choice only: the architecture is diffusers' unchanged."""
+    from diffusers.models.attention import GatedSelfAttentionDense
+
+    with torch.no_grad():
+        model.position_net.linears[-1].bias.zero_()
+        for m in model.modules():
+            if isinstance(m, GatedSelfAttentionDense):
+                m.linear.bias.zero_()
+
+
+def gligen_curriculum(text: str) -> tuple[int, int] | None:
+    """``--gligen-box-mask-curriculum FULL,END`` as (FULL, END), or None."""
+    if not text:
+        return None
+    try:
+        full, end = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--gligen-box-mask-curriculum takes FULL,END (two step counts), got {text!r}") from None
+    if not 0 <= full <= end:
+        raise ValueError(f"--gligen-box-mask-curriculum needs 0 <= FULL <= END, got {full},{end}")
+    return full, end
+
+
 def gligen_snapshot_steps(text: str) -> list[int]:
     return sorted({int(s) for s in text.split(",") if s.strip()})
 
@@ -346,13 +386,28 @@ def train_gligen(args, data, latents, vae, unet, text_encoder, tokenizer):
     # make_roictrl_adapter does, so the stage is reproducible whatever ran before it in the process.
     torch.manual_seed(args.seed)
     model, new = models.gligen_unet_from_base(unet)
+    if args.gligen_distinct_tokens:
+        distinct_box_tokens(model)
     if args.gligen_pixel_positions:  # toy remedy, not in the paper (gligen_positions.py); zero-init: no RNG used
-        new |= gligen_positions.install(model)
+        new |= gligen_positions.install(model, init=args.gligen_pixel_position_init)
+    masked_fusers, curriculum = None, gligen_curriculum(args.gligen_box_mask_curriculum)
+    if args.gligen_oracle_box_mask:  # diagnostic, not GLIGEN: the fusers' attention told each box (gligen_oracle.py)
+        masked_fusers = gligen_oracle.install(model)
+    elif curriculum:  # a training curriculum: the box mask fades out, the saved fuser is GLIGEN's (+ positions)
+        masked_fusers = gligen_oracle.install(model, args.gligen_box_mask_start)
     if args.gligen_gate_init:  # diffusers starts every gate at alpha = 0 (the fuser adds nothing at first)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n in new and n.rsplit(".", 1)[-1] in GLIGEN_GATES:
                     p.fill_(args.gligen_gate_init)
+    if args.gligen_init_from:  # continue from a GLIGEN weights folder of the same variant (new layers only)
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(args.gligen_init_from, "gligen.safetensors"))
+        if set(state) != new:
+            raise ValueError(f"--gligen-init-from {args.gligen_init_from}: its {len(state)} tensors are not this "
+                             f"variant's {len(new)} new layers (same --gligen-pixel-positions?)")
+        model.load_state_dict(state, strict=False)
     model.requires_grad_(False)
     train_unet = args.gligen_unet_lr_scale > 0
     params = [p for n, p in model.named_parameters() if train_unet or n in new]
@@ -363,9 +418,10 @@ def train_gligen(args, data, latents, vae, unet, text_encoder, tokenizer):
     lr = args.gligen_lr or args.control_lr
     schedule = args.gligen_schedule or args.control_schedule
     log(f"gligen: {sum(p.numel() for p in params):,} trainable parameters; {steps} steps, lr {lr:g} ({schedule}), "
-        f"gates x{args.gligen_gate_lr_scale:g} from alpha {args.gligen_gate_init:g}, base UNet " + (f"x{args.gligen_unet_lr_scale:g}" if train_unet else "frozen"))
+        f"box-token path x{args.gligen_token_lr_scale:g}, gates x{args.gligen_gate_lr_scale:g} from alpha {args.gligen_gate_init:g}, base UNet " + (f"x{args.gligen_unet_lr_scale:g}" if train_unet else "frozen"))
     opt = torch.optim.AdamW(gligen_param_groups(model, new, args.gligen_gate_lr_scale,
-                                                args.gligen_unet_lr_scale if train_unet else None),
+                                                args.gligen_unet_lr_scale if train_unet else None,
+                                                args.gligen_token_lr_scale),
                             lr=lr, weight_decay=0.0)
     scale = vae.config.scaling_factor
     N = masks.shape[1]
@@ -379,9 +435,14 @@ def train_gligen(args, data, latents, vae, unet, text_encoder, tokenizer):
         save_file(state, os.path.join(folder, "gligen.safetensors"), metadata={"format": "pt"})
         if args.gligen_pixel_positions:
             gligen_positions.save_config(folder)
+        if masked_fusers and masked_fusers[0].oracle_strength > 0:  # a snapshot inside the curriculum, or the oracle
+            gligen_oracle.save_config(folder, masked_fusers[0].oracle_strength)
 
     t0 = time.time()
     for step in range(steps):
+        if curriculum:
+            gligen_oracle.set_strength(masked_fusers, gligen_oracle.strength_at(step, *curriculum,
+                                                                                args.gligen_box_mask_start))
         idx, noisy, noise, t, _ = noisy_batch(step, args, latents, scheduler, scale, len(captions), 2)
         text, _ = encode([captions[i] for i in idx.tolist()])
         flat = [inst_caps[i][k] for i in idx.tolist() for k in range(N)]
@@ -405,10 +466,18 @@ def train_gligen(args, data, latents, vae, unet, text_encoder, tokenizer):
         if step + 1 in snapshots and step + 1 < steps:
             save(os.path.join(args.out, f"gligen_step{step + 1}"))
             log(f"saved the step-{step + 1} snapshot")
+    if curriculum:  # the strength after the last step: 0 once the curriculum is over (the model is unmasked)
+        gligen_oracle.set_strength(masked_fusers, gligen_oracle.strength_at(steps, *curriculum, args.gligen_box_mask_start))
     save(os.path.join(args.out, args.gligen_name))
     with open(os.path.join(args.out, args.gligen_name, "train_log.json"), "w") as f:
         json.dump({"steps": steps, "lr": lr, "schedule": schedule, "gate_lr_scale": args.gligen_gate_lr_scale,
-                   "gate_init": args.gligen_gate_init, "pixel_positions": args.gligen_pixel_positions,
+                   "gate_init": args.gligen_gate_init, "token_lr_scale": args.gligen_token_lr_scale,
+                   "pixel_positions": args.gligen_pixel_positions,
+                   "pixel_position_init": args.gligen_pixel_position_init,
+                   "oracle_box_mask": args.gligen_oracle_box_mask,
+                   "box_mask_curriculum": args.gligen_box_mask_curriculum,
+                   "box_mask_start": args.gligen_box_mask_start,
+                   "distinct_tokens": args.gligen_distinct_tokens,
                    "unet_lr_scale": args.gligen_unet_lr_scale if train_unet else None,
                    "seconds": round(time.time() - t0, 1), "log": history}, f, indent=1)
     log(f"saved gligen to {os.path.join(args.out, args.gligen_name)} ({time.time() - t0:.0f}s)")
@@ -421,6 +490,7 @@ def load_gligen_unet(out, unet, folder: str = "gligen"):
 
     gligen, new = models.gligen_unet_from_base(unet)
     new |= gligen_positions.install_from_folder(gligen, os.path.join(out, folder))  # when trained with them
+    gligen_oracle.install_from_folder(gligen, os.path.join(out, folder))  # the diagnostic variant, no weights
     path = os.path.join(out, folder, "gligen.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no GLIGEN weights at {path} (train.py --stages gligen writes them)")
@@ -475,11 +545,27 @@ def parse_args(argv=None):
                    help="multiplier of the learning rate of GLIGEN's gates (alpha_attn, alpha_dense)")
     p.add_argument("--gligen-gate-init", type=float, default=0.0,
                    help="initial alpha of GLIGEN's gates (diffusers and the paper: 0, so tanh(alpha) = 0)")
+    p.add_argument("--gligen-token-lr-scale", type=float, default=1.0,
+                   help="multiplier of the learning rate of the box-token path (position net, fusers' linear)")
     p.add_argument("--gligen-unet-lr-scale", type=float, default=0.0,
                    help="train the base UNet's weights too, at this multiple of the GLIGEN learning rate (0: frozen)")
     p.add_argument("--gligen-pixel-positions", action="store_true",
                    help="toy remedy, not in GLIGEN: a zero-initialised projection of each visual token's 2D Fourier "
                         "pixel position added to the fusers' visual tokens (gligen_positions.py)")
+    p.add_argument("--gligen-pixel-position-init", choices=("zero", "random"), default="zero",
+                   help="initial pixel_position_proj: zero (the fuser starts as diffusers') or PyTorch's default")
+    p.add_argument("--gligen-distinct-tokens", action="store_true",
+                   help="initialise the biases all box tokens share (position net's last, fusers' linear) to zero, "
+                        "so the box tokens start distinct (train.distinct_box_tokens)")
+    p.add_argument("--gligen-oracle-box-mask", action="store_true",
+                   help="diagnostic, not GLIGEN: each visual token's fuser attention sees only its own boxes' tokens "
+                        "(gligen_oracle.py)")
+    p.add_argument("--gligen-box-mask-curriculum", default="", metavar="FULL,END",
+                   help="training curriculum: each visual token's fuser attention to the box tokens outside its box "
+                        "gets -S (--gligen-box-mask-start) for the first FULL steps, fading linearly to 0 at step END; "
+                        "after END (and in the saved model) the fuser is GLIGEN's (gligen_oracle.py)")
+    p.add_argument("--gligen-box-mask-start", type=float, default=8.0, help="S of --gligen-box-mask-curriculum")
+    p.add_argument("--gligen-init-from", default="", help="start GLIGEN's new layers from this weights folder")
     p.add_argument("--gligen-name", default="gligen", help="GLIGEN's output folder under --out")
     p.add_argument("--gligen-snapshots", default="", help="GLIGEN steps to also save as <out>/gligen_step<N>, e.g. 1200,3000")
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines (GLIGEN: diagnostics too)")

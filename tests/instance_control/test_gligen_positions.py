@@ -135,3 +135,62 @@ def test_attention_probe_on_the_untrained_layers():
     assert len(rows) == 7 and sorted({tuple(r["map"]) for r in rows}) == [(8, 8), (16, 16)]
     for r in rows:  # untrained: attention to the own box at chance, the boxes' grounding tokens still distinct
         assert abs(r["own_share"] - r["chance"]) < 0.01 and 0.3 < r["cos_objs"] < 0.9, r
+
+
+def _box_token_cosine(gligen):
+    """Mean pairwise cosine of the box tokens as every fuser's attention sees them (after its ``norm1``)."""
+    from diffusers.models.attention import GatedSelfAttentionDense
+
+    g = torch.Generator().manual_seed(2)
+    boxes = torch.rand(1, 6, 4, generator=g).sort(-1).values[..., [0, 2, 1, 3]]  # x1 <= x2, y1 <= y2
+    objs = gligen.position_net(boxes=boxes, masks=torch.ones(1, 6),
+                               positive_embeddings=8 * torch.nn.functional.normalize(
+                                   torch.randn(1, 6, models.TEXT_WIDTH, generator=g), dim=-1))
+    sims = []
+    for f in gligen.modules():
+        if isinstance(f, GatedSelfAttentionDense):
+            t = torch.nn.functional.normalize(f.norm1(f.linear(objs))[0], dim=-1)
+            sims.append(((t @ t.T).sum() - 6) / 30)
+    return torch.stack(sims).mean().item()
+
+
+def test_distinct_box_tokens_zeroes_the_shared_biases():
+    plain = _tiny_gligen()
+    distinct = _tiny_gligen()
+    train.distinct_box_tokens(distinct)
+    changed = {n for (n, p), q in zip(plain.named_parameters(), distinct.parameters()) if not torch.equal(p, q)}
+    assert changed and all(n == "position_net.linears.4.bias" or n.endswith(".fuser.linear.bias") for n in changed)
+    assert all(distinct.get_parameter(n).abs().sum() == 0 for n in changed)
+    with torch.no_grad():  # default init: the shared bias dominates, the box tokens look alike (docs/gligen_toy.md)
+        assert _box_token_cosine(plain) > 0.85 and _box_token_cosine(distinct) < 0.7
+
+
+def test_box_token_path_has_its_own_learning_rate_group():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    gligen, new = models.gligen_unet_from_base(UNet2DConditionModel(**models.unet_config()))
+    groups = train.gligen_param_groups(gligen, new, 0.1, None, lr_scale_tokens=0.05)
+    names = {id(p): n for n, p in gligen.named_parameters()}
+    by_scale = {g["lr_scale"]: {names[id(p)] for p in g["params"]} for g in groups}
+    assert set(by_scale) == {1.0, 0.1, 0.05}
+    tokens = by_scale[0.05]
+    assert tokens == {n for n in new if n.startswith("position_net.") or ".fuser.linear." in n}
+    assert all(n.endswith(("alpha_attn", "alpha_dense")) for n in by_scale[0.1])
+    assert set().union(*by_scale.values()) == new  # the frozen base is in no group
+
+
+def test_randomly_initialised_positions_change_nothing_while_the_gates_are_shut():
+    plain, variant = _tiny_gligen(), _tiny_gligen()
+    torch.manual_seed(3)
+    new = gligen_positions.install(variant, init="random")
+    assert all(variant.get_parameter(n).abs().sum() > 0 for n in new if n.endswith("weight"))
+    assert not torch.allclose(_run(plain), _run(variant), atol=1e-4)  # gates at 0.5: the positions matter
+    for unet in (plain, variant):
+        with torch.no_grad():
+            for n, p in unet.named_parameters():
+                if n.endswith(("alpha_attn", "alpha_dense")):
+                    p.zero_()
+    torch.testing.assert_close(_run(plain), _run(variant), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="init must be 'zero' or 'random'"):
+        gligen_positions.install(_tiny_gligen(), init="ones")
