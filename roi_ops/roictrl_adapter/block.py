@@ -100,6 +100,8 @@ class ROICtrlBlock(nn.Module):
         self.guide_ff_norm = nn.LayerNorm(dim)
         self.guide_ff = FeedForward(dim, ff_mult, options.ff_activation, options.dropout)
         self.guide_ff_gate = nn.Parameter(torch.zeros(()))
+        if options.region_embedding:  # last, and zero at init: the other weights draw the same random numbers
+            self.region_outside = nn.Parameter(torch.zeros(dim))
 
     @property
     def fused_blend(self) -> bool:
@@ -275,6 +277,15 @@ class ROICtrlBlock(nn.Module):
             )
         return out.permute(0, 2, 3, 1).reshape(B, T, C), base_weight, rois
 
+    def _outside_region(self, rois, batch_size, size, covered) -> torch.Tensor:
+        """``options.region_embedding``: ``region_outside`` times how much each pixel is inside some box but outside
+        every region there (``box coverage - covered``, in [0, 1]; 0 wherever a box-only instance covers), as a
+        ``[B, H*W, C]`` update of the blended output. The blend alone cannot say "not this instance here": where the
+        coverage is 0 the layer's own output passes, and it knows the caption but not the mask."""
+        box = self.paste_rule.coverage(rois, batch_size, size, grid=self.grid)
+        outside = (box.to(covered.dtype) - covered).clamp_min(0)
+        return outside.flatten(1).unsqueeze(-1) * self.region_outside.to(covered.dtype)
+
     def box_guidance(
         self,
         residual: torch.Tensor,
@@ -386,6 +397,8 @@ class ROICtrlBlock(nn.Module):
                 covered = self.paste_rule.coverage(rois, B, size, grid=self.grid)
             else:
                 covered = self.paste_rule.coverage(rois, B, size, grid=self.grid, coverage=region)
+                if self.options.region_embedding:
+                    blended = blended + self._outside_region(rois, B, size, covered)
         sel = torch.arange(B, device=global_out.device) if empty_too else instances.sample_index.to(global_out.device)
         blended_rows = blended.index_select(0, sel)
         delta = self.box_guidance(

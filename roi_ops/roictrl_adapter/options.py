@@ -29,6 +29,7 @@ OPTION_RULES: dict[str, tuple[tuple[type, ...], Any]] = {
     "unpool": ((str,), ("exact", "official")),
     "grid_policy": ((str,), ("fixed", "footprint")),
     "guidance_pool": ((int,), "an int in [1, 8]"),
+    "region_embedding": ((bool,), (False, True)),
 }
 
 
@@ -73,6 +74,11 @@ class ArchitectureOptions:
             map and its update is resized back bilinearly; ``1`` (official, and what a saved config without this
             key means): full resolution. ``2`` costs about a quarter of the projections and feed-forward and a
             sixteenth of the attention scores.
+        region_embedding: ``True``: every block holds a learned vector (zero at init) that is added to its output
+            where an instance's box covers a pixel but its mask (region) does not, weighted by how much it does
+            not (``box - coverage``): the one signal "inside the box, not this instance" that the box-only parts
+            cannot get. Acts only on calls with regions; without them the block is bitwise the one without the
+            option. ``False`` (official, and what a saved config without this key means): no such vector.
     """
 
     ff_activation: str = "gelu"
@@ -88,6 +94,7 @@ class ArchitectureOptions:
     unpool: str = "exact"
     grid_policy: str = "fixed"
     guidance_pool: int = 1
+    region_embedding: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
