@@ -523,7 +523,7 @@ def parse_args(argv=None):
                    help="ROICtrl: caption word of free forms (default: a random shape word)")
     p.add_argument("--region-loss-weight", type=float, default=0.0,
                    help="ROICtrl: extra weight of the diffusion loss inside the boxes of mask-shaped instances")
-    p.add_argument("--region-steps", type=int, default=400,
+    p.add_argument("--region-steps", type=int, default=800,
                    help="ROICtrl: steps of the region stage after the box stage (0: none): only the adapter's "
                         "region vectors (option region_embedding) train, on layouts that all give their masks")
     p.add_argument("--region-lr", type=float, default=5e-3, help="ROICtrl: learning rate of the region stage")
