@@ -237,9 +237,12 @@ def make_roictrl_adapter(unet, seed: int, grid_policy: str = "fixed", region_emb
                                     region_embedding=region_embedding)
 
 
+REGION_PARAMETERS = ("region_outside", "region_outside_gate")
+
+
 def region_parameters(adapter) -> list:
-    """The ``region_outside`` vectors of ``options.region_embedding`` (what the region stage trains)."""
-    return [p for n, p in adapter.named_parameters() if n.rsplit(".", 1)[-1] == "region_outside"]
+    """The region vectors of ``options.region_embedding`` (what the region stage trains)."""
+    return [p for n, p in adapter.named_parameters() if n.rsplit(".", 1)[-1] in REGION_PARAMETERS]
 
 
 def load_box_adapter(adapter, folder: str) -> None:
@@ -249,7 +252,7 @@ def load_box_adapter(adapter, folder: str) -> None:
 
     state = ROICtrlAdapter.from_pretrained(folder).state_dict()
     result = adapter.load_state_dict(state, strict=False)
-    own = {n for n, _ in adapter.named_parameters() if n.rsplit(".", 1)[-1] == "region_outside"}
+    own = {n for n, _ in adapter.named_parameters() if n.rsplit(".", 1)[-1] in REGION_PARAMETERS}
     if result.unexpected_keys or set(result.missing_keys) - own:
         raise ValueError(f"--init-adapter {folder} does not fit the toy adapter: missing "
                          f"{sorted(set(result.missing_keys) - own)[:3]}, unexpected {result.unexpected_keys[:3]}")
@@ -526,7 +529,7 @@ def parse_args(argv=None):
     p.add_argument("--region-steps", type=int, default=800,
                    help="ROICtrl: steps of the region stage after the box stage (0: none): only the adapter's "
                         "region vectors (option region_embedding) train, on layouts that all give their masks")
-    p.add_argument("--region-lr", type=float, default=5e-3, help="ROICtrl: learning rate of the region stage")
+    p.add_argument("--region-lr", type=float, default=1e-2, help="ROICtrl: learning rate of the region stage")
     p.add_argument("--region-free-form-rate", type=float, default=0.3,
                    help="ROICtrl region stage: fraction of instances drawn as free forms (random shape word)")
     p.add_argument("--init-adapter", default="",

@@ -102,6 +102,7 @@ class ROICtrlBlock(nn.Module):
         self.guide_ff_gate = nn.Parameter(torch.zeros(()))
         if options.region_embedding:  # last, and zero at init: the other weights draw the same random numbers
             self.region_outside = nn.Parameter(torch.zeros(dim))
+            self.region_outside_gate = nn.Parameter(torch.zeros(dim))
 
     @property
     def fused_blend(self) -> bool:
@@ -277,14 +278,17 @@ class ROICtrlBlock(nn.Module):
             )
         return out.permute(0, 2, 3, 1).reshape(B, T, C), base_weight, rois
 
-    def _outside_region(self, rois, batch_size, size, covered) -> torch.Tensor:
-        """``options.region_embedding``: ``region_outside`` times how much each pixel is inside some box but outside
-        every region there (``box coverage - covered``, in [0, 1]; 0 wherever a box-only instance covers), as a
-        ``[B, H*W, C]`` update of the blended output. The blend alone cannot say "not this instance here": where the
-        coverage is 0 the layer's own output passes, and it knows the caption but not the mask."""
+    def _outside_region(self, blended, rois, batch_size, size, covered) -> torch.Tensor:
+        """``options.region_embedding`` on the blended output ``[B, H*W, C]``: with ``o`` how much each pixel is
+        inside some box but outside every region there (``box coverage - covered``, in [0, 1]; 0 wherever a
+        box-only instance covers), ``blended * (1 - o * region_outside_gate) + o * region_outside``. The blend alone
+        cannot say "not this instance here": where the coverage is 0 the layer's own output passes, and it knows
+        the caption but not the mask; the gate lets the vectors damp that output there, the vector replace it.
+        Where ``o`` is 0 the result is ``blended`` bitwise."""
         box = self.paste_rule.coverage(rois, batch_size, size, grid=self.grid)
-        outside = (box.to(covered.dtype) - covered).clamp_min(0)
-        return outside.flatten(1).unsqueeze(-1) * self.region_outside.to(covered.dtype)
+        dtype = blended.dtype
+        outside = (box.to(dtype) - covered.to(dtype)).clamp_min(0).flatten(1).unsqueeze(-1)
+        return blended * (1 - outside * self.region_outside_gate.to(dtype)) + outside * self.region_outside.to(dtype)
 
     def box_guidance(
         self,
@@ -398,7 +402,7 @@ class ROICtrlBlock(nn.Module):
             else:
                 covered = self.paste_rule.coverage(rois, B, size, grid=self.grid, coverage=region)
                 if self.options.region_embedding:
-                    blended = blended + self._outside_region(rois, B, size, covered)
+                    blended = self._outside_region(blended, rois, B, size, covered)
         sel = torch.arange(B, device=global_out.device) if empty_too else instances.sample_index.to(global_out.device)
         blended_rows = blended.index_select(0, sel)
         delta = self.box_guidance(

@@ -64,7 +64,7 @@ def test_region_stage_trains_only_the_region_vectors(smoke_run, tmp_path):
     train.main(["--out", out, "--smoke", "--threads", "2", "--stages", "roictrl", "--region-steps", "0"])
     boxes = load_file(os.path.join(out, "roictrl", "roictrl_adapter.safetensors"))
     both = load_file(os.path.join(smoke_run, "roictrl", "roictrl_adapter.safetensors"))
-    region = {k for k in both if k.endswith(".region_outside")}
+    region = {k for k in both if k.endswith((".region_outside", ".region_outside_gate"))}
     assert region and set(both) - region == set(boxes)
     assert all(torch.equal(boxes[k], both[k]) for k in boxes)
     assert all(both[k].abs().max() > 0 for k in region)
