@@ -117,6 +117,12 @@ def test_committed_ablations_are_what_they_claim():
             assert all(type(b).__name__ == "MaskedAttnROICtrlBlock" for b in adapter.blocks)
 
 
+# The first 4 held-out mask layouts (11 instances): pixel IoU with boxes only / masks 0.715 / 0.835 on the
+# committed adapter, 0.715 / 0.745 on the box-only adapter before its region stage (commit 146b36f). The bounds
+# leave room for a few pixels' floating-point differences between machines, not for that earlier adapter.
+MASK_LAYOUTS, MASK_IOU_MIN, MASK_IOU_GAIN = 4, 0.78, 0.07
+
+
 def test_committed_adapter_follows_masks(pipes):
     """The held-out mask check in small (benchmarks/instance_control/mask_eval.py; docs/masks.md): the same
     layouts of discs, triangles and L-shapes (captioned "square") with boxes only and with the exact masks. The
