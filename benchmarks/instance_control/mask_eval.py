@@ -6,8 +6,9 @@
 Layouts: ``world.sample_layout`` at seeds no training run uses (``MASK_EVAL_SEED_BASE``), 2-4 objects; every
 object is given a target form: a disc (caption word "circle"), a triangle ("triangle") or an L in one of four
 orientations (``--l-word``, default "square", or ``any``: a random shape word per L; the vocabulary has no
-word for it, so only the mask tells the shape). Each layout is generated twice through ``ROICtrlPipeline.from_pipe(base, adapter)`` with the same seeds:
-``instances=[{"box", "caption"}]`` (boxes only) and ``[{"box", "caption", "mask": HxW bool numpy array}]``.
+word for it, so only the mask tells the shape). Each layout is generated twice through
+``ROICtrlPipeline.from_pipe(base, adapter)`` with the same seeds: ``instances=[{"box", "caption"}]`` (boxes only)
+and ``[{"box", "caption", "mask": HxW bool numpy array}]``.
 
 Per instance, the asked colour's component is picked as ``scorer.score_instance`` picks it (largest box IoU,
 else nearest centre); reported, boxes only vs masks:

@@ -12,8 +12,8 @@ Stages, in order (``--stages`` picks some; each later stage loads what the earli
 ``decoder`` fine-tunes the VAE *decoder only* (encoder, latents and scaling factor unchanged, so the base UNet
             and both controls stay valid; Stable Diffusion's ft-MSE VAE did the same), for sharper images.
 ``roictrl`` the ROICtrl adapter (``roi_ops.roictrl_adapter``) on the frozen base: ``L = L_LDM + 0.01 L_reg``
-            (the box stage), then, for ``--region-steps``, the region stage: only the adapter's ``region_outside``
-            vectors (option ``region_embedding``) train, on the same layouts all given with masks, some drawn as
+            (the box stage), then, for ``--region-steps``, the region stage: only the adapter's region vectors
+            (option ``region_embedding``) train, on the same layouts all given with masks, some drawn as
             free forms (docs/masks.md); saved with ``save_pretrained`` to ``<out>/roictrl``.
 ``gligen``  GLIGEN as diffusers implements it: a ``UNet2DConditionModel(attention_type="gated")`` holding the
             base weights, only its ``fuser`` (gated self-attention) and ``position_net`` trained, with the same
@@ -324,10 +324,10 @@ def train_roictrl(args, data, latents):
 
 
 def train_region_stage(args, adapter, vae, fit, TrainConfig):
-    """The region stage: only the ``region_outside`` vectors train (every other weight frozen, so the adapter
-    without masks stays bitwise the box stage's), for ``--region-steps`` on the same layouts, every one of them
-    with masks, a ``--region-free-form-rate`` of the instances drawn as free forms under a random shape word (so
-    the mask, not the word, says where the colour goes)."""
+    """The region stage: only the region vectors (``region_outside``, ``region_outside_gate``) train (every other
+    weight frozen, so the adapter without masks stays bitwise the box stage's), for ``--region-steps`` on the same
+    layouts, every one of them with masks, a ``--region-free-form-rate`` of the instances drawn as free forms
+    under a random shape word (so the mask, not the word, says where the colour goes)."""
     from roi_ops.training.data import TensorData
 
     adapter.requires_grad_(False)

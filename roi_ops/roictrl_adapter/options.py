@@ -74,11 +74,12 @@ class ArchitectureOptions:
             map and its update is resized back bilinearly; ``1`` (official, and what a saved config without this
             key means): full resolution. ``2`` costs about a quarter of the projections and feed-forward and a
             sixteenth of the attention scores.
-        region_embedding: ``True``: every block holds a learned vector (zero at init) that is added to its output
-            where an instance's box covers a pixel but its mask (region) does not, weighted by how much it does
-            not (``box - coverage``): the one signal "inside the box, not this instance" that the box-only parts
-            cannot get. Acts only on calls with regions; without them the block is bitwise the one without the
-            option. ``False`` (official, and what a saved config without this key means): no such vector.
+        region_embedding: ``True``: every block holds two learned per-channel vectors (zero at init), a gate
+            ``g`` and a vector ``r``; where an instance's box covers a pixel but its mask (region) does not, by
+            ``o = box - coverage``, its output becomes ``out * (1 - o * g) + o * r``: the one signal "inside the
+            box, not this instance" that the box-only parts cannot get. Acts only on calls with regions; without
+            them the block is bitwise the one without the option. ``False`` (official, and what a saved config
+            without this key means): no such vectors.
     """
 
     ff_activation: str = "gelu"
