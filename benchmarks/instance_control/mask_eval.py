@@ -5,9 +5,10 @@
 
 Layouts: ``world.sample_layout`` at seeds no training run uses (``MASK_EVAL_SEED_BASE``), 2-4 objects; every
 object is given a target form: a disc (caption word "circle"), a triangle ("triangle") or an L in one of four
-orientations (``--l-word``, default "square": the vocabulary has no word for it, so only the mask tells the
-shape). Each layout is generated twice through ``ROICtrlPipeline.from_pipe(base, adapter)`` with the same seeds:
-``instances=[{"box", "caption"}]`` (boxes only) and ``[{"box", "caption", "mask": HxW bool numpy array}]``.
+orientations (``--l-word``, default "square", or ``any``: a random shape word per L; the vocabulary has no
+word for it, so only the mask tells the shape). Each layout is generated twice through
+``ROICtrlPipeline.from_pipe(base, adapter)`` with the same seeds: ``instances=[{"box", "caption"}]`` (boxes only)
+and ``[{"box", "caption", "mask": HxW bool numpy array}]``.
 
 Per instance, the asked colour's component is picked as ``scorer.score_instance`` picks it (largest box IoU,
 else nearest centre); reported, boxes only vs masks:
@@ -49,7 +50,9 @@ def mask_layouts(n: int, seed_base: int = MASK_EVAL_SEED_BASE, l_word: str = "sq
         for inst in base.instances:
             form = FORMS[int(rng.integers(len(FORMS)))]
             if form == "L":
-                insts.append(world.Instance(inst.box, inst.color, l_word, f"L{int(rng.integers(4))}"))
+                orientation = int(rng.integers(4))
+                word = world.SHAPES[int(rng.integers(len(world.SHAPES)))] if l_word == "any" else l_word
+                insts.append(world.Instance(inst.box, inst.color, word, f"L{orientation}"))
             else:
                 insts.append(world.Instance(inst.box, inst.color, form, None))
         out.append(world.Layout(tuple(insts), base.seed))
@@ -153,7 +156,7 @@ def run(ckpt: str, n_layouts: int = 40, seeds=(0,), steps: int = 20, guidance: f
 
 def figure(kept, path: str, scale: int = 4) -> None:
     """Rows: target masks (each object's colour), boxes only, masks; one column block per layout, boxes drawn."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     R = models.RESOLUTION
     tiles = []
@@ -170,13 +173,14 @@ def figure(kept, path: str, scale: int = 4) -> None:
                 d.rectangle([x1, y1, x2 - 1, y2 - 1], outline=(255, 255, 255))
             ims.append(im)
         tiles.append(ims)
-    pad, label_w = 4, 70
+    pad, label_w = 4, 84
+    font = ImageFont.load_default(size=14)  # the default size 10 runs "boxes only" together
     W = label_w + len(tiles) * (R * scale + pad)
     Hh = 3 * (R * scale + pad) + pad
     canvas = Image.new("RGB", (W, Hh), (255, 255, 255))
     d = ImageDraw.Draw(canvas)
     for r, name in enumerate(("target", "boxes only", "with masks")):
-        d.text((4, pad + r * (R * scale + pad) + R * scale // 2 - 5), name, fill=(0, 0, 0))
+        d.text((4, pad + r * (R * scale + pad) + R * scale // 2 - 7), name, fill=(0, 0, 0), font=font)
     for c, ims in enumerate(tiles):
         for r, im in enumerate(ims):
             canvas.paste(im, (label_w + c * (R * scale + pad), pad + r * (R * scale + pad)))
@@ -191,7 +195,8 @@ def main(argv=None):
     p.add_argument("--seeds", default="0", help="comma-separated sampling seeds")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--l-word", default="square", help="caption word of the L-shaped objects")
+    p.add_argument("--l-word", default="square", choices=(*world.SHAPES, "any"),
+                   help="caption word of the L-shaped objects (any: a random shape word per L)")
     p.add_argument("--seed-base", type=int, default=MASK_EVAL_SEED_BASE)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--figure", default=None, help="also write a demo figure (PNG) of the first --keep layouts")

@@ -11,8 +11,10 @@ Stages, in order (``--stages`` picks some; each later stage loads what the earli
             ``<out>/model``.
 ``decoder`` fine-tunes the VAE *decoder only* (encoder, latents and scaling factor unchanged, so the base UNet
             and both controls stay valid; Stable Diffusion's ft-MSE VAE did the same), for sharper images.
-``roictrl`` the ROICtrl adapter (``roi_ops.roictrl_adapter``) on the frozen base: ``L = L_LDM + 0.01 L_reg``;
-            saved with ``save_pretrained`` to ``<out>/roictrl``.
+``roictrl`` the ROICtrl adapter (``roi_ops.roictrl_adapter``) on the frozen base: ``L = L_LDM + 0.01 L_reg``
+            (the box stage), then, for ``--region-steps``, the region stage: only the adapter's region vectors
+            (option ``region_embedding``) train, on the same layouts all given with masks, some drawn as
+            free forms (docs/masks.md); saved with ``save_pretrained`` to ``<out>/roictrl``.
 ``gligen``  GLIGEN as diffusers implements it: a ``UNet2DConditionModel(attention_type="gated")`` holding the
             base weights, only its ``fuser`` (gated self-attention) and ``position_net`` trained, with the same
             data, steps, batch, learning rate and seed as ROICtrl; the new weights go to
@@ -222,10 +224,11 @@ class _CaptionCache:
         return torch.stack([self.cache[t][0] for t in texts]), torch.stack([self.cache[t][1] for t in texts])
 
 
-def make_roictrl_adapter(unet, seed: int, grid_policy: str = "fixed"):
+def make_roictrl_adapter(unet, seed: int, grid_policy: str = "fixed", region_embedding: bool = False):
     """The toy ROICtrl adapter. ``grid_policy="fixed"`` (the committed adapter's recipe, from before footprint
     grids became the default of new adapters) keeps ``make quality`` reproducing it bit for bit; ``"footprint"``
-    is today's default of ``ROICtrlAdapter.from_unet`` (docs/performance.md measures its toy ISR)."""
+    is today's default of ``ROICtrlAdapter.from_unet`` (docs/performance.md measures its toy ISR).
+    ``region_embedding`` adds the zero-initialised mask vectors (no random numbers drawn: the rest is the same)."""
     from roi_ops.roictrl_adapter import ROICtrlAdapter
 
     torch.manual_seed(seed)
@@ -233,7 +236,28 @@ def make_roictrl_adapter(unet, seed: int, grid_policy: str = "fixed"):
     recipe = {"guidance_kv_pool": 1} if grid_policy == "fixed" else {}
     return ROICtrlAdapter.from_unet(unet, grid_sizes=models.GRID_SIZES, vae_scale_factor=models.VAE_SCALE_FACTOR,
                                     position_dim=models.TEXT_WIDTH, position_hidden_dim=128, grid_policy=grid_policy,
-                                    **recipe)
+                                    region_embedding=region_embedding, **recipe)
+
+
+REGION_PARAMETERS = ("region_outside", "region_outside_gate")
+
+
+def region_parameters(adapter) -> list:
+    """The region vectors of ``options.region_embedding`` (what the region stage trains)."""
+    return [p for n, p in adapter.named_parameters() if n.rsplit(".", 1)[-1] in REGION_PARAMETERS]
+
+
+def load_box_adapter(adapter, folder: str) -> None:
+    """Copy a saved adapter's weights (``folder``, e.g. the committed box-only toy adapter) into ``adapter``; only
+    the region vectors may be missing from it (they stay zero)."""
+    from roi_ops.roictrl_adapter import ROICtrlAdapter
+
+    state = ROICtrlAdapter.from_pretrained(folder).state_dict()
+    result = adapter.load_state_dict(state, strict=False)
+    own = {n for n, _ in adapter.named_parameters() if n.rsplit(".", 1)[-1] in REGION_PARAMETERS}
+    if result.unexpected_keys or set(result.missing_keys) - own:
+        raise ValueError(f"--init-adapter {folder} does not fit the toy adapter: missing "
+                         f"{sorted(set(result.missing_keys) - own)[:3]}, unexpected {result.unexpected_keys[:3]}")
 
 
 def train_roictrl(args, data, latents):
@@ -248,7 +272,10 @@ def train_roictrl(args, data, latents):
     from roi_ops.training.trainer import CaptionEncoder, TrainConfig, train_adapter
 
     frozen = load_frozen_model(os.path.join(args.out, "model"))
-    adapter = make_roictrl_adapter(frozen.unet, args.seed, args.grid_policy)
+    regions_stage = args.region_steps > 0 and not args.ablation
+    adapter = make_roictrl_adapter(frozen.unet, args.seed, args.grid_policy, region_embedding=regions_stage)
+    for p in region_parameters(adapter):  # trained by the region stage only
+        p.requires_grad_(False)
     name = "roictrl"
     reg_weight = args.reg_weight
     if args.ablation:  # the same adapter, data and noise with one part removed (benchmarks/.../ablations.py)
@@ -264,17 +291,28 @@ def train_roictrl(args, data, latents):
         reg_weight=reg_weight, seed=args.seed, region_loss_weight=args.region_loss_weight,
     )
     accelerator = Accelerator(cpu=True)
+    encoder = CaptionEncoder(frozen.pipe, accelerator.device, cache=True)
     t0 = time.time()
 
-    result = train_adapter(
-        accelerator=accelerator, unet=frozen.unet, adapter=adapter, noise_scheduler=frozen.noise_scheduler,
-        encoder=CaptionEncoder(frozen.pipe, accelerator.device, cache=True),
-        data=TensorData(latents[0], latents[1], captions, inst_caps, boxes, masks, regions=regions), config=config,
-        scaling_factor=frozen.vae.config.scaling_factor, progress=False, log=log,
-        on_step=lambda step, stats: (step % 50 == 0 or step == args.control_steps) and log(
-            f"{name} step {step}/{args.control_steps} ldm {stats['l_ldm']:.4f} reg {stats['l_reg']:.3f} "
-            f"({time.time() - t0:.0f}s)"),
-    )
+    def fit(data, config, label):
+        return train_adapter(
+            accelerator=accelerator, unet=frozen.unet, adapter=adapter, noise_scheduler=frozen.noise_scheduler,
+            encoder=encoder, data=data, config=config, scaling_factor=frozen.vae.config.scaling_factor,
+            progress=False, log=log,
+            on_step=lambda step, stats: (step % 50 == 0 or step == config.max_steps) and log(
+                f"{label} step {step}/{config.max_steps} ldm {stats['l_ldm']:.4f} reg {stats['l_reg']:.3f} "
+                f"({time.time() - t0:.0f}s)"),
+        )
+
+    if args.init_adapter:  # the box stage's result, saved before (e.g. the committed box-only adapter)
+        load_box_adapter(adapter, args.init_adapter)
+        log(f"{name}: box stage loaded from {args.init_adapter}")
+        result = {"seconds": 0.0}
+    else:
+        result = fit(TensorData(latents[0], latents[1], captions, inst_caps, boxes, masks, regions=regions),
+                     config, name)
+    if regions_stage:
+        result = train_region_stage(args, adapter, frozen.vae, fit, TrainConfig)
     if args.ablation:
         folder = os.path.join(args.out, "ablations", args.ablation)
         ablations.save(adapter, folder, args.ablation, {
@@ -285,6 +323,31 @@ def train_roictrl(args, data, latents):
         adapter.save_pretrained(folder)
     log(f"saved {name} to {folder} ({result['seconds']:.0f}s)")
     return adapter
+
+
+def train_region_stage(args, adapter, vae, fit, TrainConfig):
+    """The region stage: only the region vectors (``region_outside``, ``region_outside_gate``) train (every other
+    weight frozen, so the adapter without masks stays bitwise the box stage's), for ``--region-steps`` on the same
+    layouts, every one of them with masks, a ``--region-free-form-rate`` of the instances drawn as free forms
+    under a random shape word (so the mask, not the word, says where the colour goes)."""
+    from roi_ops.training.data import TensorData
+
+    adapter.requires_grad_(False)
+    params = region_parameters(adapter)
+    for p in params:
+        p.requires_grad_(True)
+    images, boxes, masks, inst_caps, captions, regions = dataset(
+        args.num_samples, args.seed, 1.0, args.region_free_form_rate, tuple(args.free_forms.split(",")),
+        args.free_form_word)
+    mean, std = encode_latents(vae, images, args.seed)
+    log(f"region stage: {sum(p.numel() for p in params):,} trainable parameters, {args.region_steps} steps, "
+        f"lr {args.region_lr:g}, free forms {args.region_free_form_rate:g}")
+    config = TrainConfig(
+        max_steps=args.region_steps, batch_size=args.batch_size, learning_rate=args.region_lr,
+        lr_scheduler="constant", lr_warmup_steps=20, weight_decay=0.0, max_grad_norm=1.0,
+        reg_weight=args.reg_weight, seed=args.seed + 1, region_loss_weight=args.region_loss_weight,
+    )
+    return fit(TensorData(mean, std, captions, inst_caps, boxes, masks, regions=regions), config, "roictrl regions")
 
 
 GLIGEN_GATES = ("alpha_attn", "alpha_dense")
@@ -535,6 +598,14 @@ def parse_args(argv=None):
                    help="ROICtrl: caption word of free forms (default: a random shape word)")
     p.add_argument("--region-loss-weight", type=float, default=0.0,
                    help="ROICtrl: extra weight of the diffusion loss inside the boxes of mask-shaped instances")
+    p.add_argument("--region-steps", type=int, default=800,
+                   help="ROICtrl: steps of the region stage after the box stage (0: none): only the adapter's "
+                        "region vectors (option region_embedding) train, on layouts that all give their masks")
+    p.add_argument("--region-lr", type=float, default=1e-2, help="ROICtrl: learning rate of the region stage")
+    p.add_argument("--region-free-form-rate", type=float, default=0.3,
+                   help="ROICtrl region stage: fraction of instances drawn as free forms (random shape word)")
+    p.add_argument("--init-adapter", default="",
+                   help="ROICtrl: skip the box stage, starting the region stage from this saved adapter")
     p.add_argument("--ablation", default="", help=f"roictrl stage only: train the ablation of this name instead "
                    f"({', '.join(ablations.ABLATIONS)}), saved to <out>/ablations/<name>")
     p.add_argument("--gligen-steps", type=int, default=0, help="GLIGEN steps (0: --control-steps)")
@@ -575,6 +646,7 @@ def parse_args(argv=None):
     if args.smoke:
         args.num_samples, args.batch_size = 64, 4
         args.vae_steps, args.base_steps, args.decoder_steps, args.control_steps = 3, 3, 3, 3
+        args.region_steps = min(args.region_steps, 3)
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = [s for s in args.stages if s not in STAGES]
     if bad:

@@ -100,6 +100,9 @@ class ROICtrlBlock(nn.Module):
         self.guide_ff_norm = nn.LayerNorm(dim)
         self.guide_ff = FeedForward(dim, ff_mult, options.ff_activation, options.dropout)
         self.guide_ff_gate = nn.Parameter(torch.zeros(()))
+        if options.region_embedding:  # last, and zero at init: the other weights draw the same random numbers
+            self.region_outside = nn.Parameter(torch.zeros(dim))
+            self.region_outside_gate = nn.Parameter(torch.zeros(dim))
 
     @property
     def fused_blend(self) -> bool:
@@ -275,6 +278,18 @@ class ROICtrlBlock(nn.Module):
             )
         return out.permute(0, 2, 3, 1).reshape(B, T, C), base_weight, rois
 
+    def _outside_region(self, blended, rois, batch_size, size, covered) -> torch.Tensor:
+        """``options.region_embedding`` on the blended output ``[B, H*W, C]``: with ``o`` how much each pixel is
+        inside some box but outside every region there (``box coverage - covered``, in [0, 1]; 0 wherever a
+        box-only instance covers), ``blended * (1 - o * region_outside_gate) + o * region_outside``. The blend alone
+        cannot say "not this instance here": where the coverage is 0 the layer's own output passes, and it knows
+        the caption but not the mask; the gate lets the vectors damp that output there, the vector replace it.
+        Where ``o`` is 0 the result is ``blended`` bitwise."""
+        box = self.paste_rule.coverage(rois, batch_size, size, grid=self.grid)
+        dtype = blended.dtype
+        outside = (box.to(dtype) - covered.to(dtype)).clamp_min(0).flatten(1).unsqueeze(-1)
+        return blended * (1 - outside * self.region_outside_gate.to(dtype)) + outside * self.region_outside.to(dtype)
+
     def box_guidance(
         self,
         residual: torch.Tensor,
@@ -411,6 +426,8 @@ class ROICtrlBlock(nn.Module):
                 covered = self.paste_rule.coverage(rois, B, size, grid=self.grid)
             else:
                 covered = self.paste_rule.coverage(rois, B, size, grid=self.grid, coverage=region)
+                if self.options.region_embedding:
+                    blended = self._outside_region(blended, rois, B, size, covered)
         sel = torch.arange(B, device=global_out.device) if empty_too else instances.sample_index.to(global_out.device)
         every_row = sel.shape[0] == B  # sample_index is sorted and unique: then it is 0..B-1, no gather needed
         rows_of = (lambda t: t) if every_row else (lambda t: t.index_select(0, sel))

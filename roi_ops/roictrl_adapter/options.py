@@ -31,6 +31,7 @@ OPTION_RULES: dict[str, tuple[tuple[type, ...], Any]] = {
     "guidance_pool": ((int,), "an int in [1, 8]"),
     "guidance_kv_pool": ((int,), "an int in [1, 8]"),
     "guidance_kv_pool_scope": ((str,), ("all", "finest")),
+    "region_embedding": ((bool,), (False, True)),
 }
 
 
@@ -84,6 +85,12 @@ class ArchitectureOptions:
         guidance_kv_pool_scope: where ``guidance_kv_pool`` applies: ``"all"`` levels, or only the ``"finest"``
             (the adapter's blocks with the smallest downsampling: the 64x64 map of a 512 px SD1.5 UNet, which holds
             most of the guidance attention's scores).
+        region_embedding: ``True``: every block holds two learned per-channel vectors (zero at init), a gate
+            ``g`` and a vector ``r``; where an instance's box covers a pixel but its mask (region) does not, by
+            ``o = box - coverage``, its output becomes ``out * (1 - o * g) + o * r``: the one signal "inside the
+            box, not this instance" that the box-only parts cannot get. Acts only on calls with regions; without
+            them the block is bitwise the one without the option. ``False`` (official, and what a saved config
+            without this key means): no such vectors.
     """
 
     ff_activation: str = "gelu"
@@ -101,6 +108,7 @@ class ArchitectureOptions:
     guidance_pool: int = 1
     guidance_kv_pool: int = 1
     guidance_kv_pool_scope: str = "all"
+    region_embedding: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):

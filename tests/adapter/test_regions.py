@@ -186,3 +186,50 @@ def test_layout_from_no_file_refuses_mask_paths(tmp_path):
     (tmp_path / "layout.json").write_text(json.dumps(layout))
     got = read_layout(tmp_path / "layout.json")
     assert got["instances"][0].mask.sum() == disc(8).sum()
+
+
+def test_region_embedding_acts_only_where_a_mask_leaves_its_box(sd):
+    """options.region_embedding: without masks, and with masks filling their boxes, bitwise the adapter without
+    it (the same other weights); a mask that leaves part of its box changes the image."""
+    pipe, _ = sd
+    plain = tp.make_pipeline_adapter(pipe)
+    shaped = tp.make_pipeline_adapter(pipe, randomize=False, region_embedding=True)
+    missing = shaped.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.endswith((".region_outside", ".region_outside_gate")) for k in missing)
+    with torch.no_grad():
+        for name, p in shaped.named_parameters():
+            if name.endswith((".region_outside", ".region_outside_gate")):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    cat, dog = {"box": [0, 0, 1, 1], "caption": "a cat"}, {"box": [0.1, 0.1, 0.7, 0.7], "caption": "a dog"}
+    full = {**cat, "mask": np.ones((SIZE, SIZE), bool)}  # fills its box: regions given, all ones
+    a, b = ROICtrlPipeline.from_pipe(pipe, plain), ROICtrlPipeline.from_pipe(pipe, shaped)
+    for instances in ([cat, dog], [dog], [full, dog]):
+        assert np.array_equal(run(a, instances).images, run(b, instances).images)
+    masked = [{**dog, "mask": disc()}]
+    assert not np.array_equal(run(a, masked).images, run(b, masked).images)
+
+
+def test_region_embedding_acts_by_box_minus_coverage():
+    """``_outside_region``: with ``o`` = box coverage - region coverage, ``blended * (1 - o * gate) + o * vector``;
+    ``blended`` bitwise on the mask and outside the box, the vector alone where the box covers, the mask does not
+    and the gate is 1."""
+    from roi_ops.roictrl_adapter.block import ROICtrlBlock
+    from roi_ops.roictrl_adapter.options import ArchitectureOptions
+
+    block = ROICtrlBlock(8, 2, 16, 4, options=ArchitectureOptions(region_embedding=True))
+    with torch.no_grad():
+        block.region_outside.copy_(torch.arange(1.0, 9.0))
+        block.region_outside_gate.fill_(1.0)
+    H = W = 8
+    region = torch.zeros(1, 1, 32, 32)
+    region[..., :, :16] = 1  # the left half of the image
+    inst = ROICtrlInstances(torch.tensor([[[0.0, 0.0, 1.0, 0.5]]]), torch.randn(1, 1, 3, 8), regions=region)
+    rois = inst.rois(H, W)
+    covered = block.paste_rule.coverage(rois, 1, (H, W), grid=block.grid,
+                                        coverage=inst.layer_coverage(rois, (H, W), torch.float32))
+    blended = torch.randn(1, H * W, 8)
+    out = block._outside_region(blended, rois, 1, (H, W), covered).reshape(H, W, 8)
+    hole = torch.zeros(H, W, dtype=torch.bool)
+    hole[:4, 4:] = True  # in the box (top half), off the mask (left half)
+    assert torch.equal(out[~hole], blended.reshape(H, W, 8)[~hole])
+    assert torch.equal(out[hole], torch.arange(1.0, 9.0).expand(int(hole.sum()), 8))

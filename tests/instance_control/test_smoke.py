@@ -51,6 +51,25 @@ def test_gligen_stage_does_not_depend_on_the_global_rng(smoke_run, tmp_path):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+def test_region_stage_trains_only_the_region_vectors(smoke_run, tmp_path):
+    """The ROICtrl stage with and without its region stage: every other weight bitwise the same (the region
+    vectors, zero at init, draw no random numbers and stay frozen in the box stage), the region vectors trained."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "boxes_only")
+    shutil.copytree(smoke_run, out)
+    train.main(["--out", out, "--smoke", "--threads", "2", "--stages", "roictrl", "--region-steps", "0"])
+    boxes = load_file(os.path.join(out, "roictrl", "roictrl_adapter.safetensors"))
+    both = load_file(os.path.join(smoke_run, "roictrl", "roictrl_adapter.safetensors"))
+    region = {k for k in both if k.endswith((".region_outside", ".region_outside_gate"))}
+    assert region and set(both) - region == set(boxes)
+    assert all(torch.equal(boxes[k], both[k]) for k in boxes)
+    assert all(both[k].abs().max() > 0 for k in region)
+
+
 def test_ablations_train_through_the_trainer_and_reload(smoke_run):
     """--ablation trains the ROICtrl stage with one part removed; the saved adapter reloads as that ablation."""
     from diffusers import UNet2DConditionModel
