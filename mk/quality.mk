@@ -3,6 +3,7 @@
 #   make quality            train everything from scratch, then evaluate and measure (CPU; the full run)
 #   make quality-eval       evaluate the checkpoints in QUALITY_CKPT only (every method, both tracks)
 #   make quality-gligen     train the toy GLIGEN that works (two runs, docs/gligen_toy.md) on the model in QUALITY_CKPT
+#   make quality-gligen-4k  train that GLIGEN on to 4.2k steps (gligen_4k/, two more runs from gligen/)
 #   make quality-ablations  train the four ROICtrl ablations on the model in QUALITY_CKPT
 #   make quality-cost       time and activation memory of a training step, ROI vs masked attention
 # QUALITY_CKPT / QUALITY_RESULTS move the checkpoints / results (default: the committed ones are overwritten).
@@ -13,7 +14,7 @@ QUALITY_RESULTS ?= benchmarks/instance_control/results
 QUALITY_THREADS ?= 1
 QUALITY_ABLATIONS ?= no_guidance no_roi_attn no_reg masked_attn
 
-.PHONY: quality quality-train quality-gligen quality-ablations quality-eval quality-cost
+.PHONY: quality quality-train quality-gligen quality-gligen-4k quality-ablations quality-eval quality-cost
 
 quality: quality-train
 	$(MAKE) quality-ablations
@@ -42,6 +43,16 @@ quality-gligen: build
 	$(PY) -m benchmarks.instance_control.train --out $(QUALITY_CKPT) --threads $(QUALITY_THREADS) --stages gligen \
 	  --gligen-steps 1000 --gligen-lr 3e-3 --gligen-token-lr-scale 0.333 --gligen-gate-lr-scale 0.333 \
 	  --gligen-pixel-positions --gligen-init-from $(QUALITY_CKPT)/gligen_curriculum --log-every 20
+
+# GLIGEN trained on (docs/gligen_toy.md runs L and M): two more runs of 1000 unmasked steps with the second run's
+# settings, each from the previous weights (gligen/ -> gligen_L/ -> gligen_4k/). Not part of make quality.
+quality-gligen-4k: build
+	$(PY) -m benchmarks.instance_control.train --out $(QUALITY_CKPT) --threads $(QUALITY_THREADS) --stages gligen \
+	  --gligen-name gligen_L --gligen-steps 1000 --gligen-lr 3e-3 --gligen-token-lr-scale 0.333 \
+	  --gligen-gate-lr-scale 0.333 --gligen-pixel-positions --gligen-init-from $(QUALITY_CKPT)/gligen --log-every 50
+	$(PY) -m benchmarks.instance_control.train --out $(QUALITY_CKPT) --threads $(QUALITY_THREADS) --stages gligen \
+	  --gligen-name gligen_4k --gligen-steps 1000 --gligen-lr 3e-3 --gligen-token-lr-scale 0.333 \
+	  --gligen-gate-lr-scale 0.333 --gligen-pixel-positions --gligen-init-from $(QUALITY_CKPT)/gligen_L --log-every 50
 
 # Each ablation: the ROICtrl stage (same data, steps, learning rate, seed, noise) with one part removed.
 quality-ablations: build

@@ -38,8 +38,10 @@ import torch
 
 from . import ablations, models, scorer, world
 
-GLIGEN_METHODS = {"gligen": "gligen", "gligen_plain": "gligen_plain"}  # method -> weights folder under --ckpt
+GLIGEN_METHODS = {"gligen": "gligen", "gligen_plain": "gligen_plain", "gligen_4k": "gligen_4k"}  # method -> weights folder under --ckpt
 ABLATION_METHODS = {f"roictrl_{name}": name for name in ablations.ABLATIONS}
+#: Methods left out of the default list when their folder is missing (make quality-train does not make them).
+OPTIONAL_FOLDERS = {"gligen_4k": "gligen_4k", **{m: os.path.join("ablations", a) for m, a in ABLATION_METHODS.items()}}
 METHODS = ("none", "regional", *GLIGEN_METHODS, "roictrl", *ABLATION_METHODS)
 METRICS = ("isr", "color_box", "miou", "color_acc", "leakage")
 TRACKS = ("main", "overlap")
@@ -47,6 +49,7 @@ NAMES = {
     "none": "no control", "regional": "regional cross-attention (training-free)",
     "gligen_plain": "GLIGEN (diffusers; frozen base; paper's recipe), 1.2k steps",
     "gligen": "GLIGEN + pixel positions, box-mask curriculum (toy deviations; frozen base), 2.2k steps",
+    "gligen_4k": "the same GLIGEN trained on to 4.2k steps (not at a plateau yet)",
     "roictrl": "ROICtrl (roi_ops adapter), 1.2k steps",
     **{m: f"ROICtrl {ablations.ABLATIONS[a]}" for m, a in ABLATION_METHODS.items()},
 }
@@ -226,7 +229,7 @@ def save_grid(path: str, layouts, kept, methods, per_level_shown: int) -> None:
     import matplotlib.pyplot as plt
     from matplotlib import patches
 
-    short = {"none": "no control", "regional": "regional", "gligen": "GLIGEN\n(toy)", "gligen_plain": "GLIGEN\nplain",
+    short = {"none": "no control", "regional": "regional", "gligen": "GLIGEN\n(toy)", "gligen_plain": "GLIGEN\nplain", "gligen_4k": "GLIGEN\n4.2k",
              "roictrl": "ROICtrl",
              **{m: "ROICtrl\n" + m[len("roictrl_"):].replace("_", " ") for m in ABLATION_METHODS}}
     rows = [(L, i) for L in layouts for i in range(min(per_level_shown, len(layouts[L])))]
@@ -363,11 +366,12 @@ def main(argv=None):
     methods = tuple(m for m in args.methods.split(",") if m)
     skipped = []
     if not methods:  # the default: every method whose checkpoints exist (an ablation may not be trained yet)
-        skipped = [m for m in ABLATION_METHODS if not os.path.isdir(os.path.join(args.ckpt, "ablations", ABLATION_METHODS[m]))]
+        skipped = [m for m, f in OPTIONAL_FOLDERS.items() if not os.path.isdir(os.path.join(args.ckpt, f))]
         methods = tuple(m for m in METHODS if m not in skipped)
         for m in skipped:
-            print(f"skipping {m}: no {os.path.join(args.ckpt, 'ablations', ABLATION_METHODS[m])} "
-                  f"(train it with train.py --stages roictrl --ablation {ABLATION_METHODS[m]})")
+            how = (f"train.py --stages roictrl --ablation {ABLATION_METHODS[m]}" if m in ABLATION_METHODS
+                   else "docs/gligen_toy.md, runs L and M")
+            print(f"skipping {m}: no {os.path.join(args.ckpt, OPTIONAL_FOLDERS[m])} (train it with {how})")
     tracks = tuple(t for t in args.tracks.split(",") if t)
     bad = [m for m in methods if m not in METHODS] + [t for t in tracks if t not in TRACKS]
     if bad or not methods or not tracks:
