@@ -495,11 +495,15 @@ def roi_unpool_coverage(
 ) -> Tensor:
     """Tensor[K, H, W] bool: pixel (h, w) is covered by ROI k
     (``y1' <= h < y1' + rh`` and ``x1' <= w < x1' + rw``)."""
-    H, W = output_size
-    x1, y1, rw, rh = _feature_frame(rois, spatial_scale, aligned, coord_dtype, "roi_unpool")
-    cov_y = _unpool_axis(y1, rh, 1, H)[0]
-    cov_x = _unpool_axis(x1, rw, 1, W)[0]
+    cov_y, cov_x = _covered_rows_and_columns(rois, output_size, spatial_scale, aligned, coord_dtype, "roi_unpool")
     return cov_y[:, :, None] & cov_x[:, None, :]
+
+
+def _covered_rows_and_columns(rois, output_size, spatial_scale, aligned, coord_dtype, op) -> Tuple[Tensor, Tensor]:
+    """``(Tensor[K, H] bool, Tensor[K, W] bool)``: the rows and the columns each ROI covers (ROI-Unpool's rule)."""
+    H, W = output_size
+    x1, y1, rw, rh = _feature_frame(rois, spatial_scale, aligned, coord_dtype, op)
+    return _unpool_axis(y1, rh, 1, H)[0], _unpool_axis(x1, rw, 1, W)[0]
 
 
 def _first_and_count(covered: Tensor) -> Tuple[Tensor, Tensor]:
@@ -520,10 +524,10 @@ def roi_unpool_footprint(
     of an ``output_size`` map (ROI-Unpool's coverage rule; ``y0 == y1`` when it covers no row). This is the
     footprint the soft ``coverage`` of :func:`roi_unpool_blend` is cropped to (``math::unpool_axis`` first/last).
     """
-    H, W = output_size
-    x1, y1, rw, rh = _feature_frame(rois, spatial_scale, aligned, coord_dtype, "roi_unpool_footprint")
-    y0, y_end = _first_and_count(_unpool_axis(y1, rh, 1, H)[0])
-    x0, x_end = _first_and_count(_unpool_axis(x1, rw, 1, W)[0])
+    cov_y, cov_x = _covered_rows_and_columns(rois, output_size, spatial_scale, aligned, coord_dtype,
+                                             "roi_unpool_footprint")
+    y0, y_end = _first_and_count(cov_y)
+    x0, x_end = _first_and_count(cov_x)
     return y0, y_end, x0, x_end
 
 

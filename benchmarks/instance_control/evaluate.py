@@ -38,7 +38,8 @@ import torch
 
 from . import ablations, models, scorer, world
 
-GLIGEN_METHODS = {"gligen": "gligen", "gligen_plain": "gligen_plain", "gligen_4k": "gligen_4k"}  # method -> weights folder under --ckpt
+# method -> weights folder under --ckpt
+GLIGEN_METHODS = {"gligen": "gligen", "gligen_plain": "gligen_plain", "gligen_4k": "gligen_4k"}
 ABLATION_METHODS = {f"roictrl_{name}": name for name in ablations.ABLATIONS}
 #: Methods left out of the default list when their folder is missing (make quality-train does not make them).
 OPTIONAL_FOLDERS = {"gligen_4k": "gligen_4k", **{m: os.path.join("ablations", a) for m, a in ABLATION_METHODS.items()}}
@@ -229,7 +230,8 @@ def save_grid(path: str, layouts, kept, methods, per_level_shown: int) -> None:
     import matplotlib.pyplot as plt
     from matplotlib import patches
 
-    short = {"none": "no control", "regional": "regional", "gligen": "GLIGEN\n(toy)", "gligen_plain": "GLIGEN\nplain", "gligen_4k": "GLIGEN\n4.2k",
+    short = {"none": "no control", "regional": "regional", "gligen": "GLIGEN\n(toy)", "gligen_plain": "GLIGEN\nplain",
+             "gligen_4k": "GLIGEN\n4.2k",
              "roictrl": "ROICtrl",
              **{m: "ROICtrl\n" + m[len("roictrl_"):].replace("_", " ") for m in ABLATION_METHODS}}
     rows = [(L, i) for L in layouts for i in range(min(per_level_shown, len(layouts[L])))]
@@ -370,7 +372,7 @@ def main(argv=None):
         methods = tuple(m for m in METHODS if m not in skipped)
         for m in skipped:
             how = (f"train.py --stages roictrl --ablation {ABLATION_METHODS[m]}" if m in ABLATION_METHODS
-                   else "docs/gligen_toy.md, runs L and M")
+                   else "make quality-gligen-4k")
             print(f"skipping {m}: no {os.path.join(args.ckpt, OPTIONAL_FOLDERS[m])} (train it with {how})")
     tracks = tuple(t for t in args.tracks.split(",") if t)
     bad = [m for m in methods if m not in METHODS] + [t for t in tracks if t not in TRACKS]

@@ -5,13 +5,13 @@ maps showing the mask."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
 import tiny_pipelines as tp
+from coco_rle import rle_runs, rle_string
 from roi_ops.roictrl_adapter import ROICtrlInstances, ROICtrlPipeline, normalize_instances
 from roi_ops.roictrl_adapter import regions
 from roi_ops.roictrl_adapter.generate import read_layout
@@ -46,39 +46,15 @@ def test_mask_forms_read_alike(tmp_path):
     png = tmp_path / "m.png"
     Image.fromarray((m * 255).astype(np.uint8)).save(png)
     # COCO RLE, uncompressed (column-major runs starting with 0s) and pycocotools' compressed string of it
-    flat = m.T.flatten()
-    runs, cur, n = [], False, 0
-    for v in flat:
-        if v != cur:
-            runs.append(n)
-            cur, n = v, 0
-        n += 1
-    runs.append(n)
+    runs = rle_runs(m)
     forms = [m, m.astype(np.float32), torch.from_numpy(m), Image.fromarray(m), "m.png",
-             {"size": [16, 16], "counts": runs}, {"size": [16, 16], "counts": _compress(runs)}]
+             {"size": [16, 16], "counts": runs}, {"size": [16, 16], "counts": rle_string(runs)}]
     for form in forms:
         got = regions.read_mask(form, "instances[0].mask", base_dir=tmp_path)
         assert np.array_equal(got, m.astype(np.float32)), type(form)
     poly = regions.read_mask([[0.25, 0.25, 0.75, 0.25, 0.75, 0.75, 0.25, 0.75]], "m")
     square = regions.to_image(poly, 8, 8)
     assert square.sum() == 16 and square[2:6, 2:6].all()
-
-
-def _compress(runs):
-    """pycocotools' rleToString, for the test (the decoder is regions._decode_counts)."""
-    out = []
-    for i, x in enumerate(runs):
-        if i > 2:
-            x -= runs[i - 2]
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = (x != -1) if c & 0x10 else (x != 0)
-            if more:
-                c |= 0x20
-            out.append(chr(c + 48))
-    return "".join(out)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from instance_control import gligen_oracle, gligen_positions, models, train
+from tiny_gligen import tiny_gligen
 
 CKPT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "instance_control", "checkpoints")
 
@@ -30,21 +31,6 @@ def test_curriculum_schedule():
             train.gligen_curriculum(bad)
 
 
-def _gligen(positions: bool):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    gligen, _ = models.gligen_unet_from_base(UNet2DConditionModel(**models.unet_config()))
-    with torch.no_grad():  # open the gates, so the fusers' outputs matter
-        for n, p in gligen.named_parameters():
-            if n.endswith(("alpha_attn", "alpha_dense")):
-                p.fill_(0.5)
-    if positions:
-        torch.manual_seed(1)
-        gligen_positions.install(gligen, init="random")
-    return gligen.eval()
-
-
 def _run(unet, embeddings=None):
     g = torch.Generator().manual_seed(1)
     x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 5, models.TEXT_WIDTH, generator=g)
@@ -61,7 +47,7 @@ def _run(unet, embeddings=None):
 
 
 def test_mask_hides_boxes_outside_a_pixel_and_strength_zero_is_the_plain_fuser():
-    plain, masked = _gligen(True), _gligen(True)
+    plain, masked = tiny_gligen(True), tiny_gligen(True)
     fusers = gligen_oracle.install(masked, strength=0.0)
     assert len(fusers) == 7
     torch.testing.assert_close(_run(masked), _run(plain), rtol=0, atol=0)  # strength 0: the unmasked fuser
@@ -74,7 +60,7 @@ def test_mask_hides_boxes_outside_a_pixel_and_strength_zero_is_the_plain_fuser()
     assert not torch.allclose(_run(masked, e), _run(plain, e), atol=1e-4)
     with pytest.raises(RuntimeError, match="box mask already"):
         gligen_oracle.install(masked)
-    gligen_oracle.install(_gligen(False))  # works without pixel positions too (records the map size itself)
+    gligen_oracle.install(tiny_gligen(False))  # works without pixel positions too (records the map size itself)
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(CKPT, "model")), reason="the committed toy model is missing")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from instance_control import evaluate, gligen_positions, models, train, world
+from tiny_gligen import tiny_gligen
 
 CKPT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "instance_control", "checkpoints")
 
@@ -31,18 +32,6 @@ def test_embedding_is_the_fourier_family_of_pixel_centres():
         gligen_positions.pixel_fourier_embedding(0, 3)
 
 
-def _tiny_gligen():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    gligen, _ = models.gligen_unet_from_base(UNet2DConditionModel(**models.unet_config()))
-    with torch.no_grad():  # open the gates, so the fusers' outputs matter
-        for n, p in gligen.named_parameters():
-            if n.endswith(("alpha_attn", "alpha_dense")):
-                p.fill_(0.5)
-    return gligen.eval()
-
-
 def _run(unet):
     g = torch.Generator().manual_seed(1)
     x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 5, models.TEXT_WIDTH, generator=g)
@@ -53,8 +42,8 @@ def _run(unet):
 
 
 def test_zero_initialised_projection_is_plain_gligen_and_only_the_attention_sees_positions():
-    plain = _tiny_gligen()
-    variant = _tiny_gligen()
+    plain = tiny_gligen()
+    variant = tiny_gligen()
     new = gligen_positions.install(variant)
     fusers = [m for m in variant.modules() if gligen_positions.has_pixel_positions(m)]
     assert len(fusers) == 7 and len(new) == 14  # a weight and a bias per fuser of the 7 transformer blocks
@@ -155,8 +144,8 @@ def _box_token_cosine(gligen):
 
 
 def test_distinct_box_tokens_zeroes_the_shared_biases():
-    plain = _tiny_gligen()
-    distinct = _tiny_gligen()
+    plain = tiny_gligen()
+    distinct = tiny_gligen()
     train.distinct_box_tokens(distinct)
     changed = {n for (n, p), q in zip(plain.named_parameters(), distinct.parameters()) if not torch.equal(p, q)}
     assert changed and all(n == "position_net.linears.4.bias" or n.endswith(".fuser.linear.bias") for n in changed)
@@ -181,7 +170,7 @@ def test_box_token_path_has_its_own_learning_rate_group():
 
 
 def test_randomly_initialised_positions_change_nothing_while_the_gates_are_shut():
-    plain, variant = _tiny_gligen(), _tiny_gligen()
+    plain, variant = tiny_gligen(), tiny_gligen()
     torch.manual_seed(3)
     new = gligen_positions.install(variant, init="random")
     assert all(variant.get_parameter(n).abs().sum() > 0 for n in new if n.endswith("weight"))
@@ -193,4 +182,4 @@ def test_randomly_initialised_positions_change_nothing_while_the_gates_are_shut(
                     p.zero_()
     torch.testing.assert_close(_run(plain), _run(variant), rtol=0, atol=0)
     with pytest.raises(ValueError, match="init must be 'zero' or 'random'"):
-        gligen_positions.install(_tiny_gligen(), init="ones")
+        gligen_positions.install(tiny_gligen(), init="ones")

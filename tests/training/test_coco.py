@@ -226,7 +226,7 @@ def test_docs_show_this_output(tmp_path, capsys):
 
 def write_coco_with_masks(root: Path) -> dict:
     """One 40x20 image whose annotations carry each kind of COCO segmentation."""
-    from training_helpers import rle_runs, rle_string
+    from coco_rle import rle_runs, rle_string
 
     import numpy as np
 

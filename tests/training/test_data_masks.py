@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from training_helpers import TOY_MODEL, rle_runs, rle_string, write_lines
+from coco_rle import rle_runs, rle_string
+from training_helpers import TOY_MODEL, write_lines
 
 from roi_ops.training.data import DatasetError, FolderData, TensorData, load_image, read_dataset
 
