@@ -289,6 +289,7 @@ def train_roictrl(args, data, latents):
         max_steps=args.control_steps, batch_size=args.batch_size, learning_rate=args.control_lr,
         lr_scheduler=args.control_schedule, lr_warmup_steps=50, weight_decay=0.0, max_grad_norm=1.0,
         reg_weight=reg_weight, seed=args.seed, region_loss_weight=args.region_loss_weight,
+        fused_optimizer=False,  # the committed adapter's recipe (AdamW's for-loop), bit for bit
     )
     accelerator = Accelerator(cpu=True)
     encoder = CaptionEncoder(frozen.pipe, accelerator.device, cache=True)
@@ -346,6 +347,7 @@ def train_region_stage(args, adapter, vae, fit, TrainConfig):
         max_steps=args.region_steps, batch_size=args.batch_size, learning_rate=args.region_lr,
         lr_scheduler="constant", lr_warmup_steps=20, weight_decay=0.0, max_grad_norm=1.0,
         reg_weight=args.reg_weight, seed=args.seed + 1, region_loss_weight=args.region_loss_weight,
+        fused_optimizer=False,  # the committed adapter's recipe (AdamW's for-loop), bit for bit
     )
     return fit(TensorData(mean, std, captions, inst_caps, boxes, masks, regions=regions), config, "roictrl regions")
 

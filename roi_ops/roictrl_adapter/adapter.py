@@ -132,7 +132,8 @@ class ROICtrlAdapter(nn.Module):
         )
         fused_blend = resolve_fused_blend(fused_blend, paste_rule(self.options.unpool))  # warns once, not per block
         self.blocks = nn.ModuleList(
-            ROICtrlBlock(s.dim, s.heads, position_dim, s.grid, ff_mult, fused_blend, self.block_options(s))
+            ROICtrlBlock(s.dim, s.heads, position_dim, s.grid, ff_mult, fused_blend, self.block_options(s),
+                         fourier_freqs=fourier_freqs)
             for s in specs
         )
         #: False makes every hook pass the UNet's own computation through untouched.

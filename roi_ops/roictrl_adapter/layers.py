@@ -11,7 +11,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GEGLU", "BoxEncoder", "FeedForward", "SelfAttention"]
+__all__ = ["GEGLU", "BoxEncoder", "FeedForward", "SelfAttention", "fourier_frequencies", "fourier_features",
+           "pixel_boxes"]
+
+
+def fourier_frequencies(num_freqs: int, style: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """``Tensor[num_freqs]``, float32: ``2**k * pi`` (``"pow2_pi"``) or ``100 ** (k / num_freqs)`` (``"gligen"``)."""
+    k = torch.arange(num_freqs, dtype=torch.float32, device=device)
+    # Computed in float32 as the official code does (its float64 runs use these rounded values too).
+    return (2.0**k) * math.pi if style == "pow2_pi" else 100.0 ** (k / num_freqs)
+
+
+def fourier_features(boxes: torch.Tensor, num_freqs: int, style: str, dtype: torch.dtype) -> torch.Tensor:
+    """Fourier features ``Tensor[K, 8 * num_freqs]`` of ``Tensor[K, 4]`` boxes, in ``dtype``: ``"pow2_pi"``
+    orders them [coordinate, sin/cos, frequency], ``"gligen"`` [frequency, sin/cos, coordinate]."""
+    angles = boxes.to(dtype).unsqueeze(-1) * fourier_frequencies(num_freqs, style, boxes.device).to(dtype)  # [K, 4, F]
+    if style == "pow2_pi":
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).permute(0, 2, 3, 1).flatten(1)  # [K, F, 2, 4]
+
+
+def pixel_boxes(size: tuple[int, int], device: torch.device | str | None = None) -> torch.Tensor:
+    """``Tensor[H*W, 4]``: every pixel centre of an ``H x W`` map (row-major) as the point box ``(x, y, x, y)`` in
+    ``[0, 1]`` image coordinates, float32."""
+    H, W = size
+    y = (torch.arange(H, dtype=torch.float32, device=device) + 0.5) / H
+    x = (torch.arange(W, dtype=torch.float32, device=device) + 0.5) / W
+    yy, xx = torch.meshgrid(y, x, indexing="ij")
+    points = torch.stack([xx.flatten(), yy.flatten()], dim=1)
+    return torch.cat([points, points], dim=1)
 
 
 class BoxEncoder(nn.Module):
@@ -54,17 +82,12 @@ class BoxEncoder(nn.Module):
         """The Fourier features ``Tensor[K, 8 * num_freqs]`` that enter the MLP."""
         # float32 features (float64 for a float64 encoder): the box coordinates need the precision.
         dtype = torch.float64 if self.mlp[0].weight.dtype == torch.float64 else torch.float32
-        angles = boxes.to(dtype).unsqueeze(-1) * self.frequencies(boxes.device).to(dtype)  # [K, 4, F]
-        if self.fourier == "pow2_pi":
-            return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
-        return torch.stack([angles.sin(), angles.cos()], dim=-1).permute(0, 2, 3, 1).flatten(1)  # [K, F, 2, 4]
+        return fourier_features(boxes, self.num_freqs, self.fourier, dtype)
 
     def frequencies(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``Tensor[num_freqs]``, float32 whatever the module's dtype (not a buffer, so ``.half()`` cannot round
         them: 402.12 would become 402.0 and shift the angles of a float16 adapter)."""
-        k = torch.arange(self.num_freqs, dtype=torch.float32, device=device)
-        # Computed in float32 as the official code does (its float64 runs use these rounded values too).
-        return (2.0**k) * math.pi if self.fourier == "pow2_pi" else 100.0 ** (k / self.num_freqs)
+        return fourier_frequencies(self.num_freqs, self.fourier, device)
 
     def forward(self, boxes: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.features(boxes).to(self.mlp[0].weight.dtype))

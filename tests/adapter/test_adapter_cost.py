@@ -251,3 +251,56 @@ def test_guidance_kv_pool_scope_finest_pools_only_the_finest_level_and_saves_wit
     assert {b.options.guidance_kv_pool for b in everywhere.blocks} == {2}
     with pytest.raises(ValueError, match="guidance_kv_pool_scope must be one of"):
         ArchitectureOptions(guidance_kv_pool_scope="coarsest")
+
+
+def test_guidance_without_feed_forward_and_with_position_keys_holds_its_weights_and_round_trips(tmp_path):
+    unet = make_unet("sd15")
+    full = make_adapter(unet, "sd15", randomize=False, guidance_feed_forward=True, guidance_keys="visual")
+    lean = make_adapter(unet, "sd15", randomize=False, guidance_feed_forward=False, guidance_keys="positions")
+    names = {n for n, _ in lean.named_parameters()}
+    assert not any(".guide_ff" in n for n in names)  # no feed-forward weights at all, not merely unused ones
+    for i in range(len(lean.blocks)):
+        assert {f"blocks.{i}.guide_pixel_proj.weight", f"blocks.{i}.guide_null"} <= names
+        assert f"blocks.{i}.guide_ff.net.0.weight" in dict(full.named_parameters())
+    fourier = 8 * lean.fourier_freqs
+    assert all(b.guide_pixel_proj.weight.shape == (b.dim, fourier) for b in lean.blocks)
+    # zero at init: a pixel's query starts as without its coordinates, the null token as a zero key and value
+    assert all(float(b.guide_pixel_proj.weight.abs().max()) == 0 and float(b.guide_null.abs().max()) == 0
+               for b in lean.blocks)
+    assert sum(p.numel() for p in lean.parameters()) < 0.75 * sum(p.numel() for p in full.parameters())
+    with torch.no_grad():
+        for p in lean.parameters():
+            p.add_(torch.rand_like(p))
+    lean.save_pretrained(tmp_path / "lean")
+    loaded = ROICtrlAdapter.from_pretrained(tmp_path / "lean")
+    assert (loaded.options.guidance_feed_forward, loaded.options.guidance_keys) == (False, "positions")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), lean.state_dict().values()))
+    with pytest.raises(ValueError, match="guidance_keys must be one of"):
+        ArchitectureOptions(guidance_keys="pixels")
+    with pytest.raises(TypeError, match="guidance_feed_forward must be bool"):
+        ArchitectureOptions(guidance_feed_forward=0)
+    official = make_adapter(unet, "sd15", preset="official").options
+    assert (official.guidance_feed_forward, official.guidance_keys) == (True, "visual")
+
+
+def test_position_keys_let_a_pixel_attend_to_nothing_and_know_where_it_is():
+    """``guidance_keys="positions"``: with one box, softmax over that box alone would give every pixel the same
+    update; the null token and the pixel coordinates make the update differ across the map."""
+    from roi_ops.roictrl_adapter.block import ROICtrlBlock
+    from roi_ops.roictrl_adapter.instances import ROICtrlInstances
+
+    torch.manual_seed(0)
+    options = ArchitectureOptions(guidance_keys="positions", guidance_feed_forward=False)
+    block = ROICtrlBlock(8, 2, 8, 3, options=options).eval()
+    with torch.no_grad():
+        block.guide_attn_gate.fill_(1.0)
+        block.guide_pixel_proj.weight.normal_()
+    inst = ROICtrlInstances(torch.tensor([[[0.1, 0.1, 0.4, 0.4]]]), torch.randn(1, 1, 3, 8), torch.ones(1, 1))
+    residual = torch.zeros(1, 36, 8)  # the same token at every pixel: only the coordinates tell them apart
+    tokens = torch.randn(1, 8)
+    with torch.no_grad():
+        update = block.box_guidance(residual, tokens, inst, size=(6, 6))
+        assert float(update.std(dim=1).min()) > 1e-3
+        block.guide_pixel_proj.weight.zero_()
+        flat = block.box_guidance(residual, tokens, inst, size=(6, 6))
+    assert float((flat - flat[:, :1]).abs().max()) == 0  # without coordinates every pixel is alike
