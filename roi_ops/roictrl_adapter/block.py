@@ -197,6 +197,15 @@ class ROICtrlBlock(nn.Module):
                 "use the default configuration (max_instances=None) for unbounded instance counts"
             )
 
+    @staticmethod
+    def _split(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``flat`` (one group's tensor, or every group's rows concatenated) split back into one per group of
+        ``like``, with each group's leading shape."""
+        if len(like) == 1:
+            return [flat]
+        parts = flat.split([x.shape[0] * x.shape[1] for x in like])
+        return [part.reshape(*x.shape[:2], -1) for part, x in zip(parts, like)]
+
     def _align(self, feature_map: torch.Tensor, rois: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Step 1: ROI-Align crops of the layer's normed states, as tokens ``[K, PH*PW, C]``."""
         crops = roi_ops.roi_align(
@@ -252,19 +261,27 @@ class ROICtrlBlock(nn.Module):
         kwargs = dict(attn_kwargs or {})
         kwargs.pop("ip_adapter_masks", None)  # full-image masks do not apply to ROI crops
         groups = self.grid_groups(instances, size, device)
-        group_rois, grids, inst_logits = [], [], []
+        group_rois, injected = [], []
         for g in groups:  # one batched pass per grid size (one under grid_policy="fixed")
             rows = self._group_rows(rois, g, groups)
             x = self._align(feature_map, rows, (g.ph, g.pw))
-            x = self._inject(
+            injected.append(self._inject(
                 x, attn, self._group_rows(text, g, groups), self._group_rows(batch, g, groups),
                 encoder_hidden_states, kwargs,
-            )
-            x = x + torch.tanh(self.roi_gate).to(dtype) * self.roi_attn(self.roi_norm(x))
-            # project(roi_unpool(x)) == roi_unpool(project(x)): the instance logits are made on the small grids.
-            inst_logits.append(self.blend_proj(x).view(-1, g.ph, g.pw))
-            grids.append(x.transpose(1, 2).reshape(-1, C, g.ph, g.pw))
+            ))
             group_rois.append(rows)
+        # The token-wise parts (norm, projections, gate) see every group's tokens at once; the attention itself
+        # stays within each ROI (SelfAttention over a list of groups).
+        tokens = torch.cat([x.reshape(-1, C) for x in injected]) if len(groups) > 1 else injected[0]
+        attended = self.roi_attn([x.reshape(-1, x.shape[1], C) for x in self._split(self.roi_norm(tokens), injected)])
+        tokens = tokens + torch.tanh(self.roi_gate).to(dtype) * (torch.cat(attended) if len(groups) > 1
+                                                                  else attended[0])
+        # project(roi_unpool(x)) == roi_unpool(project(x)): the instance logits are made on the small grids.
+        logits = self.blend_proj(tokens)
+        grids, inst_logits = [], []
+        for g, x, logit in zip(groups, self._split(tokens, injected), self._split(logits, injected)):
+            inst_logits.append(logit.reshape(-1, g.ph, g.pw))
+            grids.append(x.reshape(-1, g.ph * g.pw, C).transpose(1, 2).reshape(-1, C, g.ph, g.pw))
         base_logit = self.blend_proj(global_out).reshape(B, H, W)
         if self.options.channel_gate:
             base_logit, inst_logits = self._gate_logits(base_logit, inst_logits, groups, rois, instances, size)

@@ -161,6 +161,11 @@ class ArchitectureOptions:
                 f"ROICtrl option grid_policy='footprint' needs unpool='exact', got unpool={self.unpool!r} (the "
                 "official quantised paste's coverage depends on the grid size); use grid_policy='fixed' with it"
             )
+        if self.guidance_keys == "positions" and self.guidance_kv_pool > 1:
+            raise ValueError(
+                f"ROICtrl option guidance_kv_pool={self.guidance_kv_pool} pools the guidance attention's visual keys, "
+                "but guidance_keys='positions' has none; leave guidance_kv_pool=1"
+            )
         if self.slot_order != "identity" and not self.channel_gate:
             raise ValueError(
                 f"ROICtrl option slot_order={self.slot_order!r} only affects the channel gate; set "

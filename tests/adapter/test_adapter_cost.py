@@ -239,7 +239,8 @@ def test_guidance_kv_pool_is_checked_and_pooled_keys_carry_their_pixel_count(mon
 
 def test_guidance_kv_pool_scope_finest_pools_only_the_finest_level_and_saves_with_the_adapter(tmp_path):
     unet = make_unet("sd15")
-    adapter = make_adapter(unet, "sd15")  # a new adapter's default: 2x2 pooled guidance keys at the finest level
+    # 2x2 pooled guidance keys at the finest level (the default of new adapters before position keys)
+    adapter = make_adapter(unet, "sd15", guidance_keys="visual", guidance_kv_pool=2, guidance_kv_pool_scope="finest")
     finest = min(s.downsample for s in adapter.specs)
     pools = {(s.downsample, b.options.guidance_kv_pool) for s, b in zip(adapter.specs, adapter.blocks)}
     assert pools == {(finest, 2)} | {(s.downsample, 1) for s in adapter.specs if s.downsample != finest}
@@ -247,7 +248,7 @@ def test_guidance_kv_pool_scope_finest_pools_only_the_finest_level_and_saves_wit
     adapter.save_pretrained(tmp_path / "a")
     loaded = ROICtrlAdapter.from_pretrained(tmp_path / "a")
     assert [b.options for b in loaded.blocks] == [b.options for b in adapter.blocks]
-    everywhere = make_adapter(unet, "sd15", guidance_kv_pool=2, guidance_kv_pool_scope="all")
+    everywhere = make_adapter(unet, "sd15", guidance_keys="visual", guidance_kv_pool=2, guidance_kv_pool_scope="all")
     assert {b.options.guidance_kv_pool for b in everywhere.blocks} == {2}
     with pytest.raises(ValueError, match="guidance_kv_pool_scope must be one of"):
         ArchitectureOptions(guidance_kv_pool_scope="coarsest")
@@ -277,6 +278,8 @@ def test_guidance_without_feed_forward_and_with_position_keys_holds_its_weights_
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), lean.state_dict().values()))
     with pytest.raises(ValueError, match="guidance_keys must be one of"):
         ArchitectureOptions(guidance_keys="pixels")
+    with pytest.raises(ValueError, match="guidance_keys='positions' has none"):
+        ArchitectureOptions(guidance_keys="positions", guidance_kv_pool=2)
     with pytest.raises(TypeError, match="guidance_feed_forward must be bool"):
         ArchitectureOptions(guidance_feed_forward=0)
     official = make_adapter(unet, "sd15", preset="official").options

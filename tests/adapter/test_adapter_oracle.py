@@ -173,7 +173,8 @@ def test_unet_with_adapter_matches_oracle_hooks(kind, fused, scale):
 
 
 def test_unet_with_guidance_kv_pool_at_the_finest_level_matches_oracle_hooks():
-    _check_unet_against_oracle_hooks("sd15", True, 1.0, guidance_kv_pool=2, guidance_kv_pool_scope="finest")
+    _check_unet_against_oracle_hooks("sd15", True, 1.0, guidance_keys="visual", guidance_kv_pool=2,
+                                     guidance_kv_pool_scope="finest")
 
 
 def test_unet_with_position_keys_and_no_feed_forward_matches_oracle_hooks():
