@@ -184,8 +184,20 @@ class PartTimer:
         return {k: round(v, 2) for k, v in out.items()}
 
 
+def parse_overrides(spec: str) -> dict:
+    """``"OPT=VAL,OPT=VAL"`` -> adapter keyword arguments (``true``/``false`` -> bool, digits -> int)."""
+    overrides = {}
+    for item in filter(None, spec.split(",")):
+        k, _, v = item.partition("=")
+        if v.lower() in ("true", "false"):
+            overrides[k] = v.lower() == "true"
+        else:
+            overrides[k] = int(v) if v.lstrip("-").isdigit() else v
+    return overrides
+
+
 def adapter_kwargs(args) -> dict:
-    kw = {}
+    kw = parse_overrides(args.adapter_options)
     if args.grid_policy:
         kw["grid_policy"] = args.grid_policy
     if args.guidance_pool:
@@ -372,6 +384,9 @@ def main(argv=None) -> None:
     ap.add_argument("--grid-policy", default=None, help="override the adapter's grid_policy")
     ap.add_argument("--guidance-pool", type=int, default=None, help="override the adapter's guidance_pool")
     ap.add_argument("--guidance-kv-pool", type=int, default=None, help="override the adapter's guidance_kv_pool")
+    ap.add_argument("--adapter-options", default="", metavar="OPT=VAL[,OPT=VAL]",
+                    help="options of the timed adapter instead of from_unet's defaults, e.g. "
+                         "guidance_keys=visual,guidance_kv_pool=2,guidance_kv_pool_scope=finest")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:OPT=VAL[,OPT=VAL]",
                     help="also time the adapter with these options (same weights where it has them) in the same "
                          "interleaved rounds, e.g. kv2:guidance_kv_pool=2 or old:guidance_keys=visual,ff_mult=4; "
@@ -399,13 +414,7 @@ def main(argv=None) -> None:
     args.variant_adapters = {}
     for spec in args.variant:
         name, _, opts = spec.partition(":")
-        overrides = {}
-        for item in filter(None, opts.split(",")):
-            k, _, v = item.partition("=")
-            if v.lower() in ("true", "false"):
-                overrides[k] = v.lower() == "true"
-            else:
-                overrides[k] = int(v) if v.lstrip("-").isdigit() else v
+        overrides = parse_overrides(opts)
         variant = ROICtrlAdapter.from_unet(unet, grid_sizes=grid_sizes, **{**adapter_kwargs(args), **overrides})
         # the same weights where the variant has them (an option that adds or reshapes weights keeps their init)
         mine = variant.state_dict()

@@ -184,6 +184,35 @@ def test_bench_step_quick_run_writes_its_json(tmp_path):
     assert doc["adapter_config"]["grid_policy"] == "footprint" and doc["threads"] >= 1
 
 
+def test_bench_step_trains_every_variant_and_adapter_parts_runs(tmp_path):
+    """bench_step.py --train times the default adapter and each --variant (whose own weights keep their init);
+    adapter_parts.py times every block's parts."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import adapter_parts
+    import bench_step
+
+    threads = torch.get_num_threads()
+    try:
+        bench_step.main(["--quick", "--rounds", "1", "--train", "--train-rounds", "1", "--adapter-options",
+                         "guidance_keys=visual", "--variant", "lean:guidance_keys=positions,ff_mult=2",
+                         "--json", str(tmp_path / "step.json")])
+        adapter_parts.main(["--quick", "--repeats", "1", "--json", str(tmp_path / "parts.json")])
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.loads((tmp_path / "step.json").read_text())
+    assert doc["adapter_config"]["guidance_keys"] == "visual"
+    assert doc["variants"]["lean"] == {"guidance_keys": "positions", "ff_mult": 2}
+    training = doc["training"]
+    assert training["plain"]["median_s"] > 0 and training["adapter"]["median_s"] > 0
+    assert training["lean"]["median_s"] > 0 and training["lean_ratio_of_medians"] > 0
+    parts = json.loads((tmp_path / "parts.json").read_text())
+    assert len(parts["blocks"]) == 4 and all(b["instance_path"] > 0 and b["guidance"] > 0 for b in parts["blocks"])
+    assert parts["adapter_config"]["guidance_keys"] == "positions"
+
+
 def _guidance_masks(block, masks, monkeypatch):
     """The ``attn_mask`` of every SDPA call of a layer: attn2's own, then one ROICtrl block's (its attn2 call on
     the crops, ROI self-attention, guidance attention)."""
