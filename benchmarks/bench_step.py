@@ -184,8 +184,20 @@ class PartTimer:
         return {k: round(v, 2) for k, v in out.items()}
 
 
+def parse_overrides(spec: str) -> dict:
+    """``"OPT=VAL,OPT=VAL"`` -> adapter keyword arguments (``true``/``false`` -> bool, digits -> int)."""
+    overrides = {}
+    for item in filter(None, spec.split(",")):
+        k, _, v = item.partition("=")
+        if v.lower() in ("true", "false"):
+            overrides[k] = v.lower() == "true"
+        else:
+            overrides[k] = int(v) if v.lstrip("-").isdigit() else v
+    return overrides
+
+
 def adapter_kwargs(args) -> dict:
-    kw = {}
+    kw = parse_overrides(args.adapter_options)
     if args.grid_policy:
         kw["grid_policy"] = args.grid_policy
     if args.guidance_pool:
@@ -286,7 +298,8 @@ def run_inference(args, unet, adapter, size: int, counts: list[int], dim: int) -
 
 
 def run_training(args, unet, adapter, dim: int, n: int = 10) -> dict:
-    """One training step at 512 px, batch 1 with ``n`` instances (as bench_training.py), plain vs adapter."""
+    """One training step at 512 px, batch 1 with ``n`` instances (as bench_training.py), plain vs the adapter and
+    every ``--variant``, interleaved."""
     import torch
     import torch.nn.functional as F
 
@@ -299,40 +312,48 @@ def run_training(args, unet, adapter, dim: int, n: int = 10) -> dict:
     target = torch.randn(1, 4, lat, lat, generator=g)
     t = torch.tensor([500])
     inst = {"boxes": boxes_for(n, 1), "embeddings": torch.randn(1, n, TOKENS, dim, generator=g)}
+    adapters = {"adapter": adapter, **getattr(args, "variant_adapters", {})}
     # fused: one pass over each parameter instead of one per AdamW term (the same update; ~5x faster on CPU here)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-4, fused=True)
-    adapter.train()
+    optimizers = {name: torch.optim.AdamW(a.parameters(), lr=1e-4, fused=True) for name, a in adapters.items()}
+    for a in adapters.values():
+        a.train()
 
-    def step(with_adapter: bool):
-        if with_adapter and not adapter.is_installed:
-            adapter.install(unet)
-        if not with_adapter and adapter.is_installed:
-            adapter.uninstall(unet)
-        x = latents.clone().requires_grad_(not with_adapter)  # the plain step backpropagates into the latents
+    def step(mode: str):
+        for name, a in adapters.items():
+            if a.is_installed and name != mode:
+                a.uninstall(unet)
+        model = adapters.get(mode)
+        if model is not None and not model.is_installed:
+            model.install(unet)
+        x = latents.clone().requires_grad_(model is None)  # the plain step backpropagates into the latents
         _reset_peak()
         rss0 = _rss_bytes()
         t0 = time.perf_counter()
-        kw = {"cross_attention_kwargs": {"roictrl": inst}} if with_adapter else {}
+        kw = {"cross_attention_kwargs": {"roictrl": inst}} if model is not None else {}
         pred = unet(x, t, text, **kw).sample
         loss = F.mse_loss(pred, target)
-        if with_adapter:
-            loss = loss + 0.01 * adapter.regularization_loss()
+        if model is not None:
+            loss = loss + 0.01 * model.regularization_loss()
         loss.backward()
-        if with_adapter:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        if model is not None:
+            optimizers[mode].step()
+            optimizers[mode].zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         return dt, (_peak_bytes() - rss0) / 2**20
 
-    step(False), step(True)  # warm-up (and AdamW state)
-    rows = {"plain": [], "adapter": []}
+    modes = ["plain", *adapters]
+    for mode in modes:  # warm-up (and AdamW state)
+        step(mode)
+    rows = {mode: [] for mode in modes}
     meter = LoadMeter()
     for r in range(args.train_rounds):
-        for mode in (("plain", "adapter") if r % 2 == 0 else ("adapter", "plain")):
-            rows[mode].append(step(mode == "adapter"))
-        print(f"  train round {r + 1}: plain {rows['plain'][-1][0]:.2f} s, adapter {rows['adapter'][-1][0]:.2f} s",
-              flush=True)
-    adapter.eval()
+        for mode in (modes if r % 2 == 0 else modes[::-1]):
+            rows[mode].append(step(mode))
+        print(f"  train round {r + 1}: " + ", ".join(f"{m} {rows[m][-1][0]:.2f} s" for m in modes), flush=True)
+    for a in adapters.values():
+        a.eval()
+        if a.is_installed:
+            a.uninstall(unet)
     out = {"image_px": args.train_px, "batch": 1, "instances": n, "rounds": args.train_rounds,
            "optimizer": "torch.optim.AdamW(lr=1e-4, fused=True)",
            "other_processes_share_of_machine": meter.share()}
@@ -340,9 +361,11 @@ def run_training(args, unet, adapter, dim: int, n: int = 10) -> dict:
         out[mode] = {"median_s": round(statistics.median(v[0] for v in vals), 3),
                      "all_s": [round(v[0], 3) for v in vals],
                      "peak_above_step_start_mib": round(max(v[1] for v in vals), 1)}
-    ratios = [a[0] / p[0] for a, p in zip(rows["adapter"], rows["plain"])]
-    out["ratio_of_medians"] = round(out["adapter"]["median_s"] / out["plain"]["median_s"], 4)
-    out["ratio_spread"] = [round(min(ratios), 4), round(max(ratios), 4)]
+    for mode in adapters:
+        ratios = [a[0] / p[0] for a, p in zip(rows[mode], rows["plain"])]
+        key = "" if mode == "adapter" else f"{mode}_"
+        out[f"{key}ratio_of_medians"] = round(out[mode]["median_s"] / out["plain"]["median_s"], 4)
+        out[f"{key}ratio_spread"] = [round(min(ratios), 4), round(max(ratios), 4)]
     return out
 
 
@@ -361,9 +384,13 @@ def main(argv=None) -> None:
     ap.add_argument("--grid-policy", default=None, help="override the adapter's grid_policy")
     ap.add_argument("--guidance-pool", type=int, default=None, help="override the adapter's guidance_pool")
     ap.add_argument("--guidance-kv-pool", type=int, default=None, help="override the adapter's guidance_kv_pool")
+    ap.add_argument("--adapter-options", default="", metavar="OPT=VAL[,OPT=VAL]",
+                    help="options of the timed adapter instead of from_unet's defaults, e.g. "
+                         "guidance_keys=visual,guidance_kv_pool=2,guidance_kv_pool_scope=finest")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:OPT=VAL[,OPT=VAL]",
-                    help="also time the adapter with these options (same weights) in the same interleaved rounds, "
-                         "e.g. kv2:guidance_kv_pool=2; repeatable")
+                    help="also time the adapter with these options (same weights where it has them) in the same "
+                         "interleaved rounds, e.g. kv2:guidance_kv_pool=2 or old:guidance_keys=visual,ff_mult=4; "
+                         "repeatable")
     ap.add_argument("--variant-counts", default="10", help="instance counts of the variants, comma-separated")
     ap.add_argument("--quick", action="store_true", help="tiny UNet (smoke run); JSON in the temp dir")
     ap.add_argument("--json", default=None)
@@ -387,12 +414,12 @@ def main(argv=None) -> None:
     args.variant_adapters = {}
     for spec in args.variant:
         name, _, opts = spec.partition(":")
-        overrides = {}
-        for item in filter(None, opts.split(",")):
-            k, _, v = item.partition("=")
-            overrides[k] = int(v) if v.lstrip("-").isdigit() else v
+        overrides = parse_overrides(opts)
         variant = ROICtrlAdapter.from_unet(unet, grid_sizes=grid_sizes, **{**adapter_kwargs(args), **overrides})
-        variant.load_state_dict(adapter.state_dict())
+        # the same weights where the variant has them (an option that adds or reshapes weights keeps their init)
+        mine = variant.state_dict()
+        variant.load_state_dict({k: v for k, v in adapter.state_dict().items()
+                                 if k in mine and mine[k].shape == v.shape}, strict=False)
         args.variant_adapters[name] = variant.eval()
     doc = {"benchmark": "UNet forward with vs without the default ROICtrl adapter (issue 19)",
            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **environment(),

@@ -4,7 +4,7 @@
         benchmarks/instance_control/checkpoints> --threads 1 --stages roictrl --grid-policy footprint
 
 Everything after ``--`` goes to ``python -m benchmarks.instance_control.train`` unchanged; the options before it
-(``name=int``, ``name=str``) are added to the adapter that stage builds, so the run is the stage's own recipe
+(``name=int``, ``name=true|false``, ``name=str``) are added to the adapter that stage builds, so the run is the stage's own recipe
 (data, seed, steps, noise) with only those options changed. The saved ``roictrl/config.json`` records them, and
 ``python -m benchmarks.instance_control.evaluate --ckpt <that copy> --methods roictrl`` scores it.
 """
@@ -23,11 +23,14 @@ def parse_options(items: list[str]) -> dict:
     options = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or name not in ArchitectureOptions.names():
-            raise SystemExit(f"options must be name=value with a name in {list(ArchitectureOptions.names())}, "
-                             f"got {item!r}")
-        options[name] = int(value) if value.lstrip("-").isdigit() else value
-    ArchitectureOptions(**options)  # the option's own check, before minutes of training
+        if not sep or name not in (*ArchitectureOptions.names(), "ff_mult"):
+            raise SystemExit(f"options must be name=value with a name in {list(ArchitectureOptions.names())} or "
+                             f"ff_mult, got {item!r}")
+        if value.lower() in ("true", "false"):
+            options[name] = value.lower() == "true"
+        else:
+            options[name] = int(value) if value.lstrip("-").isdigit() else value
+    ArchitectureOptions(**{k: v for k, v in options.items() if k != "ff_mult"})  # checked before minutes of training
     return options
 
 
@@ -41,20 +44,27 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.instance_control import train
 
     make = train.make_roictrl_adapter
-    train.make_roictrl_adapter = lambda unet, seed, grid_policy="fixed": _rebuilt(make(unet, seed, grid_policy),
-                                                                                  options)
+    train.make_roictrl_adapter = lambda *args, **kwargs: _rebuilt(make(*args, **kwargs), options)
     train.main(train_args)
 
 
 def _rebuilt(adapter, options: dict):
-    """``adapter`` with ``options`` changed, its weights copied (the stage's seeded init kept bit for bit)."""
+    """``adapter`` with ``options`` changed, its weights copied (the stage's seeded init kept bit for bit). Weights an
+    option removes (the feed-forward of ``guidance_feed_forward=False``) are left out; weights an option adds or
+    reshapes (``guidance_keys="positions"``, ``ff_mult``) keep their own init, drawn after the RNG state is saved."""
     import torch
 
     state = torch.get_rng_state()  # building the copy draws init weights: leave the stage's RNG where it was
+    options = dict(options)
+    ff_mult = options.pop("ff_mult", adapter.ff_mult)
     new = type(adapter)(adapter.specs, adapter.position_dim, adapter.fourier_freqs, adapter.position_hidden_dim,
-                        adapter.ff_mult, **{**adapter.options.to_dict(), **options})
+                        ff_mult, **{**adapter.options.to_dict(), **options})
     torch.set_rng_state(state)
-    new.load_state_dict(adapter.state_dict())
+    kept = new.state_dict()
+    missing, _ = new.load_state_dict({k: v for k, v in adapter.state_dict().items()
+                                      if k in kept and kept[k].shape == v.shape}, strict=False)
+    if missing:
+        print(f"options {options}: {len(missing)} new weights keep their own init (e.g. {missing[0]})", flush=True)
     return new.to(next(adapter.parameters()).dtype)
 
 

@@ -232,8 +232,9 @@ def make_roictrl_adapter(unet, seed: int, grid_policy: str = "fixed", region_emb
     from roi_ops.roictrl_adapter import ROICtrlAdapter
 
     torch.manual_seed(seed)
-    # the fixed recipe is the committed adapter's: full-resolution guidance too (issue 19's later default pools it)
-    recipe = {"guidance_kv_pool": 1} if grid_policy == "fixed" else {}
+    # the fixed recipe is the committed adapter's: GLIGEN's full-resolution self-attention guidance too (issue 19's
+    # later defaults changed that part of new adapters)
+    recipe = {"guidance_kv_pool": 1, "guidance_keys": "visual"} if grid_policy == "fixed" else {}
     return ROICtrlAdapter.from_unet(unet, grid_sizes=models.GRID_SIZES, vae_scale_factor=models.VAE_SCALE_FACTOR,
                                     position_dim=models.TEXT_WIDTH, position_hidden_dim=128, grid_policy=grid_policy,
                                     region_embedding=region_embedding, **recipe)
@@ -289,6 +290,7 @@ def train_roictrl(args, data, latents):
         max_steps=args.control_steps, batch_size=args.batch_size, learning_rate=args.control_lr,
         lr_scheduler=args.control_schedule, lr_warmup_steps=50, weight_decay=0.0, max_grad_norm=1.0,
         reg_weight=reg_weight, seed=args.seed, region_loss_weight=args.region_loss_weight,
+        fused_optimizer=False,  # the committed adapter's recipe (AdamW's for-loop), bit for bit
     )
     accelerator = Accelerator(cpu=True)
     encoder = CaptionEncoder(frozen.pipe, accelerator.device, cache=True)
@@ -346,6 +348,7 @@ def train_region_stage(args, adapter, vae, fit, TrainConfig):
         max_steps=args.region_steps, batch_size=args.batch_size, learning_rate=args.region_lr,
         lr_scheduler="constant", lr_warmup_steps=20, weight_decay=0.0, max_grad_norm=1.0,
         reg_weight=args.reg_weight, seed=args.seed + 1, region_loss_weight=args.region_loss_weight,
+        fused_optimizer=False,  # the committed adapter's recipe (AdamW's for-loop), bit for bit
     )
     return fit(TensorData(mean, std, captions, inst_caps, boxes, masks, regions=regions), config, "roictrl regions")
 

@@ -46,12 +46,13 @@ __all__ = ["DEFAULT_GRID_SIZES", "NEW_ADAPTER_OPTIONS", "ROICtrlAdapter", "insta
 #: ROI grid side by the layer's downsampling factor relative to the image (the paper's setting).
 DEFAULT_GRID_SIZES = {8: 25, 16: 19, 32: 13, 64: 7}
 #: The options :meth:`ROICtrlAdapter.from_unet` gives a new adapter unless told otherwise (the issue-19 cost
-#: work, docs/performance.md; the toy benchmark's ISR held with each, retrained): footprint grids, and the box
-#: guidance's keys / values 2x2-pooled at the finest level only. A saved config without these keys means the
-#: ``ArchitectureOptions`` defaults (``"fixed"`` grids, full-resolution guidance), which compute exactly as before.
-#: ``guidance_pool=2`` and ``guidance_kv_pool=2`` at every level are not among them: retrained with either, the
-#: toy's ISR fell outside its seed spread.
-NEW_ADAPTER_OPTIONS = {"grid_policy": "footprint", "guidance_kv_pool": 2, "guidance_kv_pool_scope": "finest"}
+#: work, docs/performance.md; the toy benchmark's ISR held with each, retrained): footprint grids, and box guidance
+#: whose pixels attend to the position tokens (and a null token) with their own coordinates instead of to each
+#: other. A saved config without these keys means the ``ArchitectureOptions`` defaults (``"fixed"`` grids, GLIGEN's
+#: self-attention guidance), which compute exactly as before. Not among them, because the retrained toy's ISR fell
+#: outside its seed spread: ``guidance_pool=2``, ``guidance_kv_pool=2`` at every level, no guidance feed-forward,
+#: a feed-forward of half the width (``ff_mult=2``).
+NEW_ADAPTER_OPTIONS = {"grid_policy": "footprint", "guidance_keys": "positions"}
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "roictrl_adapter.safetensors"
 
@@ -132,7 +133,8 @@ class ROICtrlAdapter(nn.Module):
         )
         fused_blend = resolve_fused_blend(fused_blend, paste_rule(self.options.unpool))  # warns once, not per block
         self.blocks = nn.ModuleList(
-            ROICtrlBlock(s.dim, s.heads, position_dim, s.grid, ff_mult, fused_blend, self.block_options(s))
+            ROICtrlBlock(s.dim, s.heads, position_dim, s.grid, ff_mult, fused_blend, self.block_options(s),
+                         fourier_freqs=fourier_freqs)
             for s in specs
         )
         #: False makes every hook pass the UNet's own computation through untouched.
@@ -169,7 +171,7 @@ class ROICtrlAdapter(nn.Module):
                 :data:`DEFAULT_GRID_SIZES` ``{8: 25, 16: 19, 32: 13, 64: 7}``.
             vae_scale_factor: image pixels per latent pixel (8 for SD1.5 and SDXL).
             preset: ``None``/``"default"`` (roi-ops' design, with :data:`NEW_ADAPTER_OPTIONS`: footprint grids,
-                pooled guidance keys at the finest level) or
+                guidance over the position tokens only) or
                 ``"official"`` (``OFFICIAL_CONFIG``: the official
                 release's architecture, whose weights :meth:`from_official` loads); ``kwargs`` override it.
             kwargs: the remaining constructor arguments (``position_dim``, options such as ``unpool``, ...).

@@ -19,7 +19,7 @@ from roi_ops._ops import trusted_boxes
 
 from .grids import GridGroup, blend_groups, plan_groups
 from .instances import ROICtrlInstances
-from .layers import FeedForward, SelfAttention
+from .layers import FeedForward, SelfAttention, fourier_features, pixel_boxes
 from .options import ArchitectureOptions
 from .paste import instance_weights, paste_rule, resolve_fused_blend
 
@@ -52,7 +52,8 @@ class ROICtrlBlock(nn.Module):
        grids, whatever the instance count) or, with ``fused_blend=False`` or a rule without a fused form (the
        official paste), the unfused :func:`blend` (same function, materialises ``[K, C, H, W]``);
     5. box-coordinate guidance on the residual stream: gated self-attention over [visual tokens; position
-       tokens], then a gated feed-forward (both gates zero at init).
+       tokens], then a gated feed-forward (both gates zero at init; no feed-forward with
+       ``options.guidance_feed_forward=False``).
 
     Args:
         dim: channels ``C`` of the layer. heads: attention heads of the new self-attentions.
@@ -61,6 +62,8 @@ class ROICtrlBlock(nn.Module):
             paste rule has a fused form (``unpool="exact"``); ``True`` with ``unpool="official"`` warns and runs
             the unfused blend (:func:`~roi_ops.roictrl_adapter.paste.resolve_fused_blend`).
         options: the :class:`~roi_ops.roictrl_adapter.options.ArchitectureOptions` (default: roi-ops' design).
+        fourier_freqs: frequencies of the box encoder's Fourier features (the pixel features of
+            ``guidance_keys="positions"`` use the same ones).
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class ROICtrlBlock(nn.Module):
         ff_mult: int = 4,
         fused_blend: bool | None = None,
         options: ArchitectureOptions | None = None,
+        fourier_freqs: int = 8,
     ):
         super().__init__()
         options = ArchitectureOptions() if options is None else options
@@ -97,12 +101,18 @@ class ROICtrlBlock(nn.Module):
         self.guide_norm = nn.LayerNorm(dim)
         self.guide_attn = SelfAttention(dim, heads, options.dropout)
         self.guide_attn_gate = nn.Parameter(torch.zeros(()))
-        self.guide_ff_norm = nn.LayerNorm(dim)
-        self.guide_ff = FeedForward(dim, ff_mult, options.ff_activation, options.dropout)
-        self.guide_ff_gate = nn.Parameter(torch.zeros(()))
+        if options.guidance_feed_forward:
+            self.guide_ff_norm = nn.LayerNorm(dim)
+            self.guide_ff = FeedForward(dim, ff_mult, options.ff_activation, options.dropout)
+            self.guide_ff_gate = nn.Parameter(torch.zeros(()))
         if options.region_embedding:  # last, and zero at init: the other weights draw the same random numbers
             self.region_outside = nn.Parameter(torch.zeros(dim))
             self.region_outside_gate = nn.Parameter(torch.zeros(dim))
+        self.fourier_freqs = fourier_freqs
+        if options.guidance_keys == "positions":  # zero at init, after every other weight (same random numbers)
+            self.guide_pixel_proj = nn.Linear(8 * fourier_freqs, dim, bias=False)
+            nn.init.zeros_(self.guide_pixel_proj.weight)
+            self.guide_null = nn.Parameter(torch.zeros(dim))
 
     @property
     def fused_blend(self) -> bool:
@@ -187,6 +197,15 @@ class ROICtrlBlock(nn.Module):
                 "use the default configuration (max_instances=None) for unbounded instance counts"
             )
 
+    @staticmethod
+    def _split(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``flat`` (one group's tensor, or every group's rows concatenated) split back into one per group of
+        ``like``, with each group's leading shape."""
+        if len(like) == 1:
+            return [flat]
+        parts = flat.split([x.shape[0] * x.shape[1] for x in like])
+        return [part.reshape(*x.shape[:2], -1) for part, x in zip(parts, like)]
+
     def _align(self, feature_map: torch.Tensor, rois: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Step 1: ROI-Align crops of the layer's normed states, as tokens ``[K, PH*PW, C]``."""
         crops = roi_ops.roi_align(
@@ -242,19 +261,27 @@ class ROICtrlBlock(nn.Module):
         kwargs = dict(attn_kwargs or {})
         kwargs.pop("ip_adapter_masks", None)  # full-image masks do not apply to ROI crops
         groups = self.grid_groups(instances, size, device)
-        group_rois, grids, inst_logits = [], [], []
+        group_rois, injected = [], []
         for g in groups:  # one batched pass per grid size (one under grid_policy="fixed")
             rows = self._group_rows(rois, g, groups)
             x = self._align(feature_map, rows, (g.ph, g.pw))
-            x = self._inject(
+            injected.append(self._inject(
                 x, attn, self._group_rows(text, g, groups), self._group_rows(batch, g, groups),
                 encoder_hidden_states, kwargs,
-            )
-            x = x + torch.tanh(self.roi_gate).to(dtype) * self.roi_attn(self.roi_norm(x))
-            # project(roi_unpool(x)) == roi_unpool(project(x)): the instance logits are made on the small grids.
-            inst_logits.append(self.blend_proj(x).view(-1, g.ph, g.pw))
-            grids.append(x.transpose(1, 2).reshape(-1, C, g.ph, g.pw))
+            ))
             group_rois.append(rows)
+        # The token-wise parts (norm, projections, gate) see every group's tokens at once; the attention itself
+        # stays within each ROI (SelfAttention over a list of groups).
+        tokens = torch.cat([x.reshape(-1, C) for x in injected]) if len(groups) > 1 else injected[0]
+        attended = self.roi_attn([x.reshape(-1, x.shape[1], C) for x in self._split(self.roi_norm(tokens), injected)])
+        tokens = tokens + torch.tanh(self.roi_gate).to(dtype) * (torch.cat(attended) if len(groups) > 1
+                                                                  else attended[0])
+        # project(roi_unpool(x)) == roi_unpool(project(x)): the instance logits are made on the small grids.
+        logits = self.blend_proj(tokens)
+        grids, inst_logits = [], []
+        for g, x, logit in zip(groups, self._split(tokens, injected), self._split(logits, injected)):
+            inst_logits.append(logit.reshape(-1, g.ph, g.pw))
+            grids.append(x.reshape(-1, g.ph * g.pw, C).transpose(1, 2).reshape(-1, C, g.ph, g.pw))
         base_logit = self.blend_proj(global_out).reshape(B, H, W)
         if self.options.channel_gate:
             base_logit, inst_logits = self._gate_logits(base_logit, inst_logits, groups, rois, instances, size)
@@ -308,11 +335,11 @@ class ROICtrlBlock(nn.Module):
         With ``options.guidance_pool = p > 1`` the update is computed on the ``p x p`` average-pooled map (``size``,
         the map's ``(H, W)``, is then required) and resized back bilinearly."""
         pool = self.options.guidance_pool
-        if pool > 1 or self.options.guidance_kv_pool > 1:
+        if pool > 1 or self.options.guidance_kv_pool > 1 or self.options.guidance_keys == "positions":
             if size is None:
                 raise ValueError(
                     f"ROICtrlBlock.box_guidance needs size=(H, W) with guidance_pool={pool}, guidance_kv_pool="
-                    f"{self.options.guidance_kv_pool}, got None"
+                    f"{self.options.guidance_kv_pool}, guidance_keys={self.options.guidance_keys!r}, got None"
                 )
             S, T, C = residual.shape
             H, W = size
@@ -362,7 +389,12 @@ class ROICtrlBlock(nn.Module):
         positions = self.guide_norm(dense)
         kv_pool = self.options.guidance_kv_pool
         key_bias = None
-        if kv_pool > 1:  # keys / values: the window means, each weighted by its pixel count (options.py)
+        if self.options.guidance_keys == "positions":  # pixels query with their coordinates; no visual keys
+            features = fourier_features(pixel_boxes(size, device), self.fourier_freqs, self.options.fourier_embedding,
+                                        torch.float64 if residual.dtype == torch.float64 else torch.float32)
+            visual = visual + self.guide_pixel_proj(features.to(residual.dtype))
+            keys = torch.cat([self.guide_null.to(residual.dtype).expand(S, 1, C), positions], dim=1)
+        elif kv_pool > 1:  # keys / values: the window means, each weighted by its pixel count (options.py)
             H, W = size
             grid = visual.transpose(1, 2).reshape(S, C, H, W)
             pooled = F.avg_pool2d(grid, kv_pool, ceil_mode=True)
@@ -377,6 +409,8 @@ class ROICtrlBlock(nn.Module):
         # Only the visual tokens query: the position tokens' own outputs would be dropped.
         attn_out = self.guide_attn(visual, key_valid, context=keys, key_bias=key_bias)
         d_attn = torch.tanh(self.guide_attn_gate).to(residual.dtype) * attn_out
+        if not self.options.guidance_feed_forward:
+            return d_attn
         d_ff = torch.tanh(self.guide_ff_gate).to(residual.dtype) * self.guide_ff(self.guide_ff_norm(residual + d_attn))
         return d_attn + d_ff
 

@@ -11,7 +11,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GEGLU", "BoxEncoder", "FeedForward", "SelfAttention"]
+__all__ = ["GEGLU", "BoxEncoder", "FeedForward", "SelfAttention", "fourier_frequencies", "fourier_features",
+           "pixel_boxes"]
+
+
+def fourier_frequencies(num_freqs: int, style: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """``Tensor[num_freqs]``, float32: ``2**k * pi`` (``"pow2_pi"``) or ``100 ** (k / num_freqs)`` (``"gligen"``)."""
+    k = torch.arange(num_freqs, dtype=torch.float32, device=device)
+    # Computed in float32 as the official code does (its float64 runs use these rounded values too).
+    return (2.0**k) * math.pi if style == "pow2_pi" else 100.0 ** (k / num_freqs)
+
+
+def fourier_features(boxes: torch.Tensor, num_freqs: int, style: str, dtype: torch.dtype) -> torch.Tensor:
+    """Fourier features ``Tensor[K, 8 * num_freqs]`` of ``Tensor[K, 4]`` boxes, in ``dtype``: ``"pow2_pi"``
+    orders them [coordinate, sin/cos, frequency], ``"gligen"`` [frequency, sin/cos, coordinate]."""
+    angles = boxes.to(dtype).unsqueeze(-1) * fourier_frequencies(num_freqs, style, boxes.device).to(dtype)  # [K, 4, F]
+    if style == "pow2_pi":
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).permute(0, 2, 3, 1).flatten(1)  # [K, F, 2, 4]
+
+
+def pixel_boxes(size: tuple[int, int], device: torch.device | str | None = None) -> torch.Tensor:
+    """``Tensor[H*W, 4]``: every pixel centre of an ``H x W`` map (row-major) as the point box ``(x, y, x, y)`` in
+    ``[0, 1]`` image coordinates, float32."""
+    H, W = size
+    y = (torch.arange(H, dtype=torch.float32, device=device) + 0.5) / H
+    x = (torch.arange(W, dtype=torch.float32, device=device) + 0.5) / W
+    yy, xx = torch.meshgrid(y, x, indexing="ij")
+    points = torch.stack([xx.flatten(), yy.flatten()], dim=1)
+    return torch.cat([points, points], dim=1)
 
 
 class BoxEncoder(nn.Module):
@@ -54,17 +82,12 @@ class BoxEncoder(nn.Module):
         """The Fourier features ``Tensor[K, 8 * num_freqs]`` that enter the MLP."""
         # float32 features (float64 for a float64 encoder): the box coordinates need the precision.
         dtype = torch.float64 if self.mlp[0].weight.dtype == torch.float64 else torch.float32
-        angles = boxes.to(dtype).unsqueeze(-1) * self.frequencies(boxes.device).to(dtype)  # [K, 4, F]
-        if self.fourier == "pow2_pi":
-            return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
-        return torch.stack([angles.sin(), angles.cos()], dim=-1).permute(0, 2, 3, 1).flatten(1)  # [K, F, 2, 4]
+        return fourier_features(boxes, self.num_freqs, self.fourier, dtype)
 
     def frequencies(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``Tensor[num_freqs]``, float32 whatever the module's dtype (not a buffer, so ``.half()`` cannot round
         them: 402.12 would become 402.0 and shift the angles of a float16 adapter)."""
-        k = torch.arange(self.num_freqs, dtype=torch.float32, device=device)
-        # Computed in float32 as the official code does (its float64 runs use these rounded values too).
-        return (2.0**k) * math.pi if self.fourier == "pow2_pi" else 100.0 ** (k / self.num_freqs)
+        return fourier_frequencies(self.num_freqs, self.fourier, device)
 
     def forward(self, boxes: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.features(boxes).to(self.mlp[0].weight.dtype))
@@ -95,11 +118,15 @@ class SelfAttention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | list[torch.Tensor],
         key_valid: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         key_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | list[torch.Tensor]:
+        if isinstance(x, (list, tuple)):
+            if key_valid is not None or context is not None or key_bias is not None:
+                raise ValueError("SelfAttention over a list of groups takes no key_valid, context or key_bias")
+            return self._forward_groups(list(x))
         B, T, C = x.shape
         context = x if context is None else context
         d = C // self.heads
@@ -113,6 +140,28 @@ class SelfAttention(nn.Module):
             mask = key_valid[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return F.dropout(self.to_out(out.transpose(1, 2).reshape(B, T, C)), self.dropout, self.training)
+
+    def _forward_groups(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Self-attention within each ``[B_g, T_g, C]`` of ``xs`` (groups of different ``T_g``); returns the list.
+
+        The same function as one call per group, but the projections run once over every group's tokens: one
+        read of each weight (and one weight gradient) per call instead of one per group, which is what the
+        small groups of the coarse levels spend their time on."""
+        if len(xs) == 1:
+            return [self.forward(xs[0])]
+        C = xs[0].shape[-1]
+        d = C // self.heads
+        flat = torch.cat([x.reshape(-1, C) for x in xs])
+        q, k, v = self.to_q(flat), self.to_k(flat), self.to_v(flat)
+        outs, start = [], 0
+        for x in xs:
+            B, T = x.shape[:2]
+            rows = slice(start, start + B * T)
+            start += B * T
+            heads = [t[rows].view(B, T, self.heads, d).transpose(1, 2) for t in (q, k, v)]
+            outs.append(F.scaled_dot_product_attention(*heads).transpose(1, 2).reshape(B * T, C))
+        out = F.dropout(self.to_out(torch.cat(outs)), self.dropout, self.training)
+        return list(out.split([x.shape[0] * x.shape[1] for x in xs]))
 
 
 class GEGLU(nn.Module):

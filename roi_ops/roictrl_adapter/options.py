@@ -32,6 +32,8 @@ OPTION_RULES: dict[str, tuple[tuple[type, ...], Any]] = {
     "guidance_kv_pool": ((int,), "an int in [1, 8]"),
     "guidance_kv_pool_scope": ((str,), ("all", "finest")),
     "region_embedding": ((bool,), (False, True)),
+    "guidance_feed_forward": ((bool,), (False, True)),
+    "guidance_keys": ((str,), ("visual", "positions")),
 }
 
 
@@ -91,6 +93,18 @@ class ArchitectureOptions:
             box, not this instance" that the box-only parts cannot get. Acts only on calls with regions; without
             them the block is bitwise the one without the option. ``False`` (official, and what a saved config
             without this key means): no such vectors.
+        guidance_feed_forward: ``True`` (official, and what a saved config without this key means): the box
+            guidance ends with its gated feed-forward over the whole map (step 8 of the official block: as many
+            multiply-adds per pixel as the layer's own feed-forward). ``False``: the guidance is its gated
+            self-attention alone, and the block holds no feed-forward weights (about half the adapter's
+            parameters).
+        guidance_keys: what the box guidance's attention attends to. ``"visual"`` (official, GLIGEN's gated
+            self-attention, and what a saved config without this key means): the visual tokens (pooled by
+            ``guidance_kv_pool``) and the position tokens. ``"positions"``: only the position tokens and one
+            learned null token (zero at init: a pixel inside no box can attend to it and change nothing); every
+            pixel's query gets a learned projection (zero at init) of its own centre's Fourier features, so it
+            knows where it is without looking at the other pixels. No pixel-to-pixel scores: the attention costs
+            ``H*W x (instances + 1)`` scores instead of ``H*W x (H*W / guidance_kv_pool**2 + instances)``.
     """
 
     ff_activation: str = "gelu"
@@ -109,6 +123,8 @@ class ArchitectureOptions:
     guidance_kv_pool: int = 1
     guidance_kv_pool_scope: str = "all"
     region_embedding: bool = False
+    guidance_feed_forward: bool = True
+    guidance_keys: str = "visual"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -144,6 +160,11 @@ class ArchitectureOptions:
             raise ValueError(
                 f"ROICtrl option grid_policy='footprint' needs unpool='exact', got unpool={self.unpool!r} (the "
                 "official quantised paste's coverage depends on the grid size); use grid_policy='fixed' with it"
+            )
+        if self.guidance_keys == "positions" and self.guidance_kv_pool > 1:
+            raise ValueError(
+                f"ROICtrl option guidance_kv_pool={self.guidance_kv_pool} pools the guidance attention's visual keys, "
+                "but guidance_keys='positions' has none; leave guidance_kv_pool=1"
             )
         if self.slot_order != "identity" and not self.channel_gate:
             raise ValueError(

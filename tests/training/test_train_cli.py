@@ -54,6 +54,9 @@ def test_train_writes_every_output_and_a_split_run_ends_where_the_straight_one_d
     state = json.loads((a / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["data_position"] == 4 and state["config"]["batch_size"] == 2
     assert _same(_weights(a / "adapter"), _weights(a / "checkpoint-4" / "adapter"))
+    # AdamW's fused kernel by default (TrainConfig.fused_optimizer=None: fused on CPU and CUDA)
+    optimizer = torch.load(a / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    assert optimizer["param_groups"][0]["fused"] is True
 
     status, _, err = cli("train", "--model", TOY_MODEL, "--data", world_data, "--output-dir", b, "--max-steps", 2,
                          *FAST)
