@@ -273,9 +273,9 @@ class ROICtrlBlock(nn.Module):
         # The token-wise parts (norm, projections, gate) see every group's tokens at once; the attention itself
         # stays within each ROI (SelfAttention over a list of groups).
         tokens = torch.cat([x.reshape(-1, C) for x in injected]) if len(groups) > 1 else injected[0]
-        attended = self.roi_attn([x.reshape(-1, x.shape[1], C) for x in self._split(self.roi_norm(tokens), injected)])
-        tokens = tokens + torch.tanh(self.roi_gate).to(dtype) * (torch.cat(attended) if len(groups) > 1
-                                                                  else attended[0])
+        attended = self.roi_attn(self._split(self.roi_norm(tokens), injected))
+        attended = torch.cat(attended) if len(groups) > 1 else attended[0]  # laid out as tokens
+        tokens = tokens + torch.tanh(self.roi_gate).to(dtype) * attended
         # project(roi_unpool(x)) == roi_unpool(project(x)): the instance logits are made on the small grids.
         logits = self.blend_proj(tokens)
         grids, inst_logits = [], []
@@ -389,10 +389,11 @@ class ROICtrlBlock(nn.Module):
         positions = self.guide_norm(dense)
         kv_pool = self.options.guidance_kv_pool
         key_bias = None
+        queries = visual
         if self.options.guidance_keys == "positions":  # pixels query with their coordinates; no visual keys
             features = fourier_features(pixel_boxes(size, device), self.fourier_freqs, self.options.fourier_embedding,
                                         torch.float64 if residual.dtype == torch.float64 else torch.float32)
-            visual = visual + self.guide_pixel_proj(features.to(residual.dtype))
+            queries = visual + self.guide_pixel_proj(features.to(residual.dtype))
             keys = torch.cat([self.guide_null.to(residual.dtype).expand(S, 1, C), positions], dim=1)
         elif kv_pool > 1:  # keys / values: the window means, each weighted by its pixel count (options.py)
             H, W = size
@@ -407,7 +408,7 @@ class ROICtrlBlock(nn.Module):
         if position_valid is not None:
             key_valid = torch.cat([position_valid.new_ones(S, keys.shape[1] - slots), position_valid], dim=1)
         # Only the visual tokens query: the position tokens' own outputs would be dropped.
-        attn_out = self.guide_attn(visual, key_valid, context=keys, key_bias=key_bias)
+        attn_out = self.guide_attn(queries, key_valid, context=keys, key_bias=key_bias)
         d_attn = torch.tanh(self.guide_attn_gate).to(residual.dtype) * attn_out
         if not self.options.guidance_feed_forward:
             return d_attn
