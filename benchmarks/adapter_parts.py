@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -24,17 +22,8 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from bench_step import QUICK_UNET, TOKENS, environment, instances_for, parse_overrides  # noqa: E402
+from breakdown import median_ms  # noqa: E402
 from bench_training import SD15_UNET  # noqa: E402
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return round(1e3 * statistics.median(times), 2)
 
 
 def main(argv=None) -> None:

@@ -196,6 +196,15 @@ def parse_overrides(spec: str) -> dict:
     return overrides
 
 
+def load_shared_weights(adapter, source) -> list[str]:
+    """Copy into ``adapter`` every weight of ``source`` it has with the same name and shape; the rest (weights an
+    option adds or reshapes) keep their init. Returns the names of those."""
+    mine = adapter.state_dict()
+    missing, _ = adapter.load_state_dict({k: v for k, v in source.state_dict().items()
+                                          if k in mine and mine[k].shape == v.shape}, strict=False)
+    return missing
+
+
 def adapter_kwargs(args) -> dict:
     kw = parse_overrides(args.adapter_options)
     if args.grid_policy:
@@ -416,10 +425,7 @@ def main(argv=None) -> None:
         name, _, opts = spec.partition(":")
         overrides = parse_overrides(opts)
         variant = ROICtrlAdapter.from_unet(unet, grid_sizes=grid_sizes, **{**adapter_kwargs(args), **overrides})
-        # the same weights where the variant has them (an option that adds or reshapes weights keeps their init)
-        mine = variant.state_dict()
-        variant.load_state_dict({k: v for k, v in adapter.state_dict().items()
-                                 if k in mine and mine[k].shape == v.shape}, strict=False)
+        load_shared_weights(variant, adapter)
         args.variant_adapters[name] = variant.eval()
     doc = {"benchmark": "UNet forward with vs without the default ROICtrl adapter (issue 19)",
            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **environment(),

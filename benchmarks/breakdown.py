@@ -33,7 +33,7 @@ from bench_ops import CASES, case_data, environment_info  # noqa: E402
 import roi_ops  # noqa: E402
 
 
-def _median_ms(fn, repeats: int) -> float:
+def median_ms(fn, repeats: int) -> float:
     fn()
     samples = []
     for _ in range(repeats):
@@ -59,16 +59,16 @@ def measure(case_name: str, repeats: int) -> dict:
     touched = torch.empty(K, C, H, W)
     touched.zero_()
     r = {
-        "roi_align forward": _median_ms(lambda: roi_ops.roi_align(features, rois, (PH, PW), s, sr, al), repeats),
-        "roi_align backward kernel": _median_ms(
+        "roi_align forward": median_ms(lambda: roi_ops.roi_align(features, rois, (PH, PW), s, sr, al), repeats),
+        "roi_align backward kernel": median_ms(
             lambda: ops._roi_align_backward(g_align, rois, s, PH, PW, B, C, H, W, sr, al), repeats),
-        "roi_unpool forward": _median_ms(lambda: roi_ops.roi_unpool(grids, rois, (H, W), s, al), repeats),
-        "roi_unpool backward kernel": _median_ms(
+        "roi_unpool forward": median_ms(lambda: roi_ops.roi_unpool(grids, rois, (H, W), s, al), repeats),
+        "roi_unpool backward kernel": median_ms(
             lambda: ops._roi_unpool_backward(g_unpool, rois, s, PH, PW, al), repeats),
-        "write output size, fresh memory (torch.empty + zero_)": _median_ms(
+        "write output size, fresh memory (torch.empty + zero_)": median_ms(
             lambda: torch.empty(K, C, H, W).zero_(), repeats),
-        "write output size, touched memory (zero_)": _median_ms(lambda: touched.zero_(), repeats),
-        "read output size (sum)": _median_ms(lambda: g_unpool.sum(), repeats),
+        "write output size, touched memory (zero_)": median_ms(lambda: touched.zero_(), repeats),
+        "read output size (sum)": median_ms(lambda: g_unpool.sum(), repeats),
     }
     return {"case": case_name, "output_MB": out_bytes / 1e6, "median_ms": r,
             "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}

@@ -14,22 +14,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(HERE) not in sys.path:  # bench_step sits beside this file
+    sys.path.insert(0, str(HERE))
 
 
 def parse_options(items: list[str]) -> dict:
+    from bench_step import parse_overrides
+
     from roi_ops.roictrl_adapter.options import ArchitectureOptions
 
-    options = {}
     for item in items:
-        name, sep, value = item.partition("=")
+        name, sep, _ = item.partition("=")
         if not sep or name not in (*ArchitectureOptions.names(), "ff_mult"):
             raise SystemExit(f"options must be name=value with a name in {list(ArchitectureOptions.names())} or "
                              f"ff_mult, got {item!r}")
-        if value.lower() in ("true", "false"):
-            options[name] = value.lower() == "true"
-        else:
-            options[name] = int(value) if value.lstrip("-").isdigit() else value
+    options = parse_overrides(",".join(items))
     ArchitectureOptions(**{k: v for k, v in options.items() if k != "ff_mult"})  # checked before minutes of training
     return options
 
@@ -53,6 +54,7 @@ def _rebuilt(adapter, options: dict):
     option removes (the feed-forward of ``guidance_feed_forward=False``) are left out; weights an option adds or
     reshapes (``guidance_keys="positions"``, ``ff_mult``) keep their own init, drawn after the RNG state is saved."""
     import torch
+    from bench_step import load_shared_weights
 
     state = torch.get_rng_state()  # building the copy draws init weights: leave the stage's RNG where it was
     options = dict(options)
@@ -60,9 +62,7 @@ def _rebuilt(adapter, options: dict):
     new = type(adapter)(adapter.specs, adapter.position_dim, adapter.fourier_freqs, adapter.position_hidden_dim,
                         ff_mult, **{**adapter.options.to_dict(), **options})
     torch.set_rng_state(state)
-    kept = new.state_dict()
-    missing, _ = new.load_state_dict({k: v for k, v in adapter.state_dict().items()
-                                      if k in kept and kept[k].shape == v.shape}, strict=False)
+    missing = load_shared_weights(new, adapter)
     if missing:
         print(f"options {options}: {len(missing)} new weights keep their own init (e.g. {missing[0]})", flush=True)
     return new.to(next(adapter.parameters()).dtype)

@@ -197,15 +197,6 @@ class ROICtrlBlock(nn.Module):
                 "use the default configuration (max_instances=None) for unbounded instance counts"
             )
 
-    @staticmethod
-    def _split(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``flat`` (one group's tensor, or every group's rows concatenated) split back into one per group of
-        ``like``, with each group's leading shape."""
-        if len(like) == 1:
-            return [flat]
-        parts = flat.split([x.shape[0] * x.shape[1] for x in like])
-        return [part.reshape(*x.shape[:2], -1) for part, x in zip(parts, like)]
-
     def _align(self, feature_map: torch.Tensor, rois: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Step 1: ROI-Align crops of the layer's normed states, as tokens ``[K, PH*PW, C]``."""
         crops = roi_ops.roi_align(
@@ -270,16 +261,16 @@ class ROICtrlBlock(nn.Module):
                 encoder_hidden_states, kwargs,
             ))
             group_rois.append(rows)
-        # The token-wise parts (norm, projections, gate) see every group's tokens at once; the attention itself
-        # stays within each ROI (SelfAttention over a list of groups).
-        tokens = torch.cat([x.reshape(-1, C) for x in injected]) if len(groups) > 1 else injected[0]
-        attended = self.roi_attn(self._split(self.roi_norm(tokens), injected))
-        attended = torch.cat(attended) if len(groups) > 1 else attended[0]  # laid out as tokens
-        tokens = tokens + torch.tanh(self.roi_gate).to(dtype) * attended
+        # The token-wise parts (norm, projections, gate, logits) see every group's tokens at once, as rows
+        # [sum K_g * T_g, C]; the attention itself stays within each ROI (SelfAttention over groups).
+        shapes = [tuple(x.shape[:2]) for x in injected]
+        tokens = torch.cat([x.reshape(-1, C) for x in injected]) if len(groups) > 1 else injected[0].reshape(-1, C)
+        tokens = tokens + torch.tanh(self.roi_gate).to(dtype) * self.roi_attn(self.roi_norm(tokens), groups=shapes)
         # project(roi_unpool(x)) == roi_unpool(project(x)): the instance logits are made on the small grids.
         logits = self.blend_proj(tokens)
+        sizes = [k * t for k, t in shapes]
         grids, inst_logits = [], []
-        for g, x, logit in zip(groups, self._split(tokens, injected), self._split(logits, injected)):
+        for g, x, logit in zip(groups, tokens.split(sizes), logits.split(sizes)):
             inst_logits.append(logit.reshape(-1, g.ph, g.pw))
             grids.append(x.reshape(-1, g.ph * g.pw, C).transpose(1, 2).reshape(-1, C, g.ph, g.pw))
         base_logit = self.blend_proj(global_out).reshape(B, H, W)

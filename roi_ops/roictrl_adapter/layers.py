@@ -118,15 +118,20 @@ class SelfAttention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor | list[torch.Tensor],
+        x: torch.Tensor,
         key_valid: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         key_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor | list[torch.Tensor]:
-        if isinstance(x, (list, tuple)):
+        groups: list[tuple[int, int]] | None = None,
+    ) -> torch.Tensor:
+        """``x`` ``[B, T, C]``; or, with ``groups`` (a list of ``(B_g, T_g)``), the rows ``[sum B_g * T_g, C]`` of
+        several token groups laid one after another: self-attention within each of the ``B_g`` sequences of
+        ``T_g`` tokens, the result laid out as ``x``. The projections then run once over every group's rows (one
+        read of each weight and one weight gradient per call, not one per group)."""
+        if groups is not None:
             if key_valid is not None or context is not None or key_bias is not None:
-                raise ValueError("SelfAttention over a list of groups takes no key_valid, context or key_bias")
-            return self._forward_groups(list(x))
+                raise ValueError("SelfAttention over groups takes no key_valid, context or key_bias")
+            return self._forward_groups(x, groups)
         B, T, C = x.shape
         context = x if context is None else context
         d = C // self.heads
@@ -141,27 +146,18 @@ class SelfAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return F.dropout(self.to_out(out.transpose(1, 2).reshape(B, T, C)), self.dropout, self.training)
 
-    def _forward_groups(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Self-attention within each ``[B_g, T_g, C]`` of ``xs`` (groups of different ``T_g``); returns the list.
-
-        The same function as one call per group, but the projections run once over every group's tokens: one
-        read of each weight (and one weight gradient) per call instead of one per group, which is what the
-        small groups of the coarse levels spend their time on."""
-        if len(xs) == 1:
-            return [self.forward(xs[0])]
-        C = xs[0].shape[-1]
+    def _forward_groups(self, rows: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
+        C = rows.shape[-1]
         d = C // self.heads
-        flat = torch.cat([x.reshape(-1, C) for x in xs])
-        q, k, v = self.to_q(flat), self.to_k(flat), self.to_v(flat)
+        q, k, v = self.to_q(rows), self.to_k(rows), self.to_v(rows)
         outs, start = [], 0
-        for x in xs:
-            B, T = x.shape[:2]
-            rows = slice(start, start + B * T)
+        for B, T in groups:
+            part = slice(start, start + B * T)
             start += B * T
-            heads = [t[rows].view(B, T, self.heads, d).transpose(1, 2) for t in (q, k, v)]
+            heads = [t[part].view(B, T, self.heads, d).transpose(1, 2) for t in (q, k, v)]
             outs.append(F.scaled_dot_product_attention(*heads).transpose(1, 2).reshape(B * T, C))
-        out = F.dropout(self.to_out(torch.cat(outs)), self.dropout, self.training)
-        return list(out.split([x.shape[0] * x.shape[1] for x in xs]))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return F.dropout(self.to_out(out), self.dropout, self.training)
 
 
 class GEGLU(nn.Module):

@@ -164,7 +164,8 @@ class ArchitectureOptions:
         if self.guidance_keys == "positions" and self.guidance_kv_pool > 1:
             raise ValueError(
                 f"ROICtrl option guidance_kv_pool={self.guidance_kv_pool} pools the guidance attention's visual keys, "
-                "but guidance_keys='positions' has none; leave guidance_kv_pool=1"
+                "but guidance_keys='positions' (new adapters' default) has none; leave guidance_kv_pool=1, or set "
+                "guidance_keys='visual'"
             )
         if self.slot_order != "identity" and not self.channel_gate:
             raise ValueError(

@@ -307,7 +307,7 @@ def test_guidance_without_feed_forward_and_with_position_keys_holds_its_weights_
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), lean.state_dict().values()))
     with pytest.raises(ValueError, match="guidance_keys must be one of"):
         ArchitectureOptions(guidance_keys="pixels")
-    with pytest.raises(ValueError, match="guidance_keys='positions' has none"):
+    with pytest.raises(ValueError, match="has none; leave guidance_kv_pool=1, or set guidance_keys='visual'"):
         ArchitectureOptions(guidance_keys="positions", guidance_kv_pool=2)
     with pytest.raises(TypeError, match="guidance_feed_forward must be bool"):
         ArchitectureOptions(guidance_feed_forward=0)
@@ -336,3 +336,31 @@ def test_position_keys_let_a_pixel_attend_to_nothing_and_know_where_it_is():
         block.guide_pixel_proj.weight.zero_()
         flat = block.box_guidance(residual, tokens, inst, size=(6, 6))
     assert float((flat - flat[:, :1]).abs().max()) == 0  # without coordinates every pixel is alike
+
+
+def test_train_toy_option_parses_options_and_rebuilds_with_the_shared_weights():
+    """benchmarks/train_toy_option.py, the tool that retrains the toy with an option: its parser, and the rebuilt
+    adapter keeps every weight it shares with the stage's adapter (new or reshaped ones keep their init) and
+    leaves the RNG where it was."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import train_toy_option
+
+    opts = train_toy_option.parse_options(["guidance_keys=positions", "guidance_feed_forward=false", "ff_mult=2"])
+    assert opts == {"guidance_keys": "positions", "guidance_feed_forward": False, "ff_mult": 2}
+    with pytest.raises(SystemExit, match="name=value with a name in"):
+        train_toy_option.parse_options(["guidance_key=positions"])
+    with pytest.raises(ValueError, match="guidance_keys must be one of"):
+        train_toy_option.parse_options(["guidance_keys=pixels"])
+
+    unet = make_unet("sd15")
+    stage = make_adapter(unet, "sd15", guidance_keys="visual")
+    rng = torch.get_rng_state()
+    new = train_toy_option._rebuilt(stage, {"guidance_keys": "positions", "ff_mult": 2})
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert (new.options.guidance_keys, new.ff_mult) == ("positions", 2)
+    old, mine = stage.state_dict(), new.state_dict()
+    shared = [k for k in mine if k in old and old[k].shape == mine[k].shape]
+    assert shared and all(torch.equal(mine[k], old[k]) for k in shared)
+    assert any(k.endswith("guide_null") for k in mine) and any(".guide_ff." in k and k not in shared for k in mine)
