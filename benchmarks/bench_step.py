@@ -20,7 +20,9 @@ per-round ratio) and the load of other processes during the run (``other_process
 ``--breakdown`` adds one more call per N with timers on the adapter's parts (the timers cost a little, so these
 calls are not the ones the ratios come from): where the added time goes. ``--train`` times a training step
 (forward + ``0.01 * regularization_loss`` + backward + fused AdamW step on the adapter; the plain step: forward +
-backward of the same MSE into the latents, frozen UNet) and its peak RSS, plain and adapter interleaved.
+backward of the same MSE into the latents, frozen UNet), its peak RSS and its minor page faults, plain and adapter
+interleaved. ``--host-memory retain`` runs it all with glibc keeping freed memory, as ``roi-ops train`` does on the
+CPU (``roi_ops.training.host_memory``; docs/performance.md, "Host memory").
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -337,6 +340,7 @@ def run_training(args, unet, adapter, dim: int, n: int = 10) -> dict:
         x = latents.clone().requires_grad_(model is None)  # the plain step backpropagates into the latents
         _reset_peak()
         rss0 = _rss_bytes()
+        faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         kw = {"cross_attention_kwargs": {"roictrl": inst}} if model is not None else {}
         pred = unet(x, t, text, **kw).sample
@@ -348,7 +352,7 @@ def run_training(args, unet, adapter, dim: int, n: int = 10) -> dict:
             optimizers[mode].step()
             optimizers[mode].zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        return dt, (_peak_bytes() - rss0) / 2**20
+        return dt, (_peak_bytes() - rss0) / 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
 
     modes = ["plain", *adapters]
     for mode in modes:  # warm-up (and AdamW state)
@@ -369,7 +373,8 @@ def run_training(args, unet, adapter, dim: int, n: int = 10) -> dict:
     for mode, vals in rows.items():
         out[mode] = {"median_s": round(statistics.median(v[0] for v in vals), 3),
                      "all_s": [round(v[0], 3) for v in vals],
-                     "peak_above_step_start_mib": round(max(v[1] for v in vals), 1)}
+                     "peak_above_step_start_mib": round(max(v[1] for v in vals), 1),
+                     "minor_page_faults": [v[2] for v in vals]}
     for mode in adapters:
         ratios = [a[0] / p[0] for a, p in zip(rows[mode], rows["plain"])]
         key = "" if mode == "adapter" else f"{mode}_"
@@ -401,6 +406,9 @@ def main(argv=None) -> None:
                          "interleaved rounds, e.g. kv2:guidance_kv_pool=2 or old:guidance_keys=visual,ff_mult=4; "
                          "repeatable")
     ap.add_argument("--variant-counts", default="10", help="instance counts of the variants, comma-separated")
+    ap.add_argument("--host-memory", choices=("release", "retain"), default="release",
+                    help="release: glibc malloc's defaults (default); retain: glibc keeps freed memory, as roi-ops "
+                    "train sets it on the CPU (roi_ops.training.host_memory), for every configuration")
     ap.add_argument("--quick", action="store_true", help="tiny UNet (smoke run); JSON in the temp dir")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -408,6 +416,10 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.host_memory == "retain":
+        from roi_ops.training.host_memory import retain_freed_host_memory
+
+        retain_freed_host_memory()
     sys.path.insert(0, str(HERE))
     from diffusers import UNet2DConditionModel
 
@@ -434,7 +446,7 @@ def main(argv=None) -> None:
            "variants": {name: {k: v for k, v in a.config.items() if k != "blocks" and adapter.config.get(k) != v}
                         for name, a in args.variant_adapters.items()},
            "grids": sorted({s.grid for s in adapter.specs}), "box_side": BOX_SIDE, "batch": 2,
-           "instances_on": "sample 1 of 2 (CFG)", "results": []}
+           "instances_on": "sample 1 of 2 (CFG)", "host_memory": args.host_memory, "results": []}
     t0 = time.perf_counter()
     counts = [int(c) for c in args.counts.split(",")]
     for px in (int(r) for r in args.resolutions.split(",")):

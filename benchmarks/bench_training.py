@@ -85,7 +85,7 @@ SD15_VAE = dict(
 SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
 FULL = dict(unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT, image_px=512, tokens=77, vae_factor=8, grid_sizes=None,
-            instances=10, batch=1, warmup=1, repeats=3)
+            instances=10, batch=1, warmup=2, repeats=3)
 QUICK = dict(
     unet=dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -150,6 +150,11 @@ def _worker(spec: dict) -> dict:
     from diffusers.models.attention import BasicTransformerBlock
 
     torch.set_num_threads(spec["threads"])
+    retained = False
+    if spec.get("host_memory", "retain") == "retain":  # as roi-ops train does on the CPU, for every mode
+        from roi_ops.training.host_memory import retain_freed_host_memory
+
+        retained = retain_freed_host_memory()
     cfg, mode, ckpt = spec["cfg"], spec["mode"], spec["checkpointing"]
     B, N, L = cfg["batch"], cfg["instances"], cfg["tokens"]
     latent = cfg["image_px"] // cfg["vae_factor"]
@@ -169,7 +174,10 @@ def _worker(spec: dict) -> dict:
         kw = {} if cfg["grid_sizes"] is None else {"grid_sizes": {int(k): v for k, v in cfg["grid_sizes"].items()}}
         adapter = ROICtrlAdapter.from_unet(unet, vae_scale_factor=cfg["vae_factor"], **kw).install(unet)
         adapter.train()
-        optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-4)
+        from roi_ops.training.trainer import _use_fused_adamw
+
+        params = list(adapter.parameters())  # the trainer's AdamW: fused where torch has it
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True if _use_fused_adamw(params, None) else None)
 
     text_encoder = vae = None
     g = torch.Generator().manual_seed(1)
@@ -259,6 +267,7 @@ def _worker(spec: dict) -> dict:
         changed = sum(not torch.equal(a, b.detach()) for a, b in zip(initial, adapter.parameters()))
     return {
         "status": "ok",
+        "host_memory_retained": retained,
         "steps": rows,
         "rss_after_setup_mib": rss_setup / MIB,
         "peak_method": "VmHWM after clear_refs=5" if _CLEAR_REFS_OK else "ru_maxrss (not reset between steps)",
@@ -380,7 +389,7 @@ def run(args) -> dict:
     for ckpt in settings:
         for mode in modes:  # the plain baseline next to the adapter runs, in the same run
             spec = {"cfg": cfg, "mode": mode, "checkpointing": ckpt, "threads": THREADS,
-                    "warmup": cfg["warmup"], "repeats": cfg["repeats"]}
+                    "warmup": cfg["warmup"], "repeats": cfg["repeats"], "host_memory": args.host_memory}
             planned.append(({"name": _config_name(mode, ckpt), "mode": mode, "checkpointing": ckpt}, spec))
 
     def finish(row: dict, result: dict) -> None:
@@ -440,7 +449,10 @@ def _write(args, cfg, env, load_before, started, configs, planned, one_process, 
             "instances": cfg["instances"], "tokens": cfg["tokens"], "warmup_steps": cfg["warmup"],
             "timed_steps": cfg["repeats"], "adapter": "ROICtrlAdapter.from_unet defaults (fused blend)"
             + ("" if cfg["grid_sizes"] is None else f", grid_sizes {cfg['grid_sizes']}"),
-            "optimizer": "torch.optim.AdamW(adapter.parameters(), lr=1e-4)",
+            "optimizer": "torch.optim.AdamW(adapter.parameters(), lr=1e-4, fused=True) (the trainer's)",
+            "host_memory": {"retain": "roi_ops.training.host_memory.retain_freed_host_memory() at the start of "
+                                      "every configuration's process (as roi-ops train on the CPU)",
+                            "release": "glibc malloc's defaults (freed blocks go back to the OS)"}[args.host_memory],
             "loss": "F.mse_loss(pred, noise) + 0.01 * adapter.regularization_loss() (plain: the MSE only)",
         },
         "modes": {
@@ -453,7 +465,8 @@ def _write(args, cfg, env, load_before, started, configs, planned, one_process, 
         },
         "measurement": {
             "time": "time.perf_counter around the step (cpu_s: time.process_time, all threads); median, min, max "
-                    "over the timed steps after the warm-up steps (the warm-up step allocates AdamW's state)",
+                    "over the timed steps after the warm-up steps (the first allocates AdamW's state; with "
+                    "retained host memory the heap reaches its peak size within two steps)",
             "memory": "peak RSS (VmHWM of /proc/self/status, reset by writing 5 to /proc/self/clear_refs before "
                       "each step): peak_mib is the whole process's peak during the step (weights included), "
                       "above_setup_mib that peak minus the RSS after the models and inputs were built (what "
@@ -560,7 +573,7 @@ def main(argv=None) -> None:
     ap.add_argument("--docs", action="store_true",
                     help=f"with --report: also write the table into {DOC_PATH.relative_to(REPO)} between its markers")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per configuration (default 3; quick 1)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; quick 1)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     ap.add_argument("--checkpointing", choices=("off", "on", "both"), default="both",
                     help="gradient checkpointing settings to run (default both)")
@@ -568,6 +581,9 @@ def main(argv=None) -> None:
                     help="run every configuration in one worker process (default with --quick: one torch import "
                          "instead of six; the peaks are still per step, but the RSS at a step's start then "
                          "includes earlier configurations' leftovers)")
+    ap.add_argument("--host-memory", choices=("retain", "release"), default="retain",
+                    help="retain: glibc keeps freed memory, as roi-ops train sets it on the CPU (default); release: "
+                    "glibc's defaults. Either way for every mode")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

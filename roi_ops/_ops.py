@@ -175,7 +175,8 @@ def host_box_reads() -> int:
 
 
 def _trusted_now() -> bool:
-    return not torch.compiler.is_compiling() and bool(torch.ops.roi_ops._trusted_boxes())
+    """Whether this thread is inside :func:`trusted_boxes` now (for code that reruns ops later, as a backward)."""
+    return _IMPORT_ERROR is None and not torch.compiler.is_compiling() and bool(torch.ops.roi_ops._trusted_boxes())
 
 
 def _double_backward_error(name: str):

@@ -26,6 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
+
+from roi_ops._ops import _trusted_now, trusted_boxes
 
 __all__ = ["FOOTPRINT_CELLS", "GRID_POLICIES", "GridGroup", "blend_groups", "grid_sides", "plan_groups"]
 
@@ -95,11 +98,30 @@ def blend_groups(blend, base, base_logit, grids, logits, boxes, coverages=None):
     each group's weighted values / weights; the global output's weight is the product of the ``w_g``. The chain
     runs in float32 (float64 for float64), where ``log(w)`` is finite unless a group's logits exceed all that came
     before by more than ~100 (float32); ``w`` is clamped at the dtype's smallest normal number there, so nothing
-    becomes infinite.
+    becomes infinite. Under autograd the chain's intermediate maps are not kept: its backward reruns the chain's
+    forward (``torch.utils.checkpoint``), so the memory kept for the backward does not grow with the groups.
     """
     extra = [()] * len(grids) if coverages is None else [(c,) for c in coverages]
     if len(grids) == 1:
         return blend(base, base_logit, grids[0], logits[0], boxes[0], *extra[0])
+    inputs = (base, base_logit, *grids, *logits)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(t.requires_grad for t in inputs):
+        # Every link's output is a full-resolution map that the next link's backward reads: autograd would keep
+        # one per group, memory growing with the instances. The backward reruns the chain's forward instead (a
+        # small part of its cost next to the backward) and only the chain's inputs are kept.
+        trusted = _trusted_now()
+
+        def rerunnable(*args):
+            with trusted_boxes(trusted):  # the rerun checks boxes as the first run did
+                return _chain(blend, *args)
+
+        return torch.utils.checkpoint.checkpoint(
+            rerunnable, base, base_logit, grids, logits, boxes, extra, use_reentrant=False, preserve_rng_state=False
+        )
+    return _chain(blend, base, base_logit, grids, logits, boxes, extra)
+
+
+def _chain(blend, base, base_logit, grids, logits, boxes, extra):
     dtype = base.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     tiny = torch.finfo(acc).tiny

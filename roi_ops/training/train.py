@@ -79,6 +79,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="encode every image's latent posterior and every caption once, before training (memory: "
                    "the whole dataset's latents and caption states)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--release-host-memory", action="store_true",
+                   help="let glibc malloc give freed memory back to the OS during training (its default; without "
+                   "this flag a CPU run keeps it for the next step instead of page-faulting it in again)")
     p.set_defaults(func=run)
     return p
 
@@ -268,6 +271,7 @@ def _run(args: argparse.Namespace) -> int:
         max_grad_norm=args.max_grad_norm or None, reg_weight=args.reg_weight, seed=args.seed,
         checkpoint_every=args.checkpoint_every, validation_every=args.validation_every,
         gradient_checkpointing=args.gradient_checkpointing,
+        retain_host_memory=False if args.release_host_memory else None,
         extra={"model": args.model, "data": args.data, "resolution": resolution,
                "mixed_precision": args.mixed_precision, "cache_embeddings": args.cache_embeddings,
                "adapter": adapter.config},

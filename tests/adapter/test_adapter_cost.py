@@ -90,6 +90,43 @@ def test_chained_blend_stays_finite_when_a_group_swamps_the_rest():
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
 
 
+def _saved_full_maps(fn, shape):
+    """Distinct tensors of ``shape`` that autograd keeps for the backward of ``fn()``'s graph."""
+    kept = set()
+
+    def pack(t):
+        if tuple(t.shape) == tuple(shape):
+            kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return len(kept), result
+
+
+@pytest.mark.parametrize("groups", [2, 5])
+def test_chained_blend_keeps_no_full_map_per_group_and_its_gradients_are_the_chains(groups):
+    """Under autograd the chain reruns its forward in the backward (torch.utils.checkpoint): none of its
+    intermediate full-resolution maps is kept, however many groups (at most the input map itself), where the plain
+    chain keeps one per group; the gradients are the plain chain's, bitwise."""
+    from roi_ops.roictrl_adapter.grids import _chain
+
+    base, base_logit, grids, logits, boxes = _case(torch.float64, [(5, 3), (2, 2), (4, 6), (3, 3), (1, 2)][:groups])
+    leaves = [t.requires_grad_() for t in (base, base_logit, *grids, *logits)]
+    extra = [()] * groups
+    plain_kept, (want, want_w) = _saved_full_maps(
+        lambda: _chain(_fused, base, base_logit, grids, logits, boxes, extra), base.shape)
+    kept, (out, w) = _saved_full_maps(lambda: blend_groups(_fused, base, base_logit, grids, logits, boxes), base.shape)
+    assert plain_kept >= groups and kept <= 1
+    assert torch.equal(out, want) and torch.equal(w, want_w)
+    g = torch.Generator().manual_seed(1)
+    grad_out, grad_w = torch.randn(out.shape, generator=g, dtype=out.dtype), torch.randn(w.shape, generator=g,
+                                                                                          dtype=w.dtype)
+    want_grads = torch.autograd.grad((want, want_w), leaves, (grad_out, grad_w))
+    grads = torch.autograd.grad((out, w), leaves, (grad_out, grad_w))
+    assert all(torch.equal(a, b) for a, b in zip(grads, want_grads))
+
+
 def test_footprint_grid_sides():
     boxes = [(0.0, 0.0, 1.0, 1.0), (0.1, 0.2, 0.2, 0.25), (0.5, 0.5, 0.5, 0.5), (0.0, 0.0, 0.3, 0.9)]
     assert grid_sides(boxes, (64, 64), 25, "footprint") == [(25, 25), (4, 7), (1, 1), (25, 20)]

@@ -34,9 +34,11 @@ def test_structure(quick_doc):
     assert doc["quick"] is True and doc["one_process"] is True and doc["complete"] is True
     assert len(doc["loadavg_before"]) == 3 and doc["planned"] == list(doc["configs"])
     assert {"torch", "diffusers"} <= set(doc["versions"])
+    assert "fused=True" in doc["setup"]["optimizer"] and "retain_freed_host_memory" in doc["setup"]["host_memory"]
     assert list(doc["configs"]) == ["plain", "adapter_uncached", "plain+ckpt", "adapter_uncached+ckpt"]
     for name, row in doc["configs"].items():
         assert row["status"] == "ok", (name, row.get("reason"))
+        assert row["host_memory_retained"] is (sys.platform == "linux")  # --host-memory retain, the default
         steps = row["steps"]
         assert [s["warmup"] for s in steps] == [True, False]
         assert all(s["peak_mib"] >= s["rss_before_mib"] > 0 for s in steps)
