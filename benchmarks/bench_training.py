@@ -24,7 +24,10 @@ Configurations, each in a FRESH subprocess (so that one configuration's allocati
   encoder on the prompt + 10 captions (11 x 77 tokens, one batch; random token ids: the tokenizer itself is
   microseconds and needs vocabulary files) and the VAE encoding of a 512 px image.
 
-each with and without ``unet.enable_gradient_checkpointing()``. Per step we count the forward calls of the UNet's
+each with and without ``unet.enable_gradient_checkpointing()``. The adapter's optimizer is the trainer's (AdamW's
+fused kernel), and every configuration's process keeps freed host memory as ``roi-ops train`` does on the CPU
+(``roi_ops.training.host_memory``; ``--host-memory release`` for glibc's defaults, which unmap and page-fault the
+step's memory in again every step). Per step we count the forward calls of the UNet's
 ``BasicTransformerBlock``s and of the adapter's ``ROICtrlBlock``s: with checkpointing both run twice (the
 backward recomputes them), which shows that checkpointing applies with the adapter installed and that the
 adapter's blocks are inside the checkpointed regions (their activations are recomputed, not stored).

@@ -232,9 +232,9 @@ def make_roictrl_adapter(unet, seed: int, grid_policy: str = "fixed", region_emb
     from roi_ops.roictrl_adapter import ROICtrlAdapter
 
     torch.manual_seed(seed)
-    # the fixed recipe is the committed adapter's: GLIGEN's full-resolution self-attention guidance too (issue 19's
-    # later defaults changed that part of new adapters)
-    recipe = {"guidance_kv_pool": 1, "guidance_keys": "visual"} if grid_policy == "fixed" else {}
+    # the fixed recipe is the committed adapter's: GLIGEN's full-resolution self-attention guidance and the 4x
+    # feed-forward too (issue 19's later defaults changed those parts of new adapters)
+    recipe = {"guidance_kv_pool": 1, "guidance_keys": "visual", "ff_mult": 4} if grid_policy == "fixed" else {}
     return ROICtrlAdapter.from_unet(unet, grid_sizes=models.GRID_SIZES, vae_scale_factor=models.VAE_SCALE_FACTOR,
                                     position_dim=models.TEXT_WIDTH, position_hidden_dim=128, grid_policy=grid_policy,
                                     region_embedding=region_embedding, **recipe)

@@ -41,7 +41,8 @@ from .options import ArchitectureOptions
 from .paste import PasteRule, paste_rule, resolve_fused_blend
 from .validation import architecture_mismatch, check_finite, read_safetensors_header, validate_config
 
-__all__ = ["DEFAULT_GRID_SIZES", "NEW_ADAPTER_OPTIONS", "ROICtrlAdapter", "installed_adapter", "unwrap_unet"]
+__all__ = ["DEFAULT_GRID_SIZES", "NEW_ADAPTER_FF_MULT", "NEW_ADAPTER_OPTIONS", "ROICtrlAdapter", "installed_adapter",
+           "unwrap_unet"]
 
 #: ROI grid side by the layer's downsampling factor relative to the image (the paper's setting).
 DEFAULT_GRID_SIZES = {8: 25, 16: 19, 32: 13, 64: 7}
@@ -53,6 +54,10 @@ DEFAULT_GRID_SIZES = {8: 25, 16: 19, 32: 13, 64: 7}
 #: outside its seed spread: ``guidance_pool=2``, ``guidance_kv_pool=2`` at every level, no guidance feed-forward,
 #: a feed-forward of half the width (``ff_mult=2``).
 NEW_ADAPTER_OPTIONS = {"grid_policy": "footprint", "guidance_keys": "positions"}
+#: The guidance feed-forward's width (times the channels) that :meth:`ROICtrlAdapter.from_unet` gives a new adapter:
+#: 3, not the official 4 (issue 19's fourth pass: a quarter less of the adapter's largest part, and about 0.05 of a
+#: plain training step, with the retrained toy's ISR inside its seed spread). Saved configs record their own.
+NEW_ADAPTER_FF_MULT = 3
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "roictrl_adapter.safetensors"
 
@@ -171,7 +176,8 @@ class ROICtrlAdapter(nn.Module):
                 :data:`DEFAULT_GRID_SIZES` ``{8: 25, 16: 19, 32: 13, 64: 7}``.
             vae_scale_factor: image pixels per latent pixel (8 for SD1.5 and SDXL).
             preset: ``None``/``"default"`` (roi-ops' design, with :data:`NEW_ADAPTER_OPTIONS`: footprint grids,
-                guidance over the position tokens only) or
+                guidance over the position tokens only; and a guidance feed-forward of
+                :data:`NEW_ADAPTER_FF_MULT` times the channels) or
                 ``"official"`` (``OFFICIAL_CONFIG``: the official
                 release's architecture, whose weights :meth:`from_official` loads); ``kwargs`` override it.
             kwargs: the remaining constructor arguments (``position_dim``, options such as ``unpool``, ...).
@@ -179,7 +185,7 @@ class ROICtrlAdapter(nn.Module):
         if preset == "official":
             kwargs = {**OFFICIAL_CONFIG, **kwargs}
         elif preset in (None, "default"):
-            defaults = dict(NEW_ADAPTER_OPTIONS)
+            defaults = dict(NEW_ADAPTER_OPTIONS, ff_mult=NEW_ADAPTER_FF_MULT)
             if kwargs.get("unpool", "exact") != "exact":  # the footprint grids need the exact paste
                 defaults.pop("grid_policy")
             kwargs = {**defaults, **kwargs}

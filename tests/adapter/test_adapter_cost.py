@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import roi_ops
 from roi_ops import _ops, reference
 from roi_ops.roictrl_adapter import OFFICIAL_CONFIG, ArchitectureOptions, ROICtrlAdapter
-from roi_ops.roictrl_adapter.adapter import NEW_ADAPTER_OPTIONS
+from roi_ops.roictrl_adapter.adapter import NEW_ADAPTER_FF_MULT, NEW_ADAPTER_OPTIONS
 from roi_ops.roictrl_adapter.grids import blend_groups, grid_sides, plan_groups
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -141,7 +141,12 @@ def test_footprint_grid_sides():
 
 def test_new_adapters_get_the_cost_options_saved_and_official_ones_keep_theirs():
     unet = make_unet("sd15")
-    assert make_adapter(unet, "sd15").options == ArchitectureOptions(**NEW_ADAPTER_OPTIONS)
+    new = make_adapter(unet, "sd15")
+    assert new.options == ArchitectureOptions(**NEW_ADAPTER_OPTIONS)
+    # the guidance feed-forward of a new adapter is 3x wide (hidden layer of each block), the official 4x
+    assert new.ff_mult == NEW_ADAPTER_FF_MULT == 3 and make_adapter(unet, "sd15", ff_mult=4).ff_mult == 4
+    assert all(b.guide_ff.net[0].out_features == 3 * s.dim for b, s in zip(new.blocks, new.specs))
+    assert make_adapter(unet, "sd15", preset="official").ff_mult == OFFICIAL_CONFIG["ff_mult"] == 4
     official = make_adapter(unet, "sd15", preset="official").options
     assert (official.grid_policy, official.guidance_pool) == ("fixed", 1)
     assert OFFICIAL_CONFIG["grid_policy"] == "fixed" and OFFICIAL_CONFIG["guidance_pool"] == 1
