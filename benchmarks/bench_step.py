@@ -22,7 +22,7 @@ calls are not the ones the ratios come from): where the added time goes. ``--tra
 (forward + ``0.01 * regularization_loss`` + backward + fused AdamW step on the adapter; the plain step: forward +
 backward of the same MSE into the latents, frozen UNet), its peak RSS and its minor page faults, plain and adapter
 interleaved. ``--host-memory retain`` runs it all with glibc keeping freed memory, as ``roi-ops train`` does on the
-CPU (``roi_ops.training.host_memory``; docs/performance.md, "Host memory").
+CPU (``roi_ops.training.host_memory``; docs/training.md, "Host memory").
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@ glibc's ``malloc`` returns memory to the OS eagerly: a large block that the heap
 free memory at the top of the heap is trimmed once it exceeds twice that threshold. A training step allocates its
 saved activations and gradients, frees them all, and allocates them again in the next step: each time the kernel
 maps and zeroes the pages anew, one minor page fault per 4 KiB. With the adapter that is most of the step's extra
-memory, every step (docs/performance.md, "Host memory", has the counts and times). A caching allocator (PyTorch's
-own on CUDA, jemalloc or tcmalloc by ``LD_PRELOAD`` on CPU) keeps that memory; :func:`retain_freed_host_memory`
-gets glibc to do the same from inside the process, without an environment variable: no ``mmap`` for large blocks
-(they come from the heap, whose freed space is reused) and no trimming. The process's resident memory then stays
-at its peak, which is what a training process reaches anyway.
+memory, every step (docs/training.md, "Host memory", and docs/performance.md, "Fourth pass", have the counts and
+times). A caching allocator (PyTorch's own on CUDA, jemalloc or tcmalloc by ``LD_PRELOAD`` on CPU) keeps that
+memory; :func:`retain_freed_host_memory` gets glibc to do the same from inside the process, without an environment
+variable: no ``mmap`` for large blocks (they come from the heap, whose freed space is reused) and no trimming. The
+process's resident memory then stays at its peak, which is what a training process reaches anyway.
 
 ``roi-ops train`` (:func:`roi_ops.training.trainer.train_adapter`) calls it when it trains on the CPU, unless
 ``TrainConfig.retain_host_memory`` is ``False``.
