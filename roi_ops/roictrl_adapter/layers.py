@@ -134,9 +134,7 @@ class SelfAttention(nn.Module):
             return self._forward_groups(x, groups)
         B, T, C = x.shape
         context = x if context is None else context
-        d = C // self.heads
-        q = self.to_q(x).view(B, T, self.heads, d).transpose(1, 2)
-        k, v = (p(context).view(B, -1, self.heads, d).transpose(1, 2) for p in (self.to_k, self.to_v))
+        q, k, v = self._heads(self.to_q(x), B), self._heads(self.to_k(context), B), self._heads(self.to_v(context), B)
         mask = None
         if key_bias is not None:
             mask = key_bias if key_valid is None else key_bias.masked_fill(~key_valid, float("-inf"))
@@ -146,15 +144,18 @@ class SelfAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return F.dropout(self.to_out(out.transpose(1, 2).reshape(B, T, C)), self.dropout, self.training)
 
+    def _heads(self, t: torch.Tensor, B: int) -> torch.Tensor:
+        """``[B * T, C]`` or ``[B, T, C]`` projections -> ``[B, heads, T, C / heads]`` (a view)."""
+        return t.view(B, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
+
     def _forward_groups(self, rows: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
         C = rows.shape[-1]
-        d = C // self.heads
         q, k, v = self.to_q(rows), self.to_k(rows), self.to_v(rows)
         outs, start = [], 0
         for B, T in groups:
             part = slice(start, start + B * T)
             start += B * T
-            heads = [t[part].view(B, T, self.heads, d).transpose(1, 2) for t in (q, k, v)]
+            heads = [self._heads(t[part], B) for t in (q, k, v)]
             outs.append(F.scaled_dot_product_attention(*heads).transpose(1, 2).reshape(B * T, C))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return F.dropout(self.to_out(out), self.dropout, self.training)
